@@ -1,0 +1,1 @@
+//! Thin command-line binaries over the drafter libraries.

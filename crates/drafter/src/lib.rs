@@ -1,0 +1,1 @@
+//! The orchestration library users embed: snapshotter, runner, registry, peer, terminator.

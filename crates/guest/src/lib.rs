@@ -1,0 +1,1 @@
+//! Guest agent and liveness: both sides of their vsock protocol.

@@ -1,0 +1,1 @@
+//! NAT namespace pool and port forwarder (netlink + nftables), crash-safe.

@@ -1,0 +1,1 @@
+//! The drafter package format: manifest and archive of a VM's devices.

@@ -1,0 +1,1 @@
+//! Block devices, dirty tracking, lazy devices, the migration wire protocol and the migrator. Knows nothing of KVM.

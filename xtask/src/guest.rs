@@ -1,0 +1,58 @@
+//! Guest artifacts: the Debian cloud kernel, its virtio/vsock modules and a
+//! static busybox, cached in one folder that tests and the blueprint builder share.
+
+use crate::debs::{self, DebCache, KernelFlavour};
+use crate::paths::lab_dir;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+/// Modules a drafter guest loads from its initramfs (dependencies added).
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+];
+
+/// Fetches (once) and lays out the guest artifacts; returns their folder:
+/// `vmlinuz`, `config`, `busybox`, `release`, `modules/*.ko` and
+/// `modules/order` (file names in load order). `<lab>/guest/current` links to it.
+pub fn ensure() -> Result<PathBuf> {
+    let lab = lab_dir();
+    let cache = DebCache::new(lab.join("debs"))?;
+    let (pkg, deb) = cache.kernel(KernelFlavour::Cloud)?;
+    let release = debs::kernel_release(&pkg).to_string();
+    let out = lab.join("guest").join(&release);
+    let stamp = out.join(".complete");
+    if !stamp.exists() {
+        let root = lab.join("unpacked").join(&pkg);
+        debs::extract(&deb, &root)?;
+        let bb = lab.join("unpacked").join("busybox-static");
+        debs::extract(&cache.get("busybox-static")?, &bb)?;
+
+        let modules = out.join("modules");
+        std::fs::create_dir_all(&modules)?;
+        let boot = root.join("boot");
+        std::fs::copy(boot.join(format!("vmlinuz-{release}")), out.join("vmlinuz"))
+            .context("copying vmlinuz")?;
+        std::fs::copy(boot.join(format!("config-{release}")), out.join("config"))?;
+        std::fs::copy(bb.join("bin/busybox"), out.join("busybox"))?;
+        let mut order = String::new();
+        for path in debs::module_load_order(&root, &release, GUEST_MODULES)? {
+            let name = path.file_name().context("module without a name")?;
+            std::fs::copy(&path, modules.join(name))?;
+            order.push_str(&name.to_string_lossy());
+            order.push('\n');
+        }
+        std::fs::write(modules.join("order"), order)?;
+        std::fs::write(out.join("release"), &release)?;
+        std::fs::write(&stamp, b"")?;
+    }
+    let current = lab.join("guest").join("current");
+    if std::fs::read_link(&current).ok() != Some(PathBuf::from(&release)) {
+        let _ = std::fs::remove_file(&current);
+        std::os::unix::fs::symlink(&release, &current).context("linking guest/current")?;
+    }
+    Ok(out)
+}

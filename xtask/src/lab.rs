@@ -1,0 +1,377 @@
+//! The lab: a QEMU/TCG VM with nested SVM in which `/dev/kvm` is real KVM.
+//!
+//! The host's `/` is exported read-only over 9p and chrooted into, and the
+//! workspace is exported read-write at the same path, so host binaries (cargo's
+//! test binaries, qemu) run unchanged. The command's stdout and stderr travel
+//! over two virtio-serial ports straight to ours; the kernel console goes to a
+//! log file; the exit status comes back through a file in the run folder.
+
+use crate::cpio::CpioWriter;
+use crate::debs::{self, DebCache, KernelFlavour};
+use crate::paths::{lab_dir, workspace_root};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Modules the lab's initramfs loads before it can reach the host's files.
+const INITRAMFS_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "virtio_console"];
+/// Modules loaded (through the host's modprobe) once the host's `/` is mounted.
+const LAB_MODULES: &str = "kvm_amd tun veth";
+/// Printed by the lab's init once the command is about to run.
+const UP_MARKER: &str = "DRAFTER-LAB-UP";
+
+/// How to size and bound a lab run.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Time allowed from QEMU start to the command starting.
+    pub boot_timeout: Duration,
+    /// Time allowed for the whole run.
+    pub timeout: Duration,
+    /// Echo the lab's kernel console to stderr.
+    pub console: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            mem_mib: 4096,
+            cpus: 2,
+            boot_timeout: Duration::from_secs(120),
+            timeout: Duration::from_secs(3600),
+            console: false,
+        }
+    }
+}
+
+/// The lab kernel and initramfs, cached.
+struct LabImage {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    /// Unpacked kernel package: `<root>/lib/modules/<release>`.
+    root: PathBuf,
+}
+
+fn ensure_image() -> Result<LabImage> {
+    let lab = lab_dir();
+    let cache = DebCache::new(lab.join("debs"))?;
+    let (pkg, deb) = cache.kernel(KernelFlavour::Generic)?;
+    let release = debs::kernel_release(&pkg).to_string();
+    let root = lab.join("unpacked").join(&pkg);
+    debs::extract(&deb, &root)?;
+    let kernel = root.join("boot").join(format!("vmlinuz-{release}"));
+    // The name carries a hash of the init script so edits rebuild it.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&(init_script(), MODPROBE, INITRAMFS_MODULES), &mut h);
+    let hash = std::hash::Hasher::finish(&h);
+    let initramfs = lab.join(format!("initramfs-{release}-{hash:016x}.cpio"));
+    if initramfs.exists() {
+        eprintln!("lab: cache hit {}", initramfs.display());
+    } else {
+        let bb = lab.join("unpacked").join("busybox-static");
+        debs::extract(&cache.get("busybox-static")?, &bb)?;
+        build_initramfs(&root, &release, &bb.join("bin/busybox"), &initramfs)?;
+    }
+    Ok(LabImage {
+        kernel,
+        initramfs,
+        root,
+    })
+}
+
+fn build_initramfs(root: &Path, release: &str, busybox: &Path, out: &Path) -> Result<()> {
+    let mut w = CpioWriter::new();
+    for d in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
+        w.dir(d);
+    }
+    w.file("bin/busybox", 0o755, &std::fs::read(busybox)?);
+    w.symlink("bin/sh", "busybox");
+    let mut order = String::new();
+    for path in debs::module_load_order(root, release, INITRAMFS_MODULES)? {
+        let name = path
+            .file_name()
+            .context("module without name")?
+            .to_string_lossy()
+            .to_string();
+        w.file(&format!("lib/modules/{name}"), 0o644, &std::fs::read(&path)?);
+        order.push_str(&name);
+        order.push('\n');
+    }
+    w.file("lib/modules/order", 0o644, order.as_bytes());
+    w.file("init", 0o755, init_script().as_bytes());
+    w.file("bin/lab-modprobe", 0o755, MODPROBE.as_bytes());
+    let tmp = out.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    w.finish(&mut f)?;
+    f.flush()?;
+    std::fs::rename(&tmp, out)?;
+    eprintln!("lab: built {}", out.display());
+    Ok(())
+}
+
+/// The kernel's module loader inside the lab: the host's modprobe, run in the
+/// host's root, against the unpacked lab kernel's modules.
+const MODPROBE: &str = r#"#!/bin/sh
+exec /bin/chroot /newroot /sbin/modprobe -d "$(cat /kroot)" "$@"
+"#;
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+fail() { echo "lab: $*"; sync; reboot -f; }
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || fail "insmod $m failed"; done
+for kv in $(cat /proc/cmdline); do
+  case "$kv" in
+    drafter.run=*) RUN="${kv#*=}" ;;
+    drafter.work=*) WORK="${kv#*=}" ;;
+    drafter.kroot=*) KROOT="${kv#*=}" ;;
+  esac
+done
+R=/newroot
+O=trans=virtio,version=9p2000.L,msize=512000
+mount -t 9p -o $O,ro,cache=loose host $R || fail "cannot mount the host's /"
+mount -t 9p -o $O,cache=mmap work "$R$WORK" || fail "cannot mount the workspace"
+mount -t proc proc $R/proc
+mount -t sysfs sys $R/sys
+mount -t devtmpfs dev $R/dev
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts devpts $R/dev/pts
+mount -t tmpfs shm $R/dev/shm
+for d in /tmp /run /var/tmp; do mount -t tmpfs -o mode=1777 tmp "$R$d"; done
+mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
+echo "$KROOT" > /kroot
+echo /bin/lab-modprobe > /proc/sys/kernel/modprobe
+for m in __LAB_MODULES__; do /bin/lab-modprobe $m || echo "lab: modprobe $m failed"; done
+ip link set lo up
+hostname lab
+OUT=/dev/null; ERR=/dev/null
+for p in /sys/class/virtio-ports/*; do
+  case "$(cat $p/name)" in
+    stdout) OUT=/dev/${p##*/} ;;
+    stderr) ERR=/dev/${p##*/} ;;
+  esac
+done
+echo __UP_MARKER__
+chroot $R /bin/sh "$RUN/cmd.sh" >"$OUT" 2>"$ERR" </dev/null
+echo $? > "$R$RUN/status"
+sync
+reboot -f
+"#;
+
+/// Shell-quotes one word.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Writes the script the lab runs: same cwd, same environment, then `cmd`.
+fn write_script(run: &Path, cmd: &[String]) -> Result<()> {
+    let cwd = std::env::current_dir()?;
+    let mut s = String::from("#!/bin/sh\n");
+    s.push_str(&format!("cd {} || exit 127\n", quote(&cwd.to_string_lossy())));
+    for (k, v) in std::env::vars() {
+        let skip = matches!(k.as_str(), "PWD" | "OLDPWD" | "SHLVL" | "_" | "TMPDIR")
+            || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !skip {
+            s.push_str(&format!("export {k}={}\n", quote(&v)));
+        }
+    }
+    s.push_str("export DRAFTER_IN_LAB=1\nexec");
+    for word in cmd {
+        s.push(' ');
+        s.push_str(&quote(word));
+    }
+    s.push('\n');
+    std::fs::write(run.join("cmd.sh"), s)?;
+    Ok(())
+}
+
+/// QEMU's option syntax doubles commas inside values.
+fn qemu_path(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+/// Copies everything one QEMU connection sends to `sink` (our stdout or stderr).
+fn relay<W: Write + 'static>(
+    listener: UnixListener,
+    sink: fn() -> W,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut out = sink();
+            let mut buf = [0u8; 16384];
+            while let Ok(n) = std::io::Read::read(&mut conn, &mut buf) {
+                if n == 0 || out.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                let _ = out.flush();
+            }
+        }
+    })
+}
+
+enum Event {
+    Line(String),
+    Eof,
+}
+
+/// Runs `cmd` inside the lab and returns its exit status.
+pub fn run(opts: &LabOptions, cmd: &[String]) -> Result<i32> {
+    if cmd.is_empty() {
+        bail!("usage: cargo xtask lab -- COMMAND [ARGS]");
+    }
+    let started = Instant::now();
+    let image = ensure_image()?;
+    let ws = workspace_root().canonicalize()?;
+    let runs = lab_dir().join("runs");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let run = runs.join(format!("{}-{stamp}", std::process::id()));
+    std::fs::create_dir_all(&run)?;
+    let run = run.canonicalize()?;
+    write_script(&run, cmd)?;
+
+    // The command's stdout/stderr arrive on two Unix sockets QEMU connects to;
+    // we copy them to ours (sharing our fds with QEMU would mix file offsets).
+    let sock_dir = std::env::temp_dir().join(format!("drafter-lab-{}-{stamp}", std::process::id()));
+    std::fs::create_dir_all(&sock_dir)?;
+    let out_sock = sock_dir.join("out");
+    let err_sock = sock_dir.join("err");
+    let relays = [
+        relay(UnixListener::bind(&out_sock)?, std::io::stdout),
+        relay(UnixListener::bind(&err_sock)?, std::io::stderr),
+    ];
+    let append = format!(
+        "console=ttyS0 quiet loglevel=3 panic=-1 drafter.run={} drafter.work={} drafter.kroot={}",
+        run.display(),
+        ws.display(),
+        image.root.canonicalize()?.display()
+    )
+    .replace(UP_MARKER, "");
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-M", "q35"])
+        .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem_mib.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&image.kernel)
+        .arg("-initrd")
+        .arg(&image.initramfs)
+        .args(["-append", &append, "-serial", "stdio"])
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap",
+        ])
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=work,security_model=passthrough,multidevs=remap",
+            qemu_path(&ws)
+        ))
+        .args(["-device", "virtio-serial-pci"])
+        .arg("-chardev")
+        .arg(format!("socket,id=out,path={}", qemu_path(&out_sock)))
+        .arg("-chardev")
+        .arg(format!("socket,id=err,path={}", qemu_path(&err_sock)))
+        .args(["-device", "virtserialport,chardev=out,name=stdout"])
+        .args(["-device", "virtserialport,chardev=err,name=stderr"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = qemu
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (install the qemu-system-x86 package)")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(Event::Line(line)).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Event::Eof);
+    });
+
+    let console_path = run.join("console.log");
+    let mut console = std::fs::File::create(&console_path)?;
+    let mut up = None;
+    let result = loop {
+        let deadline = match up {
+            None => started + opts.boot_timeout,
+            Some(_) => started + opts.timeout,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Event::Line(line)) => {
+                writeln!(console, "{line}")?;
+                if opts.console {
+                    eprintln!("lab console: {line}");
+                }
+                if up.is_none() && line.trim() == UP_MARKER {
+                    up = Some(Instant::now());
+                    eprintln!("lab: up in {:.1?}", started.elapsed());
+                }
+            }
+            Ok(Event::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                break Err(match up {
+                    None => anyhow::anyhow!(
+                        "the lab did not come up within {:?} (console log: {})",
+                        opts.boot_timeout,
+                        console_path.display()
+                    ),
+                    Some(_) => anyhow::anyhow!(
+                        "the command did not finish within {:?} in the lab",
+                        opts.timeout
+                    ),
+                });
+            }
+        }
+    };
+    let qemu_status = child.wait()?;
+    // If QEMU died before connecting, wake the relays up so they can end.
+    let _ = std::os::unix::net::UnixStream::connect(&out_sock);
+    let _ = std::os::unix::net::UnixStream::connect(&err_sock);
+    for r in relays {
+        let _ = r.join();
+    }
+    let _ = std::fs::remove_dir_all(&sock_dir);
+    let status = std::fs::read_to_string(run.join("status"));
+    let outcome = match (result, status) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Ok(s)) => s
+            .trim()
+            .parse::<i32>()
+            .with_context(|| format!("bad status file in {}", run.display())),
+        (Ok(()), Err(_)) => {
+            let log = std::fs::read_to_string(&console_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(anyhow::anyhow!(
+                "the lab stopped before the command finished (qemu: {qemu_status}); console:\n{}",
+                tail.join("\n")
+            ))
+        }
+    };
+    eprintln!("lab: finished in {:.1?}", started.elapsed());
+    if outcome.is_ok() {
+        let _ = std::fs::remove_dir_all(&run);
+    }
+    outcome
+}
+
+/// The initramfs text with its placeholders filled in (exposed for tests).
+pub fn init_script() -> String {
+    INIT.replace("__LAB_MODULES__", LAB_MODULES)
+        .replace("__UP_MARKER__", UP_MARKER)
+}

@@ -1,0 +1,120 @@
+//! Migration settings, with the Go Drafter's per-device JSON fields.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Secret;
+use crate::device::DEFAULT_BLOCK_SIZE;
+
+/// Per-device settings, deserialisable from the Go Drafter's `--devices`
+/// JSON fields (`blockSize`, `expiry` and `cycleThrottle` in nanoseconds,
+/// `maxDirtyBlocks`, `minCycles`, `maxCycles`). Unknown fields are ignored so
+/// the whole device object can be passed in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DeviceConfig {
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// Window of the volatility monitor.
+    #[serde(with = "nanos")]
+    pub expiry: Duration,
+    /// A cycle with fewer dirty blocks than this counts as quiet.
+    pub max_dirty_blocks: u64,
+    /// Quiet cycles needed (strictly more than this many in a row).
+    pub min_cycles: u32,
+    /// Cycles after which the device is ready regardless.
+    pub max_cycles: u32,
+    /// Pause between cycles.
+    #[serde(with = "nanos")]
+    pub cycle_throttle: Duration,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            block_size: DEFAULT_BLOCK_SIZE,
+            expiry: Duration::from_secs(1),
+            max_dirty_blocks: 200,
+            min_cycles: 5,
+            max_cycles: 20,
+            cycle_throttle: Duration::from_millis(500),
+        }
+    }
+}
+
+mod nanos {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_nanos(u64::deserialize(d)?))
+    }
+}
+
+/// How authority moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Full pass and dirty cycles first, authority at the end (live migration).
+    #[default]
+    PreCopy,
+    /// Authority immediately, every block in the tail (a registry).
+    PostCopy,
+}
+
+/// Settings for one migration.
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// Pre-copy or pure post-copy.
+    pub mode: Mode,
+    /// A device is also ready when its last dirty set could be sent within
+    /// this time at the measured bandwidth.
+    pub downtime_budget: Duration,
+    /// zstd-compress block data (level 1) when it helps.
+    pub compression: bool,
+    /// Compare per-block blake3 hashes at the end.
+    pub verify: bool,
+    /// Shared secret for authentication.
+    pub secret: Secret,
+    /// Limit for the handshake (and, on the destination, the device list).
+    pub handshake_timeout: Duration,
+    /// Bulk bytes queued ahead of the socket before the sender waits.
+    pub bulk_queue_bytes: usize,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            mode: Mode::PreCopy,
+            downtime_budget: Duration::from_millis(20),
+            compression: false,
+            verify: false,
+            secret: Secret::default(),
+            handshake_timeout: Duration::from_secs(10),
+            bulk_queue_bytes: 512 * 1024,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_go_drafter_device_json() {
+        let j = r#"{"name":"memory","base":"out/package/memory.bin","blockSize":65536,"expiry":1000000000,
+                    "maxDirtyBlocks":200,"minCycles":5,"maxCycles":20,"cycleThrottle":500000000}"#;
+        let c: DeviceConfig = serde_json::from_str(j).unwrap();
+        assert_eq!(c, DeviceConfig::default());
+        let c: DeviceConfig = serde_json::from_str(r#"{"blockSize":4096,"cycleThrottle":0}"#).unwrap();
+        assert_eq!(c.block_size, 4096);
+        assert_eq!(c.cycle_throttle, Duration::ZERO);
+        assert_eq!(c.max_cycles, 20);
+        assert!(serde_json::from_str::<DeviceConfig>(r#"{"expiry":-1}"#).is_err());
+    }
+}

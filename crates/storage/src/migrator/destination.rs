@@ -1,0 +1,510 @@
+//! The receiving side of a migration.
+
+use std::io::{BufReader, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use super::{Cause, MigrationConfig, MigrationError};
+use crate::auth::{handshake, Role};
+use crate::device::{block_len, BlockDevice};
+use crate::lazy::LazyDevice;
+use crate::protocol::{
+    block_bytes, read_frame, DeviceInfo, DeviceTable, Event, Message, ProtocolError, MAX_DEVICES, MAX_HASHES,
+    MAX_SAMPLE,
+};
+use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
+use crate::transport::{FrameQueue, FrameWriter, Link};
+
+/// What the backing store of a new destination device holds before any
+/// block arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initial {
+    /// Reads as zeros (a fresh sparse file or memory): zero blocks cost no write.
+    Zeroed,
+    /// Unknown contents: every block is written.
+    Unknown,
+    /// A base image that may share blocks with the source: its block hashes
+    /// are sent so equal blocks are not transferred.
+    Base,
+}
+
+/// Backing store for one incoming device, made by the caller's factory.
+pub struct DestinationDevice {
+    /// Where blocks are stored; must have the announced size and block size.
+    pub backing: Arc<dyn BlockDevice>,
+    /// What it holds now.
+    pub initial: Initial,
+}
+
+/// Accepts migrations.
+pub struct MigrationDestination;
+
+struct DestState {
+    phase: Phase,
+    authority: bool,
+    done: bool,
+    error: Option<String>,
+    report: MigrationReport,
+}
+
+struct DestShared {
+    state: Mutex<DestState>,
+    cv: Condvar,
+}
+
+impl DestShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DestState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A migration being received. Its devices exist from the start; reads of
+/// blocks not yet present fetch them with priority.
+pub struct DestinationSession {
+    devices: Vec<(DeviceInfo, Arc<LazyDevice>)>,
+    shared: Arc<DestShared>,
+    reader: Option<JoinHandle<()>>,
+    control: Box<dyn Link>,
+}
+
+fn failed(phase: Phase, authority: bool, cause: Cause) -> MigrationError {
+    MigrationError {
+        phase,
+        source_keeps_authority: !authority,
+        cause,
+    }
+}
+
+impl MigrationDestination {
+    /// Runs the handshake and receives the device list on `link`, creating
+    /// each device with `factory`, then receives the rest in a background
+    /// thread. Returns once the devices exist.
+    pub fn accept<L: Link>(
+        link: L,
+        config: &MigrationConfig,
+        mut factory: impl FnMut(&DeviceInfo) -> Result<DestinationDevice, String>,
+    ) -> Result<DestinationSession, MigrationError> {
+        let start = Instant::now();
+        let mut link: Box<dyn Link> = Box::new(link);
+        let err = |phase, c: Cause| failed(phase, false, c);
+        let io = |phase, e: std::io::Error| failed(phase, false, ProtocolError::Io(e).into());
+        let control = link.try_clone_link().map_err(|e| io(Phase::Handshake, e))?;
+        link.set_link_read_timeout(Some(config.handshake_timeout))
+            .map_err(|e| io(Phase::Handshake, e))?;
+        handshake(&mut link, Role::Destination, &config.secret).map_err(|e| err(Phase::Handshake, e.into()))?;
+        let handshake_ms = start.elapsed().as_secs_f64() * 1e3;
+
+        let mut table = DeviceTable::default();
+        let list = (|| -> Result<(), ProtocolError> {
+            loop {
+                match read_frame(&mut link)? {
+                    Message::DeviceInfo(info) if (table.devices().len() as u32) < MAX_DEVICES => table.push(info)?,
+                    Message::DevicesListed { count } if count as usize == table.devices().len() => return Ok(()),
+                    Message::Error { message } => return Err(ProtocolError::Peer(message)),
+                    m => {
+                        return Err(ProtocolError::Unexpected {
+                            got: m.kind(),
+                            state: "while receiving the device list",
+                        })
+                    }
+                }
+            }
+        })();
+        let refuse = |link: &mut Box<dyn Link>, e: Cause| {
+            let _ = link.write_all(&Message::Error { message: e.to_string() }.to_frame());
+            link.shutdown_link();
+            err(Phase::DeviceInfo, e)
+        };
+        if let Err(e) = list {
+            return Err(refuse(&mut link, e.into()));
+        }
+        link.set_link_read_timeout(None).map_err(|e| io(Phase::DeviceInfo, e))?;
+
+        let mut made = Vec::new();
+        for info in table.devices() {
+            let d = match factory(info) {
+                Ok(d) => d,
+                Err(e) => return Err(refuse(&mut link, Cause::Caller(format!("device {:?}: {e}", info.name)))),
+            };
+            if d.backing.size() != info.size || d.backing.block_size() != info.block_size {
+                let e = Cause::Caller(format!(
+                    "device {:?}: backing has {} bytes in {}-byte blocks, source announced {} in {}-byte blocks",
+                    info.name,
+                    d.backing.size(),
+                    d.backing.block_size(),
+                    info.size,
+                    info.block_size
+                ));
+                return Err(refuse(&mut link, e));
+            }
+            made.push(d);
+        }
+
+        let writer = FrameWriter::start(
+            link.try_clone_link().map_err(|e| io(Phase::DeviceInfo, e))?,
+            config.bulk_queue_bytes,
+        )
+        .map_err(|e| io(Phase::DeviceInfo, e))?;
+        let queue = writer.queue().clone();
+        let mut devices = Vec::new();
+        let mut bases = Vec::new();
+        for (info, d) in table.devices().iter().zip(made) {
+            let lazy = Arc::new(LazyDevice::new(d.backing.clone(), d.initial == Initial::Zeroed));
+            let (q, id) = (queue.clone(), info.id);
+            lazy.set_fetcher(Box::new(move |index| {
+                q.push_priority(Message::NeedBlock { device: id, index }.to_frame())
+                    .map_err(|e| e.to_string())
+            }));
+            let is_base = d.initial == Initial::Base;
+            if is_base {
+                send_base_hashes(&queue, info, &*d.backing).map_err(|e| err(Phase::DeviceInfo, e))?;
+            }
+            queue
+                .push_bulk(Message::DeviceAck { device: info.id, has_base: is_base }.to_frame())
+                .map_err(|e| err(Phase::DeviceInfo, Cause::Connection(e.to_string())))?;
+            bases.push(is_base);
+            devices.push((info.clone(), lazy));
+        }
+
+        let shared = Arc::new(DestShared {
+            state: Mutex::new(DestState {
+                phase: Phase::FullPass,
+                authority: false,
+                done: false,
+                error: None,
+                report: MigrationReport {
+                    role: "destination".into(),
+                    phases: vec![PhaseTiming { phase: Phase::Handshake, millis: handshake_ms }],
+                    ..Default::default()
+                },
+            }),
+            cv: Condvar::new(),
+        });
+        let mut rx = Receiver {
+            devices: devices.clone(),
+            bases,
+            table,
+            queue,
+            shared: shared.clone(),
+            received: Arc::new(AtomicU64::new(0)),
+            verify: vec![None; devices.len()],
+            start,
+            scratch: Vec::new(),
+        };
+        let reader = std::thread::Builder::new()
+            .name("drafter-migration-destination".into())
+            .spawn(move || rx.run(link, writer))
+            .map_err(|e| io(Phase::DeviceInfo, e))?;
+        Ok(DestinationSession {
+            devices,
+            shared,
+            reader: Some(reader),
+            control,
+        })
+    }
+}
+
+fn send_base_hashes(queue: &FrameQueue, info: &DeviceInfo, dev: &dyn BlockDevice) -> Result<(), Cause> {
+    let blocks = info.blocks();
+    let mut buf = vec![0u8; info.block_size as usize];
+    let mut start = 0;
+    while start < blocks {
+        let end = (start + MAX_HASHES as u64).min(blocks);
+        let mut hashes = Vec::with_capacity((end - start) as usize);
+        for idx in start..end {
+            let len = block_len(info.size, info.block_size, idx);
+            dev.read_at(&mut buf[..len], idx * u64::from(info.block_size))?;
+            hashes.push(*blake3::hash(&buf[..len]).as_bytes());
+        }
+        queue.wait_for_space().map_err(|e| Cause::Connection(e.to_string()))?;
+        queue
+            .push_bulk(Message::BaseHashes { device: info.id, start, hashes }.to_frame())
+            .map_err(|e| Cause::Connection(e.to_string()))?;
+        start = end;
+    }
+    Ok(())
+}
+
+impl DestinationSession {
+    /// The incoming devices, usable at once (reads fetch on demand; writes
+    /// are refused until authority arrives).
+    pub fn devices(&self) -> &[(DeviceInfo, Arc<LazyDevice>)] {
+        &self.devices
+    }
+
+    /// The device called `name`.
+    pub fn device(&self, name: &str) -> Option<Arc<LazyDevice>> {
+        self.devices.iter().find(|(i, _)| i.name == name).map(|(_, d)| d.clone())
+    }
+
+    /// True once authority was transferred here.
+    pub fn has_authority(&self) -> bool {
+        self.shared.lock().authority
+    }
+
+    /// Waits until authority is transferred (the VM may then resume here),
+    /// or fails if the migration broke before that.
+    pub fn wait_authority(&self) -> Result<(), MigrationError> {
+        let mut g = self.shared.lock();
+        loop {
+            if g.authority {
+                return Ok(());
+            }
+            if let Some(e) = &g.error {
+                return Err(failed(g.phase, false, Cause::Connection(e.clone())));
+            }
+            g = self.shared.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits until every block is present and the source confirmed the end.
+    pub fn wait_complete(mut self) -> Result<MigrationReport, MigrationError> {
+        let r = {
+            let mut g = self.shared.lock();
+            loop {
+                if g.done {
+                    break Ok(g.report.clone());
+                }
+                if let Some(e) = &g.error {
+                    break Err(failed(g.phase, g.authority, Cause::Connection(e.clone())));
+                }
+                g = self.shared.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        if let Some(h) = self.reader.take() {
+            let _ = h.join();
+        }
+        r
+    }
+
+    /// Shuts the connection down (a destination giving up); devices keep
+    /// what they have, absent blocks become unavailable.
+    pub fn abort(&self) {
+        self.control.shutdown_link();
+    }
+}
+
+impl Drop for DestinationSession {
+    fn drop(&mut self) {
+        if let Some(h) = self.reader.take() {
+            if !h.is_finished() {
+                self.control.shutdown_link();
+            }
+            let _ = h.join();
+        }
+    }
+}
+
+struct Counting<R> {
+    inner: R,
+    n: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+struct Receiver {
+    devices: Vec<(DeviceInfo, Arc<LazyDevice>)>,
+    bases: Vec<bool>,
+    table: DeviceTable,
+    queue: Arc<FrameQueue>,
+    shared: Arc<DestShared>,
+    received: Arc<AtomicU64>,
+    verify: Vec<Option<(u64, Vec<u64>)>>,
+    start: Instant,
+    scratch: Vec<u8>,
+}
+
+impl Receiver {
+    fn run(&mut self, link: Box<dyn Link>, mut writer: FrameWriter) {
+        let mut r = BufReader::with_capacity(
+            256 * 1024,
+            Counting {
+                inner: link,
+                n: self.received.clone(),
+            },
+        );
+        let result = self.receive(&mut r);
+        let result = result.and_then(|()| writer.finish().map_err(|e| Cause::Connection(e.to_string())));
+        let mut g = self.shared.lock();
+        g.report.bytes_received = self.received.load(Ordering::Relaxed);
+        g.report.bytes_sent = self.queue.counters.total();
+        g.report.need_block_requests = self.devices.iter().map(|(_, d)| d.fetches()).sum();
+        g.report.total_millis = self.start.elapsed().as_secs_f64() * 1e3;
+        g.report.devices = self
+            .devices
+            .iter()
+            .zip(&self.verify)
+            .map(|((i, _), v)| DeviceReport {
+                name: i.name.clone(),
+                size: i.size,
+                block_size: i.block_size,
+                mismatched_blocks: v.as_ref().map(|v| v.0),
+                mismatch_sample: v.as_ref().map(|v| v.1.clone()).unwrap_or_default(),
+                ..Default::default()
+            })
+            .collect();
+        match result {
+            Ok(()) => {
+                g.done = true;
+                g.phase = Phase::Complete;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::warn!(phase = %g.phase, error = %msg, "incoming migration failed");
+                if !matches!(e, Cause::Protocol(ProtocolError::Peer(_) | ProtocolError::Io(_) | ProtocolError::Closed)) {
+                    let _ = writer.queue().push_priority(Message::Error { message: msg.clone() }.to_frame());
+                    let _ = writer.queue().drain();
+                }
+                writer.abort();
+                for (_, d) in &self.devices {
+                    d.fail(&msg);
+                }
+                g.error = Some(msg);
+            }
+        }
+        drop(g);
+        self.shared.cv.notify_all();
+    }
+
+    fn set_phase(&self, p: Phase) {
+        let mut g = self.shared.lock();
+        let millis = self.start.elapsed().as_secs_f64() * 1e3;
+        g.report.phases.push(PhaseTiming { phase: p, millis });
+        g.phase = p;
+    }
+
+    fn lazy(&self, id: u32) -> Result<&LazyDevice, Cause> {
+        self.table.device(id)?;
+        Ok(&self.devices[id as usize].1)
+    }
+
+    fn receive(&mut self, r: &mut impl Read) -> Result<(), Cause> {
+        let mut authority = false;
+        loop {
+            match read_frame(r)? {
+                Message::BlockData { device, index, compressed, data } => {
+                    let len = self.table.block_len(device, index)?;
+                    block_bytes(device, index, compressed, &data, len, &mut self.scratch)?;
+                    let bytes: &[u8] = if compressed { &self.scratch } else { &data };
+                    self.lazy(device)?.fill(index, bytes)?;
+                    self.shared.lock().report.data_blocks += 1;
+                }
+                Message::ZeroBlocks { device, start, count } => {
+                    self.table.check_run(device, start, count)?;
+                    let lazy = self.lazy(device)?;
+                    for i in start..start + count {
+                        lazy.fill_zero(i)?;
+                    }
+                    self.shared.lock().report.zero_blocks += count;
+                }
+                Message::AlreadyHave { device, start, count } => {
+                    self.table.check_run(device, start, count)?;
+                    if !self.bases[device as usize] {
+                        return Err(ProtocolError::Unexpected { got: "AlreadyHave", state: "for a device without a base" }.into());
+                    }
+                    let lazy = self.lazy(device)?;
+                    for i in start..start + count {
+                        lazy.mark_present(i);
+                    }
+                    self.shared.lock().report.already_have_blocks += count;
+                }
+                Message::Dirty { device, blocks } if !authority => {
+                    let lazy = self.lazy(device)?;
+                    for &b in &blocks {
+                        self.table.check_block(device, b)?;
+                    }
+                    for b in blocks {
+                        lazy.invalidate(b);
+                    }
+                }
+                Message::Event(Event::AuthorityTransferred) if !authority => {
+                    authority = true;
+                    for (_, d) in &self.devices {
+                        d.set_authoritative();
+                    }
+                    self.queue
+                        .push_priority(Message::Event(Event::AuthorityAccepted).to_frame())
+                        .map_err(|e| Cause::Connection(e.to_string()))?;
+                    self.set_phase(Phase::AuthorityTransferred);
+                    self.shared.lock().authority = true;
+                    self.shared.cv.notify_all();
+                }
+                Message::VerifyHashes { device, start, hashes } if authority => {
+                    self.table.check_run(device, start, hashes.len() as u64)?;
+                    self.check_hashes(device, start, &hashes)?;
+                }
+                Message::Event(Event::AllSent) if authority => {
+                    for (info, d) in &self.devices {
+                        if d.missing_blocks() != 0 {
+                            return Err(ProtocolError::OutOfRange(format!(
+                                "source finished with {} blocks of {:?} never sent",
+                                d.missing_blocks(),
+                                info.name
+                            ))
+                            .into());
+                        }
+                    }
+                    for (id, v) in self.verify.iter().enumerate() {
+                        if let Some((mismatched, sample)) = v {
+                            self.queue
+                                .push_bulk(
+                                    Message::VerifyResult {
+                                        device: id as u32,
+                                        mismatched: *mismatched,
+                                        sample: sample.clone(),
+                                    }
+                                    .to_frame(),
+                                )
+                                .map_err(|e| Cause::Connection(e.to_string()))?;
+                        }
+                    }
+                    self.queue
+                        .push_bulk(Message::Event(Event::Completed).to_frame())
+                        .map_err(|e| Cause::Connection(e.to_string()))?;
+                    self.set_phase(Phase::Complete);
+                    return Ok(());
+                }
+                Message::Error { message } => return Err(ProtocolError::Peer(message).into()),
+                m => {
+                    return Err(ProtocolError::Unexpected {
+                        got: m.kind(),
+                        state: if authority { "after authority transfer" } else { "before authority transfer" },
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+
+    fn check_hashes(&mut self, device: u32, start: u64, hashes: &[[u8; 32]]) -> Result<(), Cause> {
+        let (info, lazy) = &self.devices[device as usize];
+        let mut buf = vec![0u8; info.block_size as usize];
+        let entry = self.verify[device as usize].get_or_insert_with(|| (0, Vec::new()));
+        for (i, h) in hashes.iter().enumerate() {
+            let idx = start + i as u64;
+            if lazy.is_locally_written(idx) {
+                continue;
+            }
+            let len = block_len(info.size, info.block_size, idx);
+            let same = lazy.is_present(idx) && {
+                lazy.backing().read_at(&mut buf[..len], idx * u64::from(info.block_size))?;
+                blake3::hash(&buf[..len]).as_bytes() == h
+            };
+            if !same && !lazy.is_locally_written(idx) {
+                entry.0 += 1;
+                if entry.1.len() < MAX_SAMPLE {
+                    entry.1.push(idx);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,814 @@
+//! The sending side of a migration.
+
+use std::io::{BufReader, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{CancelHandle, Cause, DeviceConfig, MigrationConfig, MigrationError, Mode, Observer, Progress};
+use crate::auth::{handshake, Role};
+use crate::device::{block_len, is_zero, BlockDevice};
+use crate::dirty::TrackedDevice;
+use crate::protocol::{
+    block_frame, compress_block_frame, read_frame, DeviceInfo, DeviceTable, Event, Message, ProtocolError,
+    BLOCK_FRAME_DATA, MAX_HASHES, MAX_LIST, T_ZERO_BLOCKS,
+};
+use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
+use crate::transport::{FrameQueue, FrameWriter, Link};
+
+/// A device to migrate.
+pub struct SourceDevice {
+    name: String,
+    device: Arc<dyn BlockDevice>,
+    tracker: Option<Arc<TrackedDevice>>,
+    config: DeviceConfig,
+}
+
+impl SourceDevice {
+    /// A device whose writes are tracked, so it can keep changing during a
+    /// pre-copy migration.
+    pub fn tracked(name: impl Into<String>, device: Arc<TrackedDevice>, config: DeviceConfig) -> Self {
+        SourceDevice {
+            name: name.into(),
+            device: device.clone(),
+            tracker: Some(device),
+            config,
+        }
+    }
+
+    /// A device that does not change while it is served (a package in a
+    /// registry).
+    pub fn fixed(name: impl Into<String>, device: Arc<dyn BlockDevice>, config: DeviceConfig) -> Self {
+        SourceDevice {
+            name: name.into(),
+            device,
+            tracker: None,
+            config,
+        }
+    }
+}
+
+/// Pushes a set of devices to one destination per [`Self::migrate`] call.
+pub struct MigrationSource {
+    devices: Vec<SourceDevice>,
+    config: MigrationConfig,
+    observer: Option<Observer>,
+    cancel: CancelHandle,
+}
+
+impl MigrationSource {
+    /// A source for `devices` (ids are their positions).
+    pub fn new(devices: Vec<SourceDevice>, config: MigrationConfig) -> Self {
+        MigrationSource {
+            devices,
+            config,
+            observer: None,
+            cancel: CancelHandle::default(),
+        }
+    }
+
+    /// Calls `observer` with progress (phases, blocks, cycles).
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// A handle that cancels the running migration.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// Migrates every device over `link`. `suspend` is called once all
+    /// devices are ready (pre-copy) or right away (post-copy); it must pause
+    /// the VM and flush its memory into the devices. After an error with
+    /// `source_keeps_authority`, the caller may resume the VM and retry.
+    pub fn migrate<L: Link>(
+        &self,
+        link: L,
+        suspend: impl FnOnce() -> Result<(), String>,
+    ) -> Result<MigrationReport, MigrationError> {
+        let mut run = Run {
+            src: self,
+            phase: Phase::Handshake,
+            phase_start: Instant::now(),
+            start: Instant::now(),
+            timings: Vec::new(),
+            shared: None,
+            rx: None,
+            writer: None,
+            authority_pushed: false,
+            accepted: false,
+            completed: false,
+            acks: 0,
+            bases: vec![None; self.devices.len()],
+            pending: None,
+            verify: vec![None; self.devices.len()],
+            reports: Vec::new(),
+            downtime_start: None,
+            downtime: Duration::ZERO,
+            bytes_received: Arc::new(AtomicU64::new(0)),
+            reader: None,
+            control: None,
+        };
+        let result = run.execute(Box::new(link), suspend);
+        let report = run.finish_report();
+        match result {
+            Ok(()) => Ok(report),
+            Err(cause) => {
+                let cause = if self.cancel.is_cancelled() { Cause::Cancelled } else { cause };
+                if let Some(mut w) = run.writer.take() {
+                    w.abort();
+                }
+                let flushed = run
+                    .shared
+                    .as_ref()
+                    .is_some_and(|s| s.queue.counters.of(crate::protocol::T_EVENT) > 0);
+                if let Some(c) = &run.control {
+                    c.shutdown_link();
+                }
+                if let Some(h) = run.reader.take() {
+                    let _ = h.join();
+                }
+                tracing::warn!(phase = %run.phase, error = %cause, "migration failed");
+                Err(MigrationError {
+                    phase: run.phase,
+                    source_keeps_authority: !(run.authority_pushed && flushed),
+                    cause,
+                })
+            }
+        }
+    }
+}
+
+struct Dev {
+    info: DeviceInfo,
+    device: Arc<dyn BlockDevice>,
+    /// Held while a block is read and queued, and while the dirty set is
+    /// taken and its list queued, so a block's data can never reach the
+    /// destination after the Dirty list that supersedes it.
+    send_lock: Mutex<()>,
+    base: Mutex<Option<Arc<Vec<[u8; 32]>>>>,
+}
+
+struct Shared {
+    devs: Vec<Dev>,
+    table: DeviceTable,
+    queue: Arc<FrameQueue>,
+    compression: bool,
+    served: AtomicU64,
+    data_blocks: AtomicU64,
+    zero_blocks: AtomicU64,
+    already: AtomicU64,
+    saved: AtomicU64,
+}
+
+enum Block {
+    Zero,
+    Same,
+    Data(Vec<u8>),
+}
+
+impl Shared {
+    /// Reads and classifies block `idx`; the caller holds the device's send lock.
+    fn classify(&self, dev: u32, idx: u64) -> Result<Block, Cause> {
+        let d = &self.devs[dev as usize];
+        let len = block_len(d.info.size, d.info.block_size, idx);
+        let mut frame = block_frame(dev, idx, len);
+        d.device
+            .read_at(&mut frame[BLOCK_FRAME_DATA..], idx * u64::from(d.info.block_size))?;
+        let data = &frame[BLOCK_FRAME_DATA..];
+        if is_zero(data) {
+            return Ok(Block::Zero);
+        }
+        let base = d.base.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(base) = base {
+            if base.get(idx as usize) == Some(blake3::hash(data).as_bytes()) {
+                return Ok(Block::Same);
+            }
+        }
+        if self.compression {
+            let before = frame.len();
+            frame = compress_block_frame(frame, 1);
+            self.saved.fetch_add((before - frame.len()) as u64, Ordering::Relaxed);
+        }
+        Ok(Block::Data(frame))
+    }
+
+    fn lock(&self, dev: u32) -> std::sync::MutexGuard<'_, ()> {
+        self.devs[dev as usize]
+            .send_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers a NeedBlock ahead of the bulk stream.
+    fn serve_need(&self, dev: u32, idx: u64) -> Result<(), Cause> {
+        let _g = self.lock(dev);
+        let frame = match self.classify(dev, idx)? {
+            Block::Zero => Message::ZeroBlocks { device: dev, start: idx, count: 1 }.to_frame(),
+            Block::Same => Message::AlreadyHave { device: dev, start: idx, count: 1 }.to_frame(),
+            Block::Data(f) => f,
+        };
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.queue
+            .push_priority(frame)
+            .map_err(|e| Cause::Protocol(ProtocolError::Io(std::io::Error::other(e))))
+    }
+}
+
+/// Counts bytes read through it.
+struct Counting<R> {
+    inner: R,
+    n: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn reader_loop(link: Box<dyn Link>, shared: Arc<Shared>, tx: Sender<Result<Message, Cause>>, counter: Arc<AtomicU64>) {
+    let mut r = BufReader::with_capacity(64 * 1024, Counting { inner: link, n: counter });
+    loop {
+        match read_frame(&mut r) {
+            Ok(Message::NeedBlock { device, index }) => {
+                let res = shared
+                    .table
+                    .check_block(device, index)
+                    .map_err(Cause::from)
+                    .and_then(|_| shared.serve_need(device, index));
+                if let Err(e) = res {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+            Ok(Message::Error { message }) => {
+                let _ = tx.send(Err(ProtocolError::Peer(message).into()));
+                return;
+            }
+            Ok(m) => {
+                if tx.send(Ok(m)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.into()));
+                return;
+            }
+        }
+    }
+}
+
+struct PendingRun {
+    zero: bool,
+    dev: u32,
+    start: u64,
+    count: u64,
+}
+
+struct CycleState {
+    cycles: u32,
+    quiet: u32,
+    ready: Option<String>,
+    history: Vec<u64>,
+    final_dirty: u64,
+}
+
+struct Run<'a> {
+    src: &'a MigrationSource,
+    phase: Phase,
+    phase_start: Instant,
+    start: Instant,
+    timings: Vec<PhaseTiming>,
+    shared: Option<Arc<Shared>>,
+    rx: Option<Receiver<Result<Message, Cause>>>,
+    writer: Option<FrameWriter>,
+    authority_pushed: bool,
+    accepted: bool,
+    completed: bool,
+    acks: usize,
+    bases: Vec<Option<Vec<[u8; 32]>>>,
+    pending: Option<PendingRun>,
+    verify: Vec<Option<(u64, Vec<u64>)>>,
+    reports: Vec<CycleState>,
+    downtime_start: Option<Instant>,
+    downtime: Duration,
+    bytes_received: Arc<AtomicU64>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    control: Option<Box<dyn Link>>,
+}
+
+fn proto(e: impl std::fmt::Display) -> Cause {
+    Cause::Protocol(ProtocolError::Io(std::io::Error::other(e.to_string())))
+}
+
+impl Run<'_> {
+    fn enter(&mut self, phase: Phase) {
+        let now = Instant::now();
+        self.timings.push(PhaseTiming {
+            phase: self.phase,
+            millis: (now - self.phase_start).as_secs_f64() * 1e3,
+        });
+        self.phase = phase;
+        self.phase_start = now;
+        tracing::debug!(%phase, "migration phase");
+        self.notify(&Progress::Phase(phase));
+    }
+
+    fn notify(&self, p: &Progress) {
+        if let Some(o) = &self.src.observer {
+            o(p);
+        }
+    }
+
+    fn shared(&self) -> Result<Arc<Shared>, Cause> {
+        self.shared.clone().ok_or_else(|| proto("not connected"))
+    }
+
+    fn queue(&self) -> Result<Arc<FrameQueue>, Cause> {
+        Ok(self.shared()?.queue.clone())
+    }
+
+    fn push_bulk(&self, m: &Message) -> Result<(), Cause> {
+        self.queue()?.push_bulk(m.to_frame()).map_err(proto)
+    }
+
+    fn check_cancel(&self) -> Result<(), Cause> {
+        if self.src.cancel.is_cancelled() {
+            Err(Cause::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Handles everything the reader delivered so far, waiting until
+    /// `deadline` for the first message if given.
+    fn poll(&mut self, deadline: Option<Instant>) -> Result<(), Cause> {
+        self.check_cancel()?;
+        let Some(rx) = self.rx.take() else {
+            return Err(proto("not connected"));
+        };
+        let mut result = Ok(());
+        let mut first = match deadline {
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(Err(ProtocolError::Closed.into())),
+            },
+            None => None,
+        };
+        loop {
+            let msg = match first.take() {
+                Some(m) => m,
+                None => match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => Err(ProtocolError::Closed.into()),
+                },
+            };
+            if let Err(e) = msg.and_then(|m| self.handle(m)) {
+                result = Err(e);
+                break;
+            }
+        }
+        self.rx = Some(rx);
+        self.check_cancel()?;
+        result
+    }
+
+    fn handle(&mut self, m: Message) -> Result<(), Cause> {
+        let shared = self.shared()?;
+        match m {
+            Message::BaseHashes { device, start, hashes } if self.acks < shared.devs.len() => {
+                let info = shared.table.check_run(device, start, hashes.len() as u64)?;
+                let blocks = info.blocks();
+                let base = self.bases[device as usize].get_or_insert_with(Vec::new);
+                if start != base.len() as u64 {
+                    return Err(ProtocolError::OutOfRange(format!("base hashes out of order at {start}")).into());
+                }
+                base.extend(hashes);
+                let _ = blocks;
+            }
+            Message::DeviceAck { device, has_base } if self.acks < shared.devs.len() => {
+                if device as usize != self.acks {
+                    return Err(ProtocolError::OutOfRange(format!("ack for device {device} out of order")).into());
+                }
+                let blocks = shared.table.device(device)?.blocks();
+                let base = self.bases[device as usize].take();
+                match (has_base, base) {
+                    (true, Some(b)) if b.len() as u64 == blocks => {
+                        *shared.devs[device as usize]
+                            .base
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(b));
+                    }
+                    (false, None) => {}
+                    _ => {
+                        return Err(ProtocolError::Malformed {
+                            kind: "DeviceAck",
+                            what: "base hashes missing, incomplete or unannounced",
+                        }
+                        .into())
+                    }
+                }
+                self.acks += 1;
+            }
+            Message::Event(Event::AuthorityAccepted) if self.authority_pushed && !self.accepted => {
+                self.accepted = true;
+                if let Some(t) = self.downtime_start {
+                    self.downtime = t.elapsed();
+                }
+                self.notify(&Progress::Phase(Phase::AuthorityAccepted));
+            }
+            Message::VerifyResult { device, mismatched, sample } if self.src.config.verify => {
+                shared.table.device(device)?;
+                self.verify[device as usize] = Some((mismatched, sample));
+            }
+            Message::Event(Event::Completed) if self.accepted => self.completed = true,
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other.kind(),
+                    state: "from a destination",
+                }
+                .into())
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_run(&mut self) -> Result<(), Cause> {
+        if let Some(p) = self.pending.take() {
+            let m = if p.zero {
+                Message::ZeroBlocks { device: p.dev, start: p.start, count: p.count }
+            } else {
+                Message::AlreadyHave { device: p.dev, start: p.start, count: p.count }
+            };
+            self.push_bulk(&m)?;
+        }
+        Ok(())
+    }
+
+    fn add_run(&mut self, zero: bool, dev: u32, idx: u64) -> Result<(), Cause> {
+        if let Some(p) = &mut self.pending {
+            if p.zero == zero && p.dev == dev && p.start + p.count == idx && p.count < 1 << 20 {
+                p.count += 1;
+                return Ok(());
+            }
+        }
+        self.flush_run()?;
+        self.pending = Some(PendingRun { zero, dev, start: idx, count: 1 });
+        Ok(())
+    }
+
+    /// Sends one block in the bulk stream.
+    fn send_block(&mut self, dev: u32, idx: u64) -> Result<(), Cause> {
+        let shared = self.shared()?;
+        // Wait for queue space before taking the lock, so need-block replies
+        // never wait behind backpressure.
+        shared.queue.wait_for_space().map_err(proto)?;
+        let _g = shared.lock(dev);
+        match shared.classify(dev, idx)? {
+            Block::Data(f) => {
+                self.flush_run()?;
+                shared.queue.push_bulk(f).map_err(proto)?;
+                shared.data_blocks.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            other => self.record_run(&shared, other, dev, idx),
+        }
+    }
+
+    fn record_run(&mut self, shared: &Shared, b: Block, dev: u32, idx: u64) -> Result<(), Cause> {
+        match b {
+            Block::Zero => {
+                shared.zero_blocks.fetch_add(1, Ordering::Relaxed);
+                self.add_run(true, dev, idx)
+            }
+            Block::Same => {
+                shared.already.fetch_add(1, Ordering::Relaxed);
+                self.add_run(false, dev, idx)
+            }
+            Block::Data(_) => Ok(()),
+        }
+    }
+
+    fn pass(&mut self, dev: u32, order: &[u64]) -> Result<(), Cause> {
+        let total = order.len() as u64;
+        for (i, &idx) in order.iter().enumerate() {
+            if i % 64 == 0 {
+                self.poll(None)?;
+                self.notify(&Progress::Blocks { done: i as u64, total });
+            }
+            self.send_block(dev, idx)?;
+        }
+        self.flush_run()?;
+        self.notify(&Progress::Blocks { done: total, total });
+        Ok(())
+    }
+
+    /// Takes the dirty set of device `dev` and queues its Dirty list,
+    /// atomically with respect to need-block replies.
+    fn take_and_announce(&mut self, dev: u32) -> Result<Vec<u64>, Cause> {
+        self.flush_run()?;
+        let shared = self.shared()?;
+        let Some(tracker) = self.src.devices[dev as usize].tracker.clone() else {
+            return Ok(Vec::new());
+        };
+        let _g = shared.lock(dev);
+        let dirty = tracker.take_dirty()?;
+        for chunk in dirty.chunks(MAX_LIST) {
+            shared
+                .queue
+                .push_bulk(Message::Dirty { device: dev, blocks: chunk.to_vec() }.to_frame())
+                .map_err(proto)?;
+        }
+        Ok(dirty)
+    }
+
+    fn execute(&mut self, mut link: Box<dyn Link>, suspend: impl FnOnce() -> Result<(), String>) -> Result<(), Cause> {
+        let src = self.src;
+        let cfg = &src.config;
+        self.check_cancel()?;
+        self.notify(&Progress::Phase(Phase::Handshake));
+        let control = link.try_clone_link().map_err(ProtocolError::Io)?;
+        src.cancel.attach(link.try_clone_link().map_err(ProtocolError::Io)?);
+        self.control = Some(control);
+        link.set_link_read_timeout(Some(cfg.handshake_timeout)).map_err(ProtocolError::Io)?;
+        handshake(&mut link, Role::Source, &cfg.secret)?;
+        link.set_link_read_timeout(None).map_err(ProtocolError::Io)?;
+
+        let infos: Vec<DeviceInfo> = src
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DeviceInfo {
+                id: i as u32,
+                name: d.name.clone(),
+                size: d.device.size(),
+                block_size: d.device.block_size(),
+            })
+            .collect();
+        let writer = FrameWriter::start(link.try_clone_link().map_err(ProtocolError::Io)?, cfg.bulk_queue_bytes)
+            .map_err(ProtocolError::Io)?;
+        let shared = Arc::new(Shared {
+            devs: src
+                .devices
+                .iter()
+                .zip(&infos)
+                .map(|(d, info)| Dev {
+                    info: info.clone(),
+                    device: d.device.clone(),
+                    send_lock: Mutex::new(()),
+                    base: Mutex::new(None),
+                })
+                .collect(),
+            table: DeviceTable::new(infos.clone()),
+            queue: writer.queue().clone(),
+            compression: cfg.compression,
+            served: AtomicU64::new(0),
+            data_blocks: AtomicU64::new(0),
+            zero_blocks: AtomicU64::new(0),
+            already: AtomicU64::new(0),
+            saved: AtomicU64::new(0),
+        });
+        self.writer = Some(writer);
+        self.shared = Some(shared.clone());
+        let (tx, rx) = mpsc::channel();
+        self.rx = Some(rx);
+        let (s2, counter) = (shared.clone(), self.bytes_received.clone());
+        self.reader = Some(
+            std::thread::Builder::new()
+                .name("drafter-migration-source-reader".into())
+                .spawn(move || reader_loop(link, s2, tx, counter))
+                .map_err(ProtocolError::Io)?,
+        );
+        self.reports = src
+            .devices
+            .iter()
+            .map(|d| CycleState {
+                cycles: 0,
+                quiet: 0,
+                ready: if d.tracker.is_none() { Some("does not change".into()) } else { None },
+                history: Vec::new(),
+                final_dirty: 0,
+            })
+            .collect();
+
+        self.enter(Phase::DeviceInfo);
+        for info in &infos {
+            self.push_bulk(&Message::DeviceInfo(info.clone()))?;
+        }
+        self.push_bulk(&Message::DevicesListed { count: infos.len() as u32 })?;
+        while self.acks < infos.len() {
+            self.poll(Some(Instant::now() + Duration::from_millis(100)))?;
+        }
+
+        let n = infos.len() as u32;
+        if cfg.mode == Mode::PostCopy {
+            self.enter(Phase::Suspend);
+            self.downtime_start = Some(Instant::now());
+            suspend().map_err(Cause::Caller)?;
+            self.transfer_authority()?;
+            self.enter(Phase::Tail);
+            for dev in 0..n {
+                let order: Vec<u64> = (0..infos[dev as usize].blocks()).collect();
+                self.pass(dev, &order)?;
+            }
+        } else {
+            for dev in 0..n {
+                self.take_and_announce_silently(dev)?;
+            }
+            self.enter(Phase::FullPass);
+            let pass_start = Instant::now();
+            let bytes_before = shared.queue.counters.total();
+            for dev in 0..n {
+                let order = match &src.devices[dev as usize].tracker {
+                    Some(t) => t.send_order(),
+                    None => (0..infos[dev as usize].blocks()).collect(),
+                };
+                self.pass(dev, &order)?;
+            }
+            self.enter(Phase::DirtyCycles);
+            self.dirty_cycles(pass_start, bytes_before)?;
+            self.enter(Phase::Suspend);
+            self.downtime_start = Some(Instant::now());
+            suspend().map_err(Cause::Caller)?;
+            let mut finals = Vec::new();
+            for dev in 0..n {
+                let d = self.take_and_announce(dev)?;
+                self.reports[dev as usize].final_dirty = d.len() as u64;
+                finals.push(d);
+            }
+            self.transfer_authority()?;
+            self.enter(Phase::Tail);
+            for (dev, list) in finals.iter().enumerate() {
+                self.pass(dev as u32, list)?;
+            }
+        }
+        if cfg.verify {
+            self.enter(Phase::Verify);
+            for dev in 0..n {
+                self.send_hashes(dev)?;
+            }
+        }
+        self.push_bulk(&Message::Event(Event::AllSent))?;
+        while !self.completed {
+            self.poll(Some(Instant::now() + Duration::from_millis(100)))?;
+        }
+        if let Some(mut w) = self.writer.take() {
+            w.finish().map_err(proto)?;
+        }
+        self.enter(Phase::Complete);
+        if let Some(c) = &self.control {
+            c.shutdown_link();
+        }
+        if let Some(h) = self.reader.take() {
+            let _ = h.join();
+        }
+        Ok(())
+    }
+
+    /// Resets the dirty set before the full pass (which reads current data).
+    fn take_and_announce_silently(&mut self, dev: u32) -> Result<(), Cause> {
+        if let Some(t) = &self.src.devices[dev as usize].tracker {
+            t.take_dirty()?;
+        }
+        Ok(())
+    }
+
+    fn transfer_authority(&mut self) -> Result<(), Cause> {
+        self.flush_run()?;
+        self.enter(Phase::AuthorityTransferred);
+        self.authority_pushed = true;
+        self.push_bulk(&Message::Event(Event::AuthorityTransferred))
+    }
+
+    fn dirty_cycles(&mut self, pass_start: Instant, bytes_before: u64) -> Result<(), Cause> {
+        let shared = self.shared()?;
+        let n = self.src.devices.len();
+        let mut next_due = vec![Instant::now(); n];
+        loop {
+            if self.reports.iter().all(|r| r.ready.is_some()) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            for dev in 0..n {
+                let cfg = &self.src.devices[dev].config;
+                if self.src.devices[dev].tracker.is_none() || now < next_due[dev] {
+                    continue;
+                }
+                let dirty = self.take_and_announce(dev as u32)?;
+                for &idx in &dirty {
+                    self.poll(None)?;
+                    self.send_block(dev as u32, idx)?;
+                }
+                self.flush_run()?;
+                let elapsed = pass_start.elapsed().as_secs_f64();
+                let bw = (shared.queue.counters.total() - bytes_before) as f64 / elapsed.max(1e-9);
+                let bs = f64::from(shared.devs[dev].info.block_size);
+                let budget = self.src.config.downtime_budget.as_secs_f64();
+                let st = &mut self.reports[dev];
+                let d = dirty.len() as u64;
+                st.cycles += 1;
+                st.history.push(d);
+                st.quiet = if d < cfg.max_dirty_blocks { st.quiet + 1 } else { 0 };
+                if st.ready.is_none() {
+                    if st.quiet > cfg.min_cycles {
+                        st.ready = Some(format!("quiet for {} cycles", st.quiet));
+                    } else if st.cycles >= cfg.max_cycles {
+                        st.ready = Some("maxCycles reached".into());
+                    } else if bw > 0.0 && d as f64 * bs / bw <= budget {
+                        st.ready = Some(format!("{d} dirty blocks fit the downtime budget"));
+                    }
+                }
+                let cycle = st.cycles;
+                self.notify(&Progress::Cycle { device: dev, cycle, dirty: d });
+                next_due[dev] = Instant::now() + cfg.cycle_throttle;
+            }
+            if self.reports.iter().all(|r| r.ready.is_some()) {
+                return Ok(());
+            }
+            let wake = next_due.iter().copied().min().unwrap_or_else(Instant::now);
+            if wake > Instant::now() {
+                // The throttle pause; wakes early on errors or cancellation.
+                self.poll(Some(wake))?;
+            }
+        }
+    }
+
+    fn send_hashes(&mut self, dev: u32) -> Result<(), Cause> {
+        let shared = self.shared()?;
+        let d = &shared.devs[dev as usize];
+        let blocks = d.info.blocks();
+        let mut buf = vec![0u8; d.info.block_size as usize];
+        let mut start = 0;
+        while start < blocks {
+            self.poll(None)?;
+            let end = (start + MAX_HASHES as u64).min(blocks);
+            let mut hashes = Vec::with_capacity((end - start) as usize);
+            for idx in start..end {
+                let len = block_len(d.info.size, d.info.block_size, idx);
+                d.device.read_at(&mut buf[..len], idx * u64::from(d.info.block_size))?;
+                hashes.push(*blake3::hash(&buf[..len]).as_bytes());
+            }
+            shared.queue.wait_for_space().map_err(proto)?;
+            self.push_bulk(&Message::VerifyHashes { device: dev, start, hashes })?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn finish_report(&mut self) -> MigrationReport {
+        let now = Instant::now();
+        let mut phases = std::mem::take(&mut self.timings);
+        phases.push(PhaseTiming { phase: self.phase, millis: (now - self.phase_start).as_secs_f64() * 1e3 });
+        let mut r = MigrationReport {
+            role: "source".into(),
+            mode: match self.src.config.mode {
+                Mode::PreCopy => "pre-copy".into(),
+                Mode::PostCopy => "post-copy".into(),
+            },
+            phases,
+            total_millis: (now - self.start).as_secs_f64() * 1e3,
+            downtime_millis: self.downtime.as_secs_f64() * 1e3,
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        if let Some(s) = &self.shared {
+            r.bytes_sent = s.queue.counters.total();
+            r.zero_wire_bytes = s.queue.counters.of(T_ZERO_BLOCKS);
+            r.data_blocks = s.data_blocks.load(Ordering::Relaxed);
+            r.zero_blocks = s.zero_blocks.load(Ordering::Relaxed);
+            r.already_have_blocks = s.already.load(Ordering::Relaxed);
+            r.need_block_requests = s.served.load(Ordering::Relaxed);
+            r.compression_saved_bytes = s.saved.load(Ordering::Relaxed);
+        }
+        r.devices = self
+            .src
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let st = self.reports.get(i);
+                let v = self.verify.get(i).cloned().flatten();
+                DeviceReport {
+                    name: d.name.clone(),
+                    size: d.device.size(),
+                    block_size: d.device.block_size(),
+                    cycles: st.map_or(0, |s| s.cycles),
+                    dirty_per_cycle: st.map_or_else(Vec::new, |s| s.history.clone()),
+                    final_dirty: st.map_or(0, |s| s.final_dirty),
+                    ready_reason: st.and_then(|s| s.ready.clone()).unwrap_or_default(),
+                    mismatched_blocks: v.as_ref().map(|v| v.0),
+                    mismatch_sample: v.map(|v| v.1).unwrap_or_default(),
+                }
+            })
+            .collect();
+        r
+    }
+}
+

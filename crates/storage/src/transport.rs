@@ -1,0 +1,319 @@
+//! Connections and the prioritised frame writer.
+
+use std::collections::VecDeque;
+use std::io::{self, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::protocol::FRAME_TYPES;
+
+/// A bidirectional byte stream a migration runs over (TCP, Unix socket, …).
+pub trait Link: Read + Write + Send + 'static {
+    /// A second handle to the same connection (for a reader thread).
+    fn try_clone_link(&self) -> io::Result<Box<dyn Link>>;
+    /// Shuts the connection down in both directions, waking blocked readers.
+    fn shutdown_link(&self);
+    /// Sets the read timeout (`None` blocks forever).
+    fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Link for TcpStream {
+    fn try_clone_link(&self) -> io::Result<Box<dyn Link>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_link(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+impl Link for UnixStream {
+    fn try_clone_link(&self) -> io::Result<Box<dyn Link>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_link(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+/// Bytes written per frame type, shared with reports.
+#[derive(Default)]
+pub struct WireCounters {
+    by_type: [AtomicU64; FRAME_TYPES],
+}
+
+impl WireCounters {
+    /// Adds `n` bytes of frame type `ty`.
+    pub fn add(&self, ty: u8, n: u64) {
+        if let Some(c) = self.by_type.get(ty as usize) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    /// Bytes of frame type `ty`.
+    pub fn of(&self, ty: u8) -> u64 {
+        self.by_type
+            .get(ty as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+    /// All bytes.
+    pub fn total(&self) -> u64 {
+        self.by_type.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+struct Queues {
+    priority: VecDeque<Vec<u8>>,
+    bulk: VecDeque<Vec<u8>>,
+    bulk_bytes: usize,
+    closing: bool,
+    failed: Option<String>,
+}
+
+/// Outgoing frames in two queues. The writer thread always sends every
+/// queued priority frame before the next bulk frame, and bulk frames are at
+/// most one block long, so a priority reply waits for at most one bulk frame.
+pub struct FrameQueue {
+    q: Mutex<Queues>,
+    wake_writer: Condvar,
+    wake_producer: Condvar,
+    bulk_limit: usize,
+    /// Bytes written, by frame type.
+    pub counters: WireCounters,
+}
+
+/// Error returned when the writer has stopped.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("connection writer stopped: {0}")]
+pub struct WriterStopped(pub String);
+
+impl FrameQueue {
+    fn new(bulk_limit: usize) -> Self {
+        FrameQueue {
+            q: Mutex::new(Queues {
+                priority: VecDeque::new(),
+                bulk: VecDeque::new(),
+                bulk_bytes: 0,
+                closing: false,
+                failed: None,
+            }),
+            wake_writer: Condvar::new(),
+            wake_producer: Condvar::new(),
+            bulk_limit,
+            counters: WireCounters::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
+        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, frame: Vec<u8>, priority: bool) -> Result<(), WriterStopped> {
+        let mut q = self.lock();
+        if let Some(f) = &q.failed {
+            return Err(WriterStopped(f.clone()));
+        }
+        if q.closing {
+            return Err(WriterStopped("connection closing".into()));
+        }
+        if priority {
+            q.priority.push_back(frame);
+        } else {
+            q.bulk_bytes += frame.len();
+            q.bulk.push_back(frame);
+        }
+        drop(q);
+        self.wake_writer.notify_one();
+        Ok(())
+    }
+
+    /// Queues a frame ahead of all bulk frames.
+    pub fn push_priority(&self, frame: Vec<u8>) -> Result<(), WriterStopped> {
+        self.push(frame, true)
+    }
+
+    /// Queues a bulk frame (never blocks; see [`Self::wait_for_space`]).
+    pub fn push_bulk(&self, frame: Vec<u8>) -> Result<(), WriterStopped> {
+        self.push(frame, false)
+    }
+
+    /// Blocks while the bulk queue is over its limit (backpressure).
+    pub fn wait_for_space(&self) -> Result<(), WriterStopped> {
+        let mut q = self.lock();
+        loop {
+            if let Some(f) = &q.failed {
+                return Err(WriterStopped(f.clone()));
+            }
+            if q.bulk_bytes < self.bulk_limit || q.closing {
+                return Ok(());
+            }
+            q = self.wake_producer.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Blocks until every queued frame has been written.
+    pub fn drain(&self) -> Result<(), WriterStopped> {
+        let mut q = self.lock();
+        loop {
+            if let Some(f) = &q.failed {
+                return Err(WriterStopped(f.clone()));
+            }
+            if q.priority.is_empty() && q.bulk.is_empty() {
+                return Ok(());
+            }
+            q = self.wake_producer.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Marks the queue failed (e.g. the reader saw the connection die).
+    pub fn fail(&self, why: String) {
+        let mut q = self.lock();
+        if q.failed.is_none() {
+            q.failed = Some(why);
+        }
+        q.priority.clear();
+        q.bulk.clear();
+        drop(q);
+        self.wake_writer.notify_all();
+        self.wake_producer.notify_all();
+    }
+}
+
+/// A frame queue plus the thread writing it to a link.
+pub struct FrameWriter {
+    queue: Arc<FrameQueue>,
+    thread: Option<JoinHandle<()>>,
+    control: Box<dyn Link>,
+}
+
+impl FrameWriter {
+    /// Starts a writer thread on `link`; at most `bulk_limit` bytes of bulk
+    /// frames are queued before [`FrameQueue::wait_for_space`] blocks.
+    pub fn start(link: Box<dyn Link>, bulk_limit: usize) -> io::Result<Self> {
+        let control = link.try_clone_link()?;
+        let queue = Arc::new(FrameQueue::new(bulk_limit));
+        let q = queue.clone();
+        let thread = std::thread::Builder::new()
+            .name("drafter-frame-writer".into())
+            .spawn(move || writer_loop(link, &q))
+            .ok();
+        if thread.is_none() {
+            queue.fail("could not start writer thread".into());
+        }
+        Ok(FrameWriter {
+            queue,
+            thread,
+            control,
+        })
+    }
+
+    /// The queue to push frames into.
+    pub fn queue(&self) -> &Arc<FrameQueue> {
+        &self.queue
+    }
+
+    /// Writes everything queued, then stops the thread.
+    pub fn finish(&mut self) -> Result<(), WriterStopped> {
+        let r = self.queue.drain();
+        if r.is_err() {
+            self.abort();
+        } else {
+            self.stop();
+        }
+        r
+    }
+
+    /// Drops queued frames, shuts the link down and stops the thread.
+    pub fn abort(&mut self) {
+        self.queue.fail("connection aborted".into());
+        self.control.shutdown_link();
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        {
+            let mut q = self.queue.lock();
+            q.closing = true;
+        }
+        self.queue.wake_writer.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FrameWriter {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.abort();
+        }
+    }
+}
+
+fn writer_loop(link: Box<dyn Link>, q: &FrameQueue) {
+    let mut out = BufWriter::with_capacity(64 * 1024, link);
+    loop {
+        let (frame, priority) = {
+            let mut g = q.lock();
+            loop {
+                if g.failed.is_some() {
+                    return;
+                }
+                if let Some(f) = g.priority.pop_front() {
+                    break (f, true);
+                }
+                if let Some(f) = g.bulk.pop_front() {
+                    g.bulk_bytes -= f.len();
+                    break (f, false);
+                }
+                // Queues empty: let producers waiting on drain() see it.
+                q.wake_producer.notify_all();
+                if g.closing {
+                    drop(g);
+                    let _ = out.flush();
+                    return;
+                }
+                // Nothing to send: push out what is buffered before sleeping.
+                if !out.buffer().is_empty() {
+                    drop(g);
+                    if let Err(e) = out.flush() {
+                        q.fail(format!("write failed: {e}"));
+                        return;
+                    }
+                    g = q.lock();
+                    continue;
+                }
+                g = q.wake_writer.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        if !priority {
+            q.wake_producer.notify_all();
+        }
+        let ty = frame.first().copied().unwrap_or(0);
+        let res = out
+            .write_all(&frame)
+            .and_then(|()| {
+                // Priority replies and events go out at once; an event's
+                // byte count below then means it really left this host.
+                if priority || ty == crate::protocol::T_EVENT {
+                    out.flush()
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = res {
+            q.fail(format!("write failed: {e}"));
+            out.get_ref().shutdown_link();
+            return;
+        }
+        q.counters.add(ty, frame.len() as u64);
+    }
+}

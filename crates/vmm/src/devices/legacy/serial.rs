@@ -1,0 +1,212 @@
+//! COM1: a 16550A UART (vm-superio) whose output goes to any writer and whose
+//! input, only when asked, comes from a reader such as stdin.
+
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::EventFdTrigger;
+
+/// COM1 base PIO port.
+pub const COM1_PIO_BASE: u16 = 0x3f8;
+/// COM1 PIO span (8 registers).
+pub const COM1_PIO_SIZE: u16 = 8;
+/// COM1 IRQ line.
+pub const COM1_IRQ: u32 = 4;
+
+/// Errors of the serial device.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// Saved state is not a valid UART state.
+    #[error("bad serial state: {0}")]
+    BadState(String),
+    /// An OS call failed.
+    #[error("serial I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Signals the input forwarder when the guest drained the receive FIFO.
+struct InputSpace(Arc<EventFd>);
+
+impl SerialEvents for InputSpace {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
+type Uart = Serial<EventFdTrigger, InputSpace, Box<dyn Write + Send>>;
+
+/// Saved UART registers and pending input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes in the receive FIFO.
+    pub in_buffer: Vec<u8>,
+}
+
+/// The COM1 serial port. Put it behind a `Mutex` on the PIO bus; the optional
+/// input forwarder thread shares it.
+pub struct SerialDevice {
+    uart: Uart,
+    space: Arc<EventFd>,
+}
+
+impl SerialDevice {
+    /// A UART writing guest output to `out` and interrupting through `irq_evt`
+    /// (register it as an irqfd for [`COM1_IRQ`]).
+    pub fn new(irq_evt: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
+        let space = Arc::new(EventFd::new(0)?);
+        let uart = Serial::with_events(
+            EventFdTrigger::new(irq_evt),
+            InputSpace(space.clone()),
+            out,
+        );
+        Ok(Self { uart, space })
+    }
+
+    /// Rebuilds the UART from a snapshot.
+    pub fn restore(
+        irq_evt: EventFd,
+        out: Box<dyn Write + Send>,
+        snap: &SerialSnapshot,
+    ) -> Result<Self, SerialError> {
+        let space = Arc::new(EventFd::new(0)?);
+        let state = SerialState {
+            baud_divisor_low: snap.baud_divisor_low,
+            baud_divisor_high: snap.baud_divisor_high,
+            interrupt_enable: snap.interrupt_enable,
+            interrupt_identification: snap.interrupt_identification,
+            line_control: snap.line_control,
+            line_status: snap.line_status,
+            modem_control: snap.modem_control,
+            modem_status: snap.modem_status,
+            scratch: snap.scratch,
+            in_buffer: snap.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(
+            &state,
+            EventFdTrigger::new(irq_evt),
+            InputSpace(space.clone()),
+            out,
+        )
+        .map_err(|e| SerialError::BadState(format!("{e:?}")))?;
+        Ok(Self { uart, space })
+    }
+
+    /// The UART's registers and pending input.
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// The interrupt EventFd.
+    pub fn irq_evt(&self) -> &EventFd {
+        self.uart.interrupt_evt().eventfd()
+    }
+
+    /// Guest `in` at `COM1_PIO_BASE + offset`.
+    pub fn read(&mut self, offset: u16) -> u8 {
+        self.uart.read(offset as u8)
+    }
+
+    /// Guest `out` at `COM1_PIO_BASE + offset`. Output is flushed per byte so a
+    /// console stays live.
+    pub fn write(&mut self, offset: u16, value: u8) {
+        if let Err(e) = self.uart.write(offset as u8, value) {
+            tracing::warn!("serial: {e:?}");
+        }
+        if offset == 0 {
+            let _ = self.uart.writer_mut().flush();
+        }
+    }
+
+    /// Puts as much of `input` into the receive FIFO as fits; returns how many bytes.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let n = input.len().min(self.uart.fifo_capacity());
+        if n == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&input[..n]) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("serial: input dropped: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Forwards `input` (e.g. stdin) to the guest on a thread, as fast as the
+    /// guest drains the FIFO (woken by the UART, no polling). The thread ends at
+    /// end of input.
+    pub fn spawn_input_forwarder(
+        serial: Arc<Mutex<SerialDevice>>,
+        mut input: impl Read + Send + 'static,
+    ) -> io::Result<std::thread::JoinHandle<()>> {
+        let space = match serial.lock() {
+            Ok(s) => s.space.clone(),
+            Err(_) => return Err(io::Error::other("serial device lock poisoned")),
+        };
+        std::thread::Builder::new()
+            .name("serial-input".into())
+            .spawn(move || {
+                let mut buf = [0u8; 256];
+                loop {
+                    let n = match input.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            tracing::warn!("serial: input ended: {e}");
+                            return;
+                        }
+                    };
+                    let mut pending = &buf[..n];
+                    while !pending.is_empty() {
+                        let sent = match serial.lock() {
+                            Ok(mut s) => s.enqueue_input(pending),
+                            Err(_) => return,
+                        };
+                        pending = &pending[sent..];
+                        if !pending.is_empty() && space.read().is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+    }
+}

@@ -374,6 +374,10 @@ impl Run<'_> {
                 result = Err(e);
                 break;
             }
+            if self.completed {
+                // The destination may close right after Completed.
+                break;
+            }
         }
         self.rx = Some(rx);
         self.check_cancel()?;
@@ -660,7 +664,11 @@ impl Run<'_> {
             self.poll(Some(Instant::now() + Duration::from_millis(100)))?;
         }
         if let Some(mut w) = self.writer.take() {
-            w.finish().map_err(proto)?;
+            // The destination has everything; late need-block replies it no
+            // longer reads may fail to send, which is harmless now.
+            if let Err(e) = w.finish() {
+                tracing::debug!(error = %e, "writer stopped after completion");
+            }
         }
         self.enter(Phase::Complete);
         if let Some(c) = &self.control {

@@ -80,11 +80,8 @@ impl SerialDevice {
     /// (register it as an irqfd for [`COM1_IRQ`]).
     pub fn new(irq_evt: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
         let space = Arc::new(EventFd::new(0)?);
-        let uart = Serial::with_events(
-            EventFdTrigger::new(irq_evt),
-            InputSpace(space.clone()),
-            out,
-        );
+        let uart =
+            Serial::with_events(EventFdTrigger::new(irq_evt), InputSpace(space.clone()), out);
         Ok(Self { uart, space })
     }
 

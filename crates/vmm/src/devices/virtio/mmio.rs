@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::state::duplicate_queue;
 use super::{
     DeviceError, DeviceState, IrqTrigger, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_MMIO_INT_CONFIG,
 };
-use super::state::duplicate_queue;
 use crate::memory::GuestMemory;
 
 /// Size of each device's MMIO window.
@@ -247,7 +247,11 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 {
-            tracing::warn!(offset, len = data.len(), "virtio-mmio: non-32-bit register read");
+            tracing::warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: non-32-bit register read"
+            );
             data.fill(0);
             return;
         }
@@ -284,38 +288,43 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(offset, len = data.len(), "virtio-mmio: non-32-bit register write");
+            tracing::warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: non-32-bit register write"
+            );
             return;
         };
         let v = u32::from_le_bytes(bytes);
         match offset {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            REG_DRIVER_FEATURES if self.in_setup(status::DRIVER, status::FEATURES_OK) => {
-                match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                    1 => {
-                        self.driver_features =
-                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                    }
-                    _ => {}
+            REG_DRIVER_FEATURES if self.in_setup(status::DRIVER, status::FEATURES_OK) => match self
+                .driver_features_sel
+            {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
                 }
-            }
+                _ => {}
+            },
             REG_QUEUE_SEL => self.queue_select = v,
             REG_QUEUE_NUM => self.update_queue(|q| q.set_size(v as u16)),
             REG_QUEUE_READY => self.update_queue(|q| q.set_ready(v == 1)),
             REG_QUEUE_DESC_LOW => self.update_queue(|q| q.set_desc_table_address(Some(v), None)),
             REG_QUEUE_DESC_HIGH => self.update_queue(|q| q.set_desc_table_address(None, Some(v))),
             REG_QUEUE_DRIVER_LOW => self.update_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            REG_QUEUE_DRIVER_HIGH => {
-                self.update_queue(|q| q.set_avail_ring_address(None, Some(v)))
-            }
+            REG_QUEUE_DRIVER_HIGH => self.update_queue(|q| q.set_avail_ring_address(None, Some(v))),
             REG_QUEUE_DEVICE_LOW => self.update_queue(|q| q.set_used_ring_address(Some(v), None)),
             REG_QUEUE_DEVICE_HIGH => self.update_queue(|q| q.set_used_ring_address(None, Some(v))),
             QUEUE_NOTIFY_OFFSET => self.notify(v),
             REG_INTERRUPT_ACK => self.irq.ack(v),
             REG_STATUS => self.set_status(v),
-            _ => tracing::debug!(offset, "virtio-mmio: write to read-only or unknown register"),
+            _ => tracing::debug!(
+                offset,
+                "virtio-mmio: write to read-only or unknown register"
+            ),
         }
     }
 
@@ -331,7 +340,10 @@ impl MmioTransport {
     fn update_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         // Queue registers may only change after FEATURES_OK and before DRIVER_OK.
         if !self.in_setup(status::FEATURES_OK, status::DRIVER_OK) {
-            tracing::debug!(status = self.status, "virtio-mmio: queue write outside setup ignored");
+            tracing::debug!(
+                status = self.status,
+                "virtio-mmio: queue write outside setup ignored"
+            );
             return;
         }
         if let Some(q) = self.queues.get_mut(self.queue_select as usize) {
@@ -355,7 +367,11 @@ impl MmioTransport {
         }
         let old = self.status;
         if v & old != old {
-            tracing::warn!(old, new = v, "virtio-mmio: driver cleared status bits without reset");
+            tracing::warn!(
+                old,
+                new = v,
+                "virtio-mmio: driver cleared status bits without reset"
+            );
             return;
         }
         let added = v & !old;
@@ -364,13 +380,18 @@ impl MmioTransport {
             && prerequisite_ok(status::FEATURES_OK, status::DRIVER)
             && prerequisite_ok(status::DRIVER_OK, status::FEATURES_OK))
         {
-            tracing::warn!(old, new = v, "virtio-mmio: invalid status transition ignored");
+            tracing::warn!(
+                old,
+                new = v,
+                "virtio-mmio: invalid status transition ignored"
+            );
             return;
         }
         let mut new = v;
         if added & status::FEATURES_OK != 0 {
             let offered = self.device.avail_features() | VIRTIO_F_VERSION_1;
-            if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
             {
                 // Leave FEATURES_OK clear: the driver reads it back and gives up.
                 tracing::warn!(

@@ -10,6 +10,8 @@ pub mod vsock;
 mod engine;
 mod irq;
 mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -76,6 +76,8 @@ struct Queues {
     bulk_bytes: usize,
     closing: bool,
     failed: Option<String>,
+    pushed: u64,
+    written: u64,
 }
 
 /// Outgoing frames in two queues. The writer thread always sends every
@@ -104,6 +106,8 @@ impl FrameQueue {
                 bulk_bytes: 0,
                 closing: false,
                 failed: None,
+                pushed: 0,
+                written: 0,
             }),
             wake_writer: Condvar::new(),
             wake_producer: Condvar::new(),
@@ -124,6 +128,7 @@ impl FrameQueue {
         if q.closing {
             return Err(WriterStopped("connection closing".into()));
         }
+        q.pushed += 1;
         if priority {
             q.priority.push_back(frame);
         } else {
@@ -159,14 +164,16 @@ impl FrameQueue {
         }
     }
 
-    /// Blocks until every queued frame has been written.
+    /// Blocks until every frame queued so far has been written to the link
+    /// (events and priority frames also flushed).
     pub fn drain(&self) -> Result<(), WriterStopped> {
         let mut q = self.lock();
+        let target = q.pushed;
         loop {
             if let Some(f) = &q.failed {
                 return Err(WriterStopped(f.clone()));
             }
-            if q.priority.is_empty() && q.bulk.is_empty() {
+            if q.written >= target {
                 return Ok(());
             }
             q = self.wake_producer.wait(q).unwrap_or_else(|p| p.into_inner());
@@ -315,5 +322,7 @@ fn writer_loop(link: Box<dyn Link>, q: &FrameQueue) {
             return;
         }
         q.counters.add(ty, frame.len() as u64);
+        q.lock().written += 1;
+        q.wake_producer.notify_all();
     }
 }

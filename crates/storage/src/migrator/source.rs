@@ -688,11 +688,18 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Hands authority over. The phase only becomes AuthorityTransferred once
+    /// the event has left this host; a failure before that leaves authority here.
     fn transfer_authority(&mut self) -> Result<(), Cause> {
         self.flush_run()?;
-        self.enter(Phase::AuthorityTransferred);
+        let queue = self.queue()?;
+        queue.drain().map_err(proto)?;
+        self.poll(None)?;
         self.authority_pushed = true;
-        self.push_bulk(&Message::Event(Event::AuthorityTransferred))
+        self.push_bulk(&Message::Event(Event::AuthorityTransferred))?;
+        queue.drain().map_err(proto)?;
+        self.enter(Phase::AuthorityTransferred);
+        Ok(())
     }
 
     fn dirty_cycles(&mut self, pass_start: Instant, bytes_before: u64) -> Result<(), Cause> {

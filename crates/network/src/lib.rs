@@ -15,6 +15,7 @@ pub mod nat;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod service;
 pub mod tap;
 
 pub use cidr::Cidr;

@@ -274,9 +274,12 @@ fn check_tap_net(gateway: IpAddr, ip: IpAddr, prefix: u8, suffix: &str) -> Resul
             "namespace-interface-ip{suffix} {ip} is not in the gateway's network {net}"
         )));
     }
-    let edges = [net.nth(0), (!net.is_ipv6()).then(|| net.nth(net.size() - 1)).flatten()];
+    let edges = [
+        net.nth(0),
+        (!net.is_ipv6()).then(|| net.nth(net.size() - 1)).flatten(),
+    ];
     for a in [gateway, ip] {
-        if edges.contains(&Some(a)) {
+        if net.size() > 2 && edges.contains(&Some(a)) {
             return Err(invalid(format!(
                 "{a} is the network or broadcast address of {net}"
             )));
@@ -508,7 +511,7 @@ mod tests {
             ),
             (
                 NatConfig {
-                    namespace_interface_netmask: 31,
+                    namespace_interface_netmask: 32,
                     ..Default::default()
                 },
                 "too small",

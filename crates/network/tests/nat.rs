@@ -1,0 +1,94 @@
+//! NAT pool on the host: a client in the guest position reaches a server in a "remote"
+//! namespace over IPv4 and IPv6 through the real NAT path, and the server sees the host
+//! interface's address (masquerade).
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{ask_from, tcp_who_am_i_server, unique, Guests, Remote};
+use drafter_network::nat::{Ipv6Config, NatConfig, NatPool};
+use drafter_network::NetworkError;
+
+fn test_config(prefix: &str, k: u8, uplink: &str, guests: &Guests, count: usize) -> NatConfig {
+    NatConfig {
+        host_interface: uplink.to_string(),
+        host_veth_cidr: format!("10.200.{k}.0/28").parse().unwrap(),
+        namespace_veth_cidr: format!("10.202.{k}.0/29").parse().unwrap(),
+        blocked_subnet_cidr: format!("10.202.{k}.0/29").parse().unwrap(),
+        namespace_prefix: format!("{prefix}n"),
+        namespace_count: Some(count),
+        ipv6: Some(Ipv6Config {
+            host_veth_cidr: format!("fd00:d4af:{k}:8::/120").parse().unwrap(),
+            namespace_veth_cidr: format!("fd00:d4af:{k}:15::/120").parse().unwrap(),
+            blocked_subnet_cidr: format!("fd00:d4af:{k}:15::/120").parse().unwrap(),
+            gateway: format!("fd00:d4af:{k}:100::1").parse().unwrap(),
+            ip: format!("fd00:d4af:{k}:100::2").parse().unwrap(),
+            prefix_len: 64,
+        }),
+        guest_link: guests.link(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn guest_reaches_remote_server_over_ipv4_and_ipv6_with_nated_source() {
+    let p = unique('a');
+    let remote = Remote::new(&p, 1);
+    let guests = Guests::new(&format!("{p}g"), 2);
+    let pool = NatPool::create(test_config(&p, 1, &remote.uplink, &guests, 2)).unwrap();
+
+    let server4 = tcp_who_am_i_server(&remote.ns, SocketAddr::new(remote.remote_ip4, 0));
+    let server6 = tcp_who_am_i_server(&remote.ns, SocketAddr::new(remote.remote_ip6, 0));
+    for guest in &guests.namespaces {
+        let seen4 = ask_from(guest, server4).expect("IPv4 through the NAT");
+        assert_eq!(seen4, remote.host_ip4.to_string(), "server must see the masqueraded source");
+        let seen6 = ask_from(guest, server6).expect("IPv6 through the NAT");
+        assert_eq!(seen6, remote.host_ip6.to_string(), "server must see the masqueraded source");
+    }
+    // Without the NAT the guest has no way out: after closing the pool the same request fails.
+    pool.close().unwrap();
+    assert!(ask_from(&guests.namespaces[0], server4).is_err());
+}
+
+#[test]
+fn claims_are_exclusive_until_released() {
+    let p = unique('b');
+    let remote = Remote::new(&p, 2);
+    let guests = Guests::new(&format!("{p}g"), 2);
+    let pool = NatPool::create(test_config(&p, 2, &remote.uplink, &guests, 2)).unwrap();
+    let a = pool.claim().unwrap();
+    let b = pool.claim().unwrap();
+    assert_ne!(a.info().name, b.info().name);
+    assert!(matches!(pool.claim(), Err(NetworkError::PoolExhausted(2))));
+    let released = a.info().name.clone();
+    a.release();
+    assert_eq!(pool.claim().unwrap().info().name, released);
+    let info = b.info();
+    assert_eq!(info.tap_name, "tap0");
+    assert_eq!(info.namespace_veth_ip.to_string(), "10.202.2.2");
+    assert_eq!(info.host_veth_internal_ip.to_string(), "10.200.2.5");
+}
+
+#[test]
+fn a_second_pool_with_the_same_prefix_is_refused_while_the_first_lives() {
+    let p = unique('c');
+    let remote = Remote::new(&p, 3);
+    let guests = Guests::new(&format!("{p}g"), 1);
+    let _pool = NatPool::create(test_config(&p, 3, &remote.uplink, &guests, 1)).unwrap();
+    let err = NatPool::create(test_config(&p, 3, &remote.uplink, &guests, 1)).err().unwrap();
+    assert!(matches!(err, NetworkError::PrefixInUse { .. }), "{err}");
+    // The refused attempt must not have torn down the live pool's namespace.
+    assert!(drafter_network::netns::list().unwrap().contains(&format!("{p}n0")));
+}
+
+#[test]
+fn missing_host_interface_is_a_clear_error() {
+    let p = unique('d');
+    let guests = Guests::new(&format!("{p}g"), 1);
+    let mut cfg = test_config(&p, 4, "nosuchif0", &guests, 1);
+    cfg.host_interface = format!("{p}nope");
+    let err = NatPool::create(cfg).err().unwrap().to_string();
+    assert!(err.contains("not found") && err.contains(&format!("{p}nope")), "{err}");
+    assert!(!drafter_network::netns::list().unwrap().iter().any(|n| n.starts_with(&format!("{p}n"))));
+}

@@ -89,14 +89,6 @@ impl<E: Engine> EngineSlot<E> {
         }
     }
 
-    /// The paused engine, mutably.
-    pub fn paused_mut(&mut self) -> Option<&mut E> {
-        match &mut self.slot {
-            Slot::Paused(e) => Some(e),
-            _ => None,
-        }
-    }
-
     /// Stops everything and hands back the engine (to recover its backend).
     pub fn take(&mut self) -> Option<E> {
         self.stop_thread();

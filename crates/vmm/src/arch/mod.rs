@@ -1,0 +1,3 @@
+//! Architecture support: guest memory layout and boot-time CPU/platform setup.
+
+pub mod x86_64;

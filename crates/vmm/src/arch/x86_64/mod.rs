@@ -1,0 +1,8 @@
+//! x86_64: memory layout, GDT, page tables, boot registers and MSRs, CPUID
+//! normalisation and the MP table.
+
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod regs;

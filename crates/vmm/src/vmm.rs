@@ -1,0 +1,476 @@
+//! The public VMM API: build a VM from a [`VmConfig`] (or restore one from a
+//! snapshot), run, pause, resume, snapshot, report dirty pages, msync, stop and
+//! wait for the guest's end.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{cpuid, layout};
+use crate::boot::{self, BootError};
+use crate::bus::{Bus, BusOverlap};
+use crate::config::VmConfig;
+use crate::console::{ConsoleOut, Keyboard, ResetTrigger, SerialPort, SerialPortState};
+use crate::dirty::{merge, DirtyPages, RegionDirty};
+use crate::memory::{self, GuestMemory, Memory, MemoryBackend, MemoryError, PageProvider};
+use crate::persist::{self, StateFileError};
+use crate::vcpu_thread::{ExitStatus, VcpuHandle, VcpuThreadError};
+use crate::vstate::{Vcpu, VcpuError, VcpuState, Vm, VmError, VmState};
+
+/// Errors of the VMM API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Guest memory setup failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A VM-level KVM call failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A vCPU-level KVM call failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A vCPU thread failed.
+    #[error(transparent)]
+    VcpuThread(#[from] VcpuThreadError),
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The state file is unusable.
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    /// The snapshot needs CPU features this host lacks.
+    #[error("snapshot needs CPU features this host lacks: {0}")]
+    CpuMismatch(String),
+    /// Device setup failed.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// The operation needs a paused VM.
+    #[error("the VM must be paused for this")]
+    NotPaused,
+    /// The VM has already ended.
+    #[error("the VM has already ended ({0:?})")]
+    Ended(ExitStatus),
+}
+
+impl From<BusOverlap> for Error {
+    fn from(e: BusOverlap) -> Self {
+        Error::Device(e.to_string())
+    }
+}
+
+/// Everything a snapshot holds besides guest memory.
+#[derive(Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The configuration the VM was built from.
+    pub config: VmConfig,
+    /// Guest RAM size in bytes.
+    pub memory_size: u64,
+    /// PIC, IOAPIC, PIT and kvmclock.
+    pub vm: VmState,
+    /// Every vCPU.
+    pub vcpus: Vec<VcpuState>,
+    /// COM1.
+    pub serial: SerialPortState,
+}
+
+/// Where restored guest memory comes from.
+pub enum RestoreMemory {
+    /// Map the memory file MAP_PRIVATE: pages load lazily, writes stay private.
+    Private(PathBuf),
+    /// Map the memory file MAP_SHARED: guest memory is the file (`msync` writes it back).
+    Shared(PathBuf),
+    /// Anonymous memory filled on demand by a page provider (userfaultfd).
+    Userfault(Box<dyn PageProvider>),
+}
+
+/// Run-time options that are not part of the VM's configuration.
+#[derive(Default)]
+pub struct BuildOptions {
+    /// Guest console sink; defaults to stdout (or nothing, per the config).
+    pub console: Option<ConsoleOut>,
+    /// Back guest memory with this file, MAP_SHARED, instead of anonymous memory.
+    pub shared_memory_file: Option<PathBuf>,
+    /// Boot this flat 64-bit program instead of the configured kernel.
+    pub flat_program: Option<Vec<u8>>,
+}
+
+/// One running (or paused) VM.
+pub struct Vmm {
+    config: VmConfig,
+    vm: Vm,
+    memory: Memory,
+    vcpus: Vec<VcpuHandle>,
+    serial: Arc<Mutex<SerialPort>>,
+    exits_rx: Receiver<ExitStatus>,
+    msr_indices: Arc<Vec<u32>>,
+    paused: bool,
+    ended: Option<ExitStatus>,
+}
+
+fn console_for(config: &VmConfig, console: Option<ConsoleOut>) -> ConsoleOut {
+    match console {
+        Some(c) => c,
+        None if config.serial.stdout => Box::new(std::io::stdout()),
+        None => Box::new(std::io::sink()),
+    }
+}
+
+fn validate(config: &VmConfig) -> Result<(), Error> {
+    if config.vcpus == 0 || config.vcpus > crate::arch::x86_64::mptable::MAX_CPUS {
+        return Err(Error::Config(format!(
+            "vcpus must be 1..={}, got {}",
+            crate::arch::x86_64::mptable::MAX_CPUS,
+            config.vcpus
+        )));
+    }
+    if config.memory_mib < 16 || config.memory_mib > 1 << 20 {
+        return Err(Error::Config(format!(
+            "memory_mib must be 16..=1048576, got {}",
+            config.memory_mib
+        )));
+    }
+    Ok(())
+}
+
+/// The pieces every VM has: KVM VM, memory, COM1, i8042, buses.
+struct Platform {
+    vm: Vm,
+    memory: Memory,
+    serial: Arc<Mutex<SerialPort>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exits_tx: Sender<ExitStatus>,
+    exits_rx: Receiver<ExitStatus>,
+}
+
+fn platform(
+    memory: Memory,
+    console: ConsoleOut,
+    serial_state: Option<&SerialPortState>,
+) -> Result<Platform, Error> {
+    let mut vm = Vm::new()?;
+    vm.register_memory(&memory.guest)?;
+    let (exits_tx, exits_rx) = channel();
+    let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()))?);
+    vm.register_irqfd(&irq, layout::COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(match serial_state {
+        Some(s) => SerialPort::restore(console, irq, s),
+        None => SerialPort::new(console, irq),
+    }));
+    let keyboard = Arc::new(Mutex::new(Keyboard(vm_superio::I8042Device::new(
+        ResetTrigger(Mutex::new(exits_tx.clone())),
+    ))));
+    let mut pio = Bus::new();
+    pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone())?;
+    pio.insert(0x60, 5, keyboard)?;
+    Ok(Platform {
+        vm,
+        memory,
+        serial,
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
+        exits_tx,
+        exits_rx,
+    })
+}
+
+fn start_stdin(serial: &Arc<Mutex<SerialPort>>) {
+    let serial = serial.clone();
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
+                s.enqueue_input(&buf[..n]);
+            }
+        });
+}
+
+impl Vmm {
+    /// Builds a VM from `config` and starts it running.
+    pub fn boot(config: VmConfig, opts: BuildOptions) -> Result<Vmm, Error> {
+        validate(&config)?;
+        let backend = match &opts.shared_memory_file {
+            Some(p) => MemoryBackend::SharedFile(p.clone()),
+            None => MemoryBackend::Anonymous,
+        };
+        let memory = memory::create(config.memory_mib << 20, backend)?;
+        let console = console_for(&config, opts.console);
+        let p = platform(memory, console, None)?;
+        let cmdline = boot::cmdline(&config.boot_args)?;
+        let entry = match &opts.flat_program {
+            Some(code) => boot::load_flat(&p.memory.guest, code, config.vcpus)?,
+            None => boot::load(
+                &p.memory.guest,
+                &config.kernel,
+                config.initramfs.as_deref(),
+                &cmdline,
+                config.vcpus,
+            )?,
+        };
+        let supported = p.vm.supported_cpuid()?;
+        let tsc_deadline = p.vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        let mut vcpus = Vec::new();
+        for i in 0..config.vcpus {
+            let mut v = Vcpu::new(&p.vm, i)?;
+            let boot_entry = (i == 0).then_some((entry.addr, entry.mode));
+            v.configure_boot(&supported, config.vcpus, tsc_deadline, boot_entry)?;
+            vcpus.push(v);
+        }
+        Self::assemble(config, p, vcpus, false)
+    }
+
+    /// Restores a VM from a state file and memory; it starts paused — call
+    /// [`Vmm::resume`]. `console` defaults as for [`Vmm::boot`].
+    pub fn restore(
+        state_path: &Path,
+        memory: RestoreMemory,
+        console: Option<ConsoleOut>,
+    ) -> Result<Vmm, Error> {
+        let snap: Snapshot = persist::read_state_file(state_path)?;
+        validate(&snap.config)?;
+        if snap.vcpus.len() != usize::from(snap.config.vcpus) {
+            return Err(Error::Config(format!(
+                "state file has {} vCPUs, its configuration says {}",
+                snap.vcpus.len(),
+                snap.config.vcpus
+            )));
+        }
+        let backend = match memory {
+            RestoreMemory::Private(p) => MemoryBackend::PrivateFile(p),
+            RestoreMemory::Shared(p) => MemoryBackend::SharedFile(p),
+            RestoreMemory::Userfault(p) => MemoryBackend::Userfault(p),
+        };
+        let mem = memory::create(snap.memory_size, backend)?;
+        let console = console_for(&snap.config, console);
+        let p = platform(mem, console, Some(&snap.serial))?;
+        let host = p.vm.supported_cpuid()?;
+        for v in &snap.vcpus {
+            if let Some(missing) = cpuid::missing_features(&v.cpuid, host.as_slice()) {
+                return Err(Error::CpuMismatch(missing));
+            }
+        }
+        p.vm.restore_state(&snap.vm)?;
+        let mut vcpus = Vec::new();
+        for (i, state) in snap.vcpus.iter().enumerate() {
+            let mut v = Vcpu::new(&p.vm, i as u8)?;
+            v.restore_state(state)?;
+            vcpus.push(v);
+        }
+        Self::assemble(snap.config, p, vcpus, true)
+    }
+
+    fn assemble(config: VmConfig, p: Platform, vcpus: Vec<Vcpu>, paused: bool) -> Result<Vmm, Error> {
+        let msr_indices = Arc::new(p.vm.msr_index_list()?);
+        let mut handles = Vec::new();
+        for v in vcpus {
+            handles.push(VcpuHandle::spawn(
+                v,
+                p.pio.clone(),
+                p.mmio.clone(),
+                p.exits_tx.clone(),
+                paused,
+            )?);
+        }
+        if config.serial.stdin {
+            start_stdin(&p.serial);
+        }
+        Ok(Vmm {
+            config,
+            vm: p.vm,
+            memory: p.memory,
+            vcpus: handles,
+            serial: p.serial,
+            exits_rx: p.exits_rx,
+            msr_indices,
+            paused,
+            ended: None,
+        })
+    }
+
+    /// The configuration the VM runs with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest memory (for inspection and tests).
+    pub fn guest_memory(&self) -> &GuestMemory {
+        &self.memory.guest
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Feeds bytes to the guest's serial input.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue_input(bytes)
+    }
+
+    fn check_running(&self) -> Result<(), Error> {
+        match &self.ended {
+            Some(s) => Err(Error::Ended(s.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Pauses every vCPU; returns once all have left guest mode.
+    pub fn pause(&mut self) -> Result<(), Error> {
+        self.check_running()?;
+        if self.paused {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            v.request_pause()?;
+        }
+        for v in &self.vcpus {
+            v.wait_paused()?;
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&mut self) -> Result<(), Error> {
+        self.check_running()?;
+        if !self.paused {
+            return Ok(());
+        }
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Writes a snapshot of the paused VM: state to `state_path`, memory to
+    /// `memory_path`. With a MAP_SHARED memory file and `memory_path` equal to it,
+    /// memory is written back in place with `msync` (the in-place suspend).
+    pub fn snapshot(&mut self, state_path: &Path, memory_path: &Path) -> Result<(), Error> {
+        if !self.paused {
+            return Err(Error::NotPaused);
+        }
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            vcpus.push(v.save(self.msr_indices.clone())?);
+        }
+        let snap = Snapshot {
+            config: self.config.clone(),
+            memory_size: self.memory.size(),
+            vm: self.vm.save_state()?,
+            vcpus,
+            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).save(),
+        };
+        let in_place = self
+            .memory
+            .shared_file
+            .as_deref()
+            .is_some_and(|f| same_file(f, memory_path));
+        if in_place {
+            self.memory.msync()?;
+        } else {
+            memory::dump(&self.memory.guest, memory_path)?;
+        }
+        persist::write_state_file(state_path, &snap)?;
+        Ok(())
+    }
+
+    /// Writes guest memory back to its MAP_SHARED file (running or paused).
+    pub fn msync(&self) -> Result<(), Error> {
+        Ok(self.memory.msync()?)
+    }
+
+    /// Returns and resets the pages written since the last call: KVM's dirty log
+    /// OR'd with pages the VMM's devices wrote.
+    pub fn dirty_pages(&self) -> Result<DirtyPages, Error> {
+        let log = self.vm.take_dirty_log()?;
+        let mut regions = Vec::new();
+        let mut file_offset = 0;
+        for (region, (slot, mut bits)) in self.memory.guest.iter().zip(log) {
+            let vmm_bits = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            merge(&mut bits, &vmm_bits);
+            regions.push(RegionDirty {
+                guest_addr: slot.guest_addr,
+                file_offset,
+                size: slot.size,
+                bitmap: bits,
+            });
+            file_offset += region.len();
+        }
+        Ok(DirtyPages { regions })
+    }
+
+    /// Blocks until the guest ends (poweroff, reboot, error), then stops the vCPUs.
+    pub fn wait(&mut self) -> ExitStatus {
+        if let Some(s) = &self.ended {
+            return s.clone();
+        }
+        let status = self
+            .exits_rx
+            .recv()
+            .unwrap_or_else(|_| ExitStatus::Error("all vCPU threads are gone".into()));
+        self.finish(status)
+    }
+
+    /// Like [`Vmm::wait`], giving up after `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(s) = &self.ended {
+            return Some(s.clone());
+        }
+        match self.exits_rx.recv_timeout(timeout) {
+            Ok(s) => Some(self.finish(s)),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                Some(self.finish(ExitStatus::Error("all vCPU threads are gone".into())))
+            }
+        }
+    }
+
+    fn finish(&mut self, status: ExitStatus) -> ExitStatus {
+        for v in &mut self.vcpus {
+            v.exit();
+        }
+        self.ended = Some(status.clone());
+        status
+    }
+
+    /// Stops the VM (if still running) and returns how it ended.
+    pub fn stop(&mut self) -> ExitStatus {
+        match &self.ended {
+            Some(s) => s.clone(),
+            None => self.finish(ExitStatus::Stopped),
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}

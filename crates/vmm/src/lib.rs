@@ -9,7 +9,7 @@ pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod config;
-pub mod console;
+pub mod device_manager;
 pub mod devices;
 pub mod dirty;
 pub mod memory;

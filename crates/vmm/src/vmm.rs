@@ -4,18 +4,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::{cpuid, layout};
+use crate::arch::x86_64::cpuid;
 use crate::boot::{self, BootError};
-use crate::bus::{Bus, BusOverlap};
+use crate::bus::Bus;
 use crate::config::VmConfig;
-use crate::console::{ConsoleOut, Keyboard, ResetTrigger, SerialPort, SerialPortState};
+use crate::device_manager::{with_announcements, ConsoleOut, DeviceManager, DevicesState};
 use crate::dirty::{merge, DirtyPages, RegionDirty};
 use crate::memory::{self, GuestMemory, Memory, MemoryBackend, MemoryError, PageProvider};
 use crate::persist::{self, StateFileError};
@@ -60,9 +59,9 @@ pub enum Error {
     Ended(ExitStatus),
 }
 
-impl From<BusOverlap> for Error {
-    fn from(e: BusOverlap) -> Self {
-        Error::Device(e.to_string())
+impl From<crate::device_manager::DeviceSetupError> for Error {
+    fn from(e: crate::device_manager::DeviceSetupError) -> Self {
+        Error::Device(e.0)
     }
 }
 
@@ -77,8 +76,8 @@ pub struct Snapshot {
     pub vm: VmState,
     /// Every vCPU.
     pub vcpus: Vec<VcpuState>,
-    /// COM1.
-    pub serial: SerialPortState,
+    /// Devices.
+    pub devices: DevicesState,
 }
 
 /// Where restored guest memory comes from.
@@ -108,7 +107,7 @@ pub struct Vmm {
     vm: Vm,
     memory: Memory,
     vcpus: Vec<VcpuHandle>,
-    serial: Arc<Mutex<SerialPort>>,
+    devices: DeviceManager,
     exits_rx: Receiver<ExitStatus>,
     msr_indices: Arc<Vec<u32>>,
     paused: bool,
@@ -140,11 +139,11 @@ fn validate(config: &VmConfig) -> Result<(), Error> {
     Ok(())
 }
 
-/// The pieces every VM has: KVM VM, memory, COM1, i8042, buses.
+/// The pieces every VM has: KVM VM, memory, devices, buses.
 struct Platform {
     vm: Vm,
     memory: Memory,
-    serial: Arc<Mutex<SerialPort>>,
+    devices: DeviceManager,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exits_tx: Sender<ExitStatus>,
@@ -153,51 +152,34 @@ struct Platform {
 
 fn platform(
     memory: Memory,
+    config: &VmConfig,
     console: ConsoleOut,
-    serial_state: Option<&SerialPortState>,
+    saved: Option<&DevicesState>,
 ) -> Result<Platform, Error> {
     let mut vm = Vm::new()?;
     vm.register_memory(&memory.guest)?;
     let (exits_tx, exits_rx) = channel();
-    let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()))?);
-    vm.register_irqfd(&irq, layout::COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(match serial_state {
-        Some(s) => SerialPort::restore(console, irq, s),
-        None => SerialPort::new(console, irq),
-    }));
-    let keyboard = Arc::new(Mutex::new(Keyboard(vm_superio::I8042Device::new(
-        ResetTrigger(Mutex::new(exits_tx.clone())),
-    ))));
     let mut pio = Bus::new();
-    pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone())?;
-    pio.insert(0x60, 5, keyboard)?;
+    let mut mmio = Bus::new();
+    let devices = DeviceManager::build(
+        &vm,
+        &memory.guest,
+        config,
+        console,
+        exits_tx.clone(),
+        saved,
+        &mut pio,
+        &mut mmio,
+    )?;
     Ok(Platform {
         vm,
         memory,
-        serial,
+        devices,
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(mmio),
         exits_tx,
         exits_rx,
     })
-}
-
-fn start_stdin(serial: &Arc<Mutex<SerialPort>>) {
-    let serial = serial.clone();
-    let _ = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            use std::io::Read;
-            let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin();
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut s = serial.lock().unwrap_or_else(|p| p.into_inner());
-                s.enqueue_input(&buf[..n]);
-            }
-        });
 }
 
 impl Vmm {
@@ -210,8 +192,9 @@ impl Vmm {
         };
         let memory = memory::create(config.memory_mib << 20, backend)?;
         let console = console_for(&config, opts.console);
-        let p = platform(memory, console, None)?;
-        let cmdline = boot::cmdline(&config.boot_args)?;
+        let p = platform(memory, &config, console, None)?;
+        let args = with_announcements(&config.boot_args, p.devices.cmdline_announcements());
+        let cmdline = boot::cmdline(&args)?;
         let entry = match &opts.flat_program {
             Some(code) => boot::load_flat(&p.memory.guest, code, config.vcpus)?,
             None => boot::load(
@@ -257,7 +240,7 @@ impl Vmm {
         };
         let mem = memory::create(snap.memory_size, backend)?;
         let console = console_for(&snap.config, console);
-        let p = platform(mem, console, Some(&snap.serial))?;
+        let p = platform(mem, &snap.config, console, Some(&snap.devices))?;
         let host = p.vm.supported_cpuid()?;
         for v in &snap.vcpus {
             if let Some(missing) = cpuid::missing_features(&v.cpuid, host.as_slice()) {
@@ -287,14 +270,16 @@ impl Vmm {
             )?);
         }
         if config.serial.stdin {
-            start_stdin(&p.serial);
+            let serial = p.devices.serial().clone();
+            crate::devices::legacy::SerialDevice::spawn_input_forwarder(serial, std::io::stdin())
+                .map_err(|e| Error::Device(format!("serial input: {e}")))?;
         }
         Ok(Vmm {
             config,
             vm: p.vm,
             memory: p.memory,
             vcpus: handles,
-            serial: p.serial,
+            devices: p.devices,
             exits_rx: p.exits_rx,
             msr_indices,
             paused,
@@ -319,7 +304,8 @@ impl Vmm {
 
     /// Feeds bytes to the guest's serial input.
     pub fn serial_input(&self, bytes: &[u8]) -> usize {
-        self.serial
+        self.devices
+            .serial()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .enqueue_input(bytes)
@@ -344,6 +330,7 @@ impl Vmm {
         for v in &self.vcpus {
             v.wait_paused()?;
         }
+        self.devices.pause();
         self.paused = true;
         Ok(())
     }
@@ -354,6 +341,7 @@ impl Vmm {
         if !self.paused {
             return Ok(());
         }
+        self.devices.resume()?;
         for v in &self.vcpus {
             v.resume()?;
         }
@@ -377,7 +365,7 @@ impl Vmm {
             memory_size: self.memory.size(),
             vm: self.vm.save_state()?,
             vcpus,
-            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            devices: self.devices.save(),
         };
         let in_place = self
             .memory

@@ -1,0 +1,293 @@
+//! Wires the device models into the VM: COM1 and i8042 on the port-I/O bus,
+//! virtio devices on the MMIO bus (4 KiB windows from `VIRTIO_MMIO_START`, GSIs
+//! from 5), their queue EventFds as ioeventfds and interrupts as irqfds, and the
+//! `virtio_mmio.device=` announcements for the kernel command line.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{FIRST_VIRTIO_GSI, LAST_GSI, VIRTIO_MMIO_START};
+use crate::bus::{Bus, BusDevice};
+use crate::config::{parse_mac, VmConfig};
+use crate::devices::legacy::{
+    SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PIO_BASE, COM1_PIO_SIZE, I8042, I8042_PIO_BASE,
+    I8042_PIO_SIZE,
+};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{
+    IrqTrigger, MmioState, MmioTransport, VirtioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
+use crate::memory::GuestMemory;
+use crate::vcpu_thread::ExitStatus;
+use crate::vstate::Vm;
+
+/// Guest console output sink.
+pub type ConsoleOut = Box<dyn Write + Send>;
+
+/// MAC address used when the configuration gives none.
+pub const DEFAULT_MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
+
+/// A device could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DeviceSetupError(pub String);
+
+fn err(what: impl std::fmt::Display) -> DeviceSetupError {
+    DeviceSetupError(what.to_string())
+}
+
+/// Device state in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// virtio transports in configuration order (drives, net, vsock).
+    pub virtio: Vec<MmioState>,
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(b) = data.first_mut() {
+            *b = SerialDevice::read(self, offset as u16);
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(b) = data.first() {
+            SerialDevice::write(self, offset as u16, *b);
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(b) = data.first_mut() {
+            *b = I8042::read(self, offset as u16);
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(b) = data.first() {
+            I8042::write(self, offset as u16, *b);
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data);
+    }
+}
+
+/// The VM's devices and the buses that reach them.
+pub struct DeviceManager {
+    serial: Arc<Mutex<SerialDevice>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    announcements: Vec<String>,
+    reset_wake: EventFd,
+    reset_stop: Arc<AtomicBool>,
+    reset_thread: Option<JoinHandle<()>>,
+}
+
+fn models(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceSetupError> {
+    let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for d in &config.drives {
+        let b = Block::new(&d.name, &d.path, d.read_only)
+            .map_err(|e| err(format!("drive '{}' ({}): {e}", d.name, d.path.display())))?;
+        out.push(Box::new(b));
+    }
+    if let Some(n) = &config.net {
+        let mac = match &n.mac {
+            Some(m) => parse_mac(m).ok_or_else(|| err(format!("invalid MAC address '{m}'")))?,
+            None => DEFAULT_MAC,
+        };
+        let net = Net::new(&n.tap, n.netns.as_deref(), mac)
+            .map_err(|e| err(format!("tap '{}': {e}", n.tap)))?;
+        out.push(Box::new(net));
+    }
+    if let Some(v) = &config.vsock {
+        let vs = Vsock::new(u64::from(v.cid), &v.uds_path)
+            .map_err(|e| err(format!("vsock at {}: {e}", v.uds_path.display())))?;
+        out.push(Box::new(vs));
+    }
+    Ok(out)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DeviceManager {
+    /// Builds every device of `config` (from `saved` state when restoring),
+    /// registers its EventFds with `vm` and maps it on `pio`/`mmio`.
+    pub fn build(
+        vm: &Vm,
+        mem: &GuestMemory,
+        config: &VmConfig,
+        console: ConsoleOut,
+        exits: Sender<ExitStatus>,
+        saved: Option<&DevicesState>,
+        pio: &mut Bus,
+        mmio: &mut Bus,
+    ) -> Result<DeviceManager, DeviceSetupError> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(err)?;
+        vm.register_irqfd(&irq, COM1_IRQ).map_err(err)?;
+        let serial = match saved {
+            Some(s) => SerialDevice::restore(irq, console, &s.serial).map_err(err)?,
+            None => SerialDevice::new(irq, console).map_err(err)?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        pio.insert(u64::from(COM1_PIO_BASE), u64::from(COM1_PIO_SIZE), serial.clone())
+            .map_err(err)?;
+
+        let reset_evt = EventFd::new(0).map_err(err)?;
+        let reset_wake = reset_evt.try_clone().map_err(err)?;
+        let i8042 = I8042::new(reset_evt.try_clone().map_err(err)?);
+        pio.insert(
+            u64::from(I8042_PIO_BASE),
+            u64::from(I8042_PIO_SIZE),
+            Arc::new(Mutex::new(i8042)),
+        )
+        .map_err(err)?;
+        let reset_stop = Arc::new(AtomicBool::new(false));
+        let stop = reset_stop.clone();
+        let reset_thread = std::thread::Builder::new()
+            .name("i8042-reset".into())
+            .spawn(move || {
+                // Blocks until the guest pulses reset (or the VMM wakes us to stop).
+                if reset_evt.read().is_ok() && !stop.load(Ordering::SeqCst) {
+                    let _ = exits.send(ExitStatus::Reboot);
+                }
+            })
+            .map_err(err)?;
+
+        let devices = models(config)?;
+        if let Some(s) = saved {
+            if s.virtio.len() != devices.len() {
+                return Err(err(format!(
+                    "snapshot has {} virtio devices, the configuration {}",
+                    s.virtio.len(),
+                    devices.len()
+                )));
+            }
+        }
+        let mut virtio = Vec::new();
+        let mut announcements = Vec::new();
+        for (i, dev) in devices.into_iter().enumerate() {
+            let base = VIRTIO_MMIO_START + i as u64 * MMIO_WINDOW_SIZE;
+            let gsi = FIRST_VIRTIO_GSI + i as u32;
+            if gsi > LAST_GSI {
+                return Err(err("too many virtio devices (out of interrupt lines)"));
+            }
+            let irq = IrqTrigger::new().map_err(err)?;
+            let t = match saved {
+                Some(s) => MmioTransport::restore(dev, mem.clone(), irq, &s.virtio[i]),
+                None => MmioTransport::with_irq(dev, mem.clone(), irq),
+            }
+            .map_err(|e| err(format!("virtio device {i}: {e}")))?;
+            vm.register_irqfd(t.interrupt().eventfd(), gsi)
+                .map_err(err)?;
+            for (q, evt) in t.queue_events().iter().enumerate() {
+                vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, Some(q as u32))
+                    .map_err(err)?;
+            }
+            let t = Arc::new(Mutex::new(t));
+            mmio.insert(base, MMIO_WINDOW_SIZE, t.clone()).map_err(err)?;
+            virtio.push(t);
+            announcements.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        }
+        Ok(DeviceManager {
+            serial,
+            virtio,
+            announcements,
+            reset_wake,
+            reset_stop,
+            reset_thread: Some(reset_thread),
+        })
+    }
+
+    /// `virtio_mmio.device=` parameters announcing the virtio devices.
+    pub fn cmdline_announcements(&self) -> &[String] {
+        &self.announcements
+    }
+
+    /// COM1 (to feed input).
+    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+
+    /// Stops device I/O (no more writes to guest memory).
+    pub fn pause(&self) {
+        for t in &self.virtio {
+            lock(t).pause();
+        }
+    }
+
+    /// Restarts device I/O.
+    pub fn resume(&self) -> Result<(), DeviceSetupError> {
+        for t in &self.virtio {
+            lock(t).resume().map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Saves every device (pausing virtio I/O).
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            serial: lock(&self.serial).save(),
+            virtio: self.virtio.iter().map(|t| lock(t).save()).collect(),
+        }
+    }
+}
+
+impl Drop for DeviceManager {
+    fn drop(&mut self) {
+        self.pause();
+        self.reset_stop.store(true, Ordering::SeqCst);
+        let _ = self.reset_wake.write(1);
+        if let Some(t) = self.reset_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Inserts `extra` parameters into `boot_args`, before any `--` init arguments.
+pub fn with_announcements(boot_args: &str, extra: &[String]) -> String {
+    if extra.is_empty() {
+        return boot_args.to_string();
+    }
+    let extra = extra.join(" ");
+    match boot_args.find(" -- ") {
+        Some(i) => format!("{} {extra}{}", &boot_args[..i], &boot_args[i..]),
+        None if boot_args.trim().is_empty() => extra,
+        None => format!("{boot_args} {extra}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_go_before_init_arguments() {
+        let a = vec!["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        assert_eq!(
+            with_announcements("console=ttyS0 -- -x", &a),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 -- -x"
+        );
+        assert_eq!(
+            with_announcements("console=ttyS0", &a),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(with_announcements("a", &[]), "a");
+    }
+}

@@ -30,10 +30,7 @@ impl BlockEngine {
     /// Completes every available request; interrupts the guest if any completed.
     pub fn process_queue(&mut self) {
         let mut completed = false;
-        loop {
-            let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) else {
-                break;
-            };
+        while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
             let mut disk = Disk {
                 file: &mut self.file,

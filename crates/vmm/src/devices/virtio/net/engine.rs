@@ -72,7 +72,7 @@ impl NetEngine {
             };
             if ok {
                 // A tap write is one whole frame; a full tap queue drops it, as a wire would.
-                if let Err(e) = (&mut &*self.tap.file()).write(&self.tx_frame) {
+                if let Err(e) = (&mut self.tap.file()).write(&self.tx_frame) {
                     tracing::debug!("virtio-net: tap write dropped a frame: {e}");
                 }
             } else {
@@ -91,7 +91,7 @@ impl NetEngine {
                 if !self.tap_readable {
                     return;
                 }
-                match (&mut &*self.tap.file()).read(&mut self.rx_frame) {
+                match (&mut self.tap.file()).read(&mut self.rx_frame) {
                     Ok(n) if n > VNET_HDR_LEN => {
                         // virtio_net_hdr_v1.num_buffers: one buffer per frame.
                         self.rx_frame[10..12].copy_from_slice(&1u16.to_le_bytes());

@@ -52,6 +52,13 @@ struct Control {
     flags: u32,
 }
 
+/// The host side of the device: guest CID and the Unix socket clients connect to.
+pub(super) struct Endpoint {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+    pub listener: UnixListener,
+}
+
 /// Everything the vsock I/O thread owns.
 pub(super) struct VsockEngine {
     pub mem: GuestMemory,
@@ -81,11 +88,14 @@ impl VsockEngine {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
         irq: IrqTrigger,
-        guest_cid: u64,
-        uds_path: PathBuf,
-        listener: UnixListener,
+        endpoint: Endpoint,
         reset_pending: bool,
     ) -> io::Result<Self> {
+        let Endpoint {
+            guest_cid,
+            uds_path,
+            listener,
+        } = endpoint;
         let epoll = Epoll::new()?;
         for (i, evt) in queue_evts.iter().enumerate() {
             epoll.ctl(

@@ -27,7 +27,7 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemory;
-use engine::VsockEngine;
+use engine::{Endpoint, VsockEngine};
 pub use packet::DEFAULT_GUEST_CID;
 
 /// Size of each of the three queues (rx, tx, event).
@@ -173,9 +173,11 @@ impl VirtioDevice for Vsock {
             queues,
             queue_evts,
             irq,
-            self.guest_cid,
-            self.uds_path.clone(),
-            listener,
+            Endpoint {
+                guest_cid: self.guest_cid,
+                uds_path: self.uds_path.clone(),
+                listener,
+            },
             self.reset_pending,
         ) {
             Ok(e) => e,

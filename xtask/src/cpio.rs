@@ -95,6 +95,8 @@ mod tests {
         let listing = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
         assert!(listing.contains("bin/hello"), "{listing}");
         assert!(listing.contains("bin/sh -> hello"), "{listing}");
-        assert!(listing.lines().any(|l| l.starts_with("drwxr-xr-x") && l.ends_with(" bin")));
+        assert!(listing
+            .lines()
+            .any(|l| l.starts_with("drwxr-xr-x") && l.ends_with(" bin")));
     }
 }

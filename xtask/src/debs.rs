@@ -182,3 +182,35 @@ pub fn module_load_order(root: &Path, release: &str, wanted: &[&str]) -> Result<
     }
     Ok(order)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_package_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("debcache-test-{}", std::process::id()));
+        let cache = DebCache::new(dir.clone()).unwrap();
+        let err = cache
+            .get("drafter-no-such-package")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot fetch Debian package drafter-no-such-package"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn kernel_flavours_are_told_apart() {
+        assert!(KernelFlavour::Generic.is_flavour("linux-image-6.1.0-56-amd64"));
+        assert!(!KernelFlavour::Generic.is_flavour("linux-image-6.1.0-56-cloud-amd64"));
+        assert!(KernelFlavour::Cloud.is_flavour("linux-image-6.1.0-56-cloud-amd64"));
+        assert!(!KernelFlavour::Cloud.is_flavour("linux-image-6.1.0-56-amd64-dbg"));
+        assert_eq!(
+            kernel_release("linux-image-6.1.0-56-amd64"),
+            "6.1.0-56-amd64"
+        );
+    }
+}

@@ -15,9 +15,15 @@ pub const GUEST_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport",
 ];
 
+/// Line the marker initramfs prints on the serial console once it runs.
+pub const BOOT_MARKER: &str = "DRAFTER-BOOT-MARKER";
+/// File name (in the guest folder) of a busybox initramfs that prints
+/// [`BOOT_MARKER`] and powers off: the common yardstick for boot benchmarks.
+pub const MARKER_INITRAMFS: &str = "marker-initramfs.cpio";
+
 /// Fetches (once) and lays out the guest artifacts; returns their folder:
-/// `vmlinuz`, `config`, `busybox`, `release`, `modules/*.ko` and
-/// `modules/order` (file names in load order). `<lab>/guest/current` links to it.
+/// `vmlinuz`, `config`, `busybox`, `release`, `modules/*.ko`,
+/// `modules/order` (file names in load order) and [`MARKER_INITRAMFS`]. `<lab>/guest/current` links to it.
 pub fn ensure() -> Result<PathBuf> {
     let lab = lab_dir();
     let cache = DebCache::new(lab.join("debs"))?;
@@ -46,6 +52,14 @@ pub fn ensure() -> Result<PathBuf> {
             order.push('\n');
         }
         std::fs::write(modules.join("order"), order)?;
+        let mut w = crate::cpio::CpioWriter::new();
+        for d in ["bin", "dev", "proc"] {
+            w.dir(d);
+        }
+        w.file("bin/busybox", 0o755, &std::fs::read(out.join("busybox"))?);
+        let init = format!("#!/bin/busybox sh\necho {BOOT_MARKER}\n/bin/busybox poweroff -f\n");
+        w.file("init", 0o755, init.as_bytes());
+        w.finish(&mut std::fs::File::create(out.join(MARKER_INITRAMFS))?)?;
         std::fs::write(out.join("release"), &release)?;
         std::fs::write(&stamp, b"")?;
     }

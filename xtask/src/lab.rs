@@ -100,7 +100,11 @@ fn build_initramfs(root: &Path, release: &str, busybox: &Path, out: &Path) -> Re
             .context("module without name")?
             .to_string_lossy()
             .to_string();
-        w.file(&format!("lib/modules/{name}"), 0o644, &std::fs::read(&path)?);
+        w.file(
+            &format!("lib/modules/{name}"),
+            0o644,
+            &std::fs::read(&path)?,
+        );
         order.push_str(&name);
         order.push('\n');
     }
@@ -176,7 +180,10 @@ fn quote(s: &str) -> String {
 fn write_script(run: &Path, cmd: &[String]) -> Result<()> {
     let cwd = std::env::current_dir()?;
     let mut s = String::from("#!/bin/sh\n");
-    s.push_str(&format!("cd {} || exit 127\n", quote(&cwd.to_string_lossy())));
+    s.push_str(&format!(
+        "cd {} || exit 127\n",
+        quote(&cwd.to_string_lossy())
+    ));
     for (k, v) in std::env::vars() {
         let skip = matches!(k.as_str(), "PWD" | "OLDPWD" | "SHLVL" | "_" | "TMPDIR")
             || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -260,8 +267,19 @@ pub fn run(opts: &LabOptions, cmd: &[String]) -> Result<i32> {
     .replace(UP_MARKER, "");
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-M", "q35"])
-        .args(["-smp", &opts.cpus.to_string(), "-m", &opts.mem_mib.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-smp",
+            &opts.cpus.to_string(),
+            "-m",
+            &opts.mem_mib.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(&image.kernel)
         .arg("-initrd")

@@ -1,10 +1,12 @@
 //! `cargo xtask`: build, lab and test tooling for the drafter workspace.
 
+mod bench;
 mod cpio;
 mod debs;
 mod guest;
 mod lab;
 mod paths;
+mod testrun;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -61,6 +63,50 @@ enum Cmd {
     },
     /// Fetch (once) the guest kernel, modules and busybox; print their folder.
     GuestKernel,
+    /// The main job on a fresh machine: build everything, then a lab smoke run.
+    Demo {
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Run the whole suite: fmt, clippy, host tests, then the lab tests.
+    Test {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Skip the host tests.
+        #[arg(long)]
+        no_host: bool,
+        /// Skip the lab tests.
+        #[arg(long)]
+        no_lab: bool,
+    },
+    /// Run only the lab tests (`lab_*`), optionally those whose name contains FILTER.
+    LabTest {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Substring of the test names to run.
+        filter: Option<String>,
+    },
+    /// Benchmark: QEMU microvm boot-to-marker inside the lab (the baseline).
+    BenchQemu {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Boots to measure.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
+    /// (inside the lab) the measuring side of `bench-qemu`.
+    #[command(hide = true)]
+    QemuBaselineInner {
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        #[arg(long)]
+        initrd: std::path::PathBuf,
+        #[arg(long)]
+        runs: u32,
+    },
 }
 
 fn main() {
@@ -77,9 +123,44 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Lab { lab, cmd } => lab::run(&lab.options(), &cmd),
+        Cmd::Test {
+            lab,
+            no_lint,
+            no_host,
+            no_lab,
+        } => testrun::run(
+            testrun::Parts {
+                lint: !no_lint,
+                host: !no_host,
+                lab: !no_lab,
+            },
+            &lab.options(),
+        ),
+        Cmd::Demo { lab } => demo(&lab.options()),
+        Cmd::LabTest { lab, filter } => testrun::run_lab_tests(&lab.options(), filter.as_deref()),
+        Cmd::BenchQemu { lab, runs } => bench::qemu_baseline(&lab.options(), runs),
+        Cmd::QemuBaselineInner {
+            kernel,
+            initrd,
+            runs,
+        } => bench::inner(&kernel, &initrd, runs),
         Cmd::GuestKernel => {
             println!("{}", guest::ensure()?.display());
             Ok(0)
         }
     }
+}
+
+/// Builds the workspace and the guest artifacts, then proves the lab runs
+/// real KVM guests.
+fn demo(opts: &lab::LabOptions) -> Result<i32> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--workspace", "--release"])
+        .current_dir(paths::workspace_root())
+        .status()?;
+    if !status.success() {
+        anyhow::bail!("build failed");
+    }
+    eprintln!("demo: guest artifacts in {}", guest::ensure()?.display());
+    testrun::run_lab_tests(opts, Some("lab_long_mode_guest_on_real_kvm"))
 }

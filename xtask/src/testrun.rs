@@ -1,0 +1,148 @@
+//! `cargo xtask test`: the whole suite. Formatting, clippy, the host tests, and
+//! then every `lab_` test (marked `#[ignore = "lab"]`) run inside one lab boot.
+
+use crate::lab::{self, LabOptions};
+use crate::paths::{lab_dir, workspace_root};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+/// Which parts of the suite to run.
+#[derive(Clone, Copy, Debug)]
+pub struct Parts {
+    /// fmt + clippy.
+    pub lint: bool,
+    /// Host tests (`cargo test --workspace`).
+    pub host: bool,
+    /// Lab tests.
+    pub lab: bool,
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+/// A test binary that holds lab tests, and where cargo would run it from.
+struct LabBinary {
+    exe: PathBuf,
+    dir: PathBuf,
+    tests: Vec<String>,
+}
+
+/// Builds all test targets and lists the binaries holding `lab_` tests.
+fn lab_binaries(filter: Option<&str>) -> Result<Vec<LabBinary>> {
+    let out = Command::new(env!("CARGO"))
+        .args(["test", "--workspace", "--no-run", "--message-format=json"])
+        .current_dir(workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the test binaries failed");
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = msg["profile"]["test"].as_bool() == Some(true);
+        let (Some(exe), Some(manifest)) =
+            (msg["executable"].as_str(), msg["manifest_path"].as_str())
+        else {
+            continue;
+        };
+        if !is_test {
+            continue;
+        }
+        let list = Command::new(exe)
+            .args(["--list", "--ignored", "--format", "terse"])
+            .output()
+            .with_context(|| format!("listing tests of {exe}"))?;
+        let tests: Vec<String> = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .filter_map(|l| l.strip_suffix(": test"))
+            .filter(|name| {
+                name.rsplit("::")
+                    .next()
+                    .is_some_and(|n| n.starts_with("lab_"))
+            })
+            .filter(|name| filter.is_none_or(|f| name.contains(f)))
+            .map(str::to_string)
+            .collect();
+        if !tests.is_empty() {
+            let dir = PathBuf::from(manifest)
+                .parent()
+                .map(PathBuf::from)
+                .context("manifest without folder")?;
+            found.push(LabBinary {
+                exe: exe.into(),
+                dir,
+                tests,
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Runs the `lab_` tests (optionally only those whose name contains `filter`)
+/// in one lab boot. Returns the number of failed binaries.
+pub fn run_lab_tests(opts: &LabOptions, filter: Option<&str>) -> Result<i32> {
+    let bins = lab_binaries(filter)?;
+    let count: usize = bins.iter().map(|b| b.tests.len()).sum();
+    if count == 0 {
+        bail!("no lab tests found");
+    }
+    eprintln!("xtask: {count} lab tests in {} binaries", bins.len());
+    let mut script = String::from("failed=0\n");
+    for b in &bins {
+        script.push_str(&format!(
+            "cd '{}' && '{}' --ignored --exact {} || failed=$((failed+1))\n",
+            b.dir.display(),
+            b.exe.display(),
+            b.tests
+                .iter()
+                .map(|t| format!("'{t}'"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+    }
+    script.push_str("exit $failed\n");
+    let path = lab_dir().join("lab-tests.sh");
+    std::fs::create_dir_all(lab_dir())?;
+    std::fs::write(&path, script)?;
+    lab::run(opts, &["sh".into(), path.to_string_lossy().into_owned()])
+}
+
+/// Runs the chosen parts of the suite; fails on the first failing part.
+pub fn run(parts: Parts, opts: &LabOptions) -> Result<i32> {
+    if parts.lint {
+        cargo(&["fmt", "--all", "--check"])?;
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])?;
+    }
+    if parts.host {
+        cargo(&["test", "--workspace"])?;
+    }
+    if parts.lab {
+        let failed = run_lab_tests(opts, None)?;
+        if failed != 0 {
+            bail!("{failed} lab test binaries failed");
+        }
+    }
+    Ok(0)
+}

@@ -73,6 +73,8 @@ pub struct Conn {
     pub stream_write_closed: bool,
     /// The guest was told (SHUTDOWN SEND) that the host side reached end of file.
     pub eof_announced: bool,
+    /// Leading bytes of `tx_buf` that are not guest data (the `OK` reply).
+    uncounted: usize,
 }
 
 impl Conn {
@@ -95,6 +97,7 @@ impl Conn {
             credit_requested: false,
             stream_write_closed: false,
             eof_announced: false,
+            uncounted: 0,
         }
     }
 
@@ -115,7 +118,7 @@ impl Conn {
             return TxOutcome::Reset;
         }
         self.tx_buf.extend_from_slice(data);
-        if self.tx_buf.len() > BUF_ALLOC as usize {
+        if self.tx_buf.len() - self.uncounted > BUF_ALLOC as usize {
             tracing::warn!("vsock: guest overran its credit");
             return TxOutcome::Reset;
         }
@@ -135,10 +138,10 @@ impl Conn {
             }
         }
         self.tx_buf.drain(..written);
-        if self.state == ConnState::Established {
-            // The "OK <port>\n" reply is not guest data and is not counted.
-            self.fwd_cnt += written as u32;
-        }
+        // The "OK <port>\n" reply is not guest data and does not count as forwarded.
+        let reply_bytes = written.min(self.uncounted);
+        self.uncounted -= reply_bytes;
+        self.fwd_cnt += (written - reply_bytes) as u32;
         if self.tx_buf.is_empty() && self.peer_shutdown & SHUTDOWN_SEND != 0 {
             self.close_stream_write();
         }
@@ -150,10 +153,9 @@ impl Conn {
         let mut v = reply.to_vec();
         v.append(&mut self.tx_buf);
         self.tx_buf = v;
-        // Flushed with `state == LocalInit` so it does not count as forwarded data.
-        let out = self.flush();
+        self.uncounted += reply.len();
         self.state = ConnState::Established;
-        out
+        self.flush()
     }
 
     fn close_stream_write(&mut self) {

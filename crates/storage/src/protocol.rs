@@ -205,6 +205,13 @@ impl Payload {
     }
 }
 
+impl Payload {
+    /// The frame buffer, for reuse by [`read_frame_in`].
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
         **self == **other
@@ -797,6 +804,12 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, ProtocolError> {
 /// Reads and decodes one frame. The announced length is checked against the
 /// type's limit before anything is allocated.
 pub fn read_frame(r: &mut impl Read) -> Result<Message, ProtocolError> {
+    read_frame_in(r, Vec::new())
+}
+
+/// [`read_frame`] reusing `buf`'s allocation for the payload (see
+/// [`Payload::into_buffer`]).
+pub fn read_frame_in(r: &mut impl Read, mut payload: Vec<u8>) -> Result<Message, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     if !read_full(r, &mut header)? {
         return Err(ProtocolError::Closed);
@@ -813,8 +826,12 @@ pub fn read_frame(r: &mut impl Read) -> Result<Message, ProtocolError> {
             max: max as u32,
         });
     }
-    let mut payload = vec![0u8; len as usize];
-    if !read_full(r, &mut payload)? && len > 0 {
+    // Bounded by `max` above; read_to_end into reserved capacity avoids
+    // zero-filling a buffer that is about to be overwritten.
+    payload.clear();
+    payload.reserve(len as usize);
+    let got = r.take(u64::from(len)).read_to_end(&mut payload)?;
+    if got != len as usize {
         return Err(ProtocolError::Truncated);
     }
     Message::decode(ty, payload)
@@ -823,8 +840,15 @@ pub fn read_frame(r: &mut impl Read) -> Result<Message, ProtocolError> {
 /// Builds a BlockData frame in place: the returned buffer holds the header and
 /// `len` zero bytes of data at `[BLOCK_FRAME_DATA..]` for the caller to fill.
 pub fn block_frame(device: u32, index: u64, len: usize) -> Vec<u8> {
-    let mut f = vec![0u8; BLOCK_FRAME_DATA + len];
+    block_frame_in(Vec::new(), device, index, len)
+}
+
+/// [`block_frame`] reusing `buf`'s allocation (its old bytes are not cleared:
+/// the caller overwrites the data area).
+pub fn block_frame_in(mut f: Vec<u8>, device: u32, index: u64, len: usize) -> Vec<u8> {
+    f.resize(BLOCK_FRAME_DATA + len, 0);
     f[0] = T_BLOCK_DATA;
+    f[17] = 0;
     f[1..5].copy_from_slice(&((BLOCK_DATA_HEADER + len) as u32).to_le_bytes());
     f[5..9].copy_from_slice(&device.to_le_bytes());
     f[9..17].copy_from_slice(&index.to_le_bytes());

@@ -19,6 +19,35 @@ pub trait Link: Read + Write + Send + 'static {
     fn shutdown_link(&self);
     /// Sets the read timeout (`None` blocks forever).
     fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// Caps kernel send/receive buffering, so a priority frame never waits
+    /// behind megabytes of bulk data already handed to the kernel.
+    fn limit_buffers(&self, _bytes: usize) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sets SO_SNDBUF and SO_RCVBUF on a socket.
+fn set_socket_buffers(fd: std::os::fd::BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: `fd` is a valid open socket for the duration of the call
+        // (borrowed from its owner), and we pass a pointer to a live c_int
+        // together with its exact size, as setsockopt requires.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl Link for TcpStream {
@@ -31,6 +60,11 @@ impl Link for TcpStream {
     fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
     }
+    fn limit_buffers(&self, bytes: usize) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        self.set_nodelay(true)?;
+        set_socket_buffers(self.as_fd(), bytes)
+    }
 }
 
 impl Link for UnixStream {
@@ -42,6 +76,10 @@ impl Link for UnixStream {
     }
     fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
+    }
+    fn limit_buffers(&self, bytes: usize) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        set_socket_buffers(self.as_fd(), bytes)
     }
 }
 
@@ -78,6 +116,10 @@ struct Queues {
     failed: Option<String>,
     pushed: u64,
     written: u64,
+    /// Producers blocked in wait_for_space/drain (wake them only then).
+    producers_waiting: usize,
+    /// The writer is asleep waiting for frames.
+    writer_waiting: bool,
 }
 
 /// Outgoing frames in two queues. The writer thread always sends every
@@ -90,7 +132,10 @@ pub struct FrameQueue {
     bulk_limit: usize,
     /// Bytes written, by frame type.
     pub counters: WireCounters,
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+const SPARE_BUFFERS: usize = 32;
 
 /// Error returned when the writer has stopped.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -108,11 +153,14 @@ impl FrameQueue {
                 failed: None,
                 pushed: 0,
                 written: 0,
+                producers_waiting: 0,
+                writer_waiting: false,
             }),
             wake_writer: Condvar::new(),
             wake_producer: Condvar::new(),
             bulk_limit,
             counters: WireCounters::default(),
+            spare: Mutex::new(Vec::new()),
         }
     }
 
@@ -135,9 +183,30 @@ impl FrameQueue {
             q.bulk_bytes += frame.len();
             q.bulk.push_back(frame);
         }
+        let wake = q.writer_waiting;
         drop(q);
-        self.wake_writer.notify_one();
+        if wake {
+            self.wake_writer.notify_one();
+        }
         Ok(())
+    }
+
+    /// A buffer from a frame already written (or an empty one), so block
+    /// frames reuse memory instead of allocating and zero-filling each time.
+    pub fn spare_buffer(&self) -> Vec<u8> {
+        self.spare
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop())
+            .unwrap_or_default()
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        if let Ok(mut s) = self.spare.lock() {
+            if s.len() < SPARE_BUFFERS && buf.capacity() >= 4096 {
+                s.push(buf);
+            }
+        }
     }
 
     /// Queues a frame ahead of all bulk frames.
@@ -160,7 +229,7 @@ impl FrameQueue {
             if q.bulk_bytes < self.bulk_limit || q.closing {
                 return Ok(());
             }
-            q = self.wake_producer.wait(q).unwrap_or_else(|p| p.into_inner());
+            q = self.wait_producer(q);
         }
     }
 
@@ -176,8 +245,20 @@ impl FrameQueue {
             if q.written >= target {
                 return Ok(());
             }
-            q = self.wake_producer.wait(q).unwrap_or_else(|p| p.into_inner());
+            q = self.wait_producer(q);
         }
+    }
+
+    fn wait_producer<'a>(&'a self, mut q: std::sync::MutexGuard<'a, Queues>) -> std::sync::MutexGuard<'a, Queues> {
+        q.producers_waiting += 1;
+        let mut q = self.wake_producer.wait(q).unwrap_or_else(|p| p.into_inner());
+        q.producers_waiting -= 1;
+        q
+    }
+
+    /// Returns a buffer that is no longer needed to the spare pool.
+    pub fn give_back(&self, buf: Vec<u8>) {
+        self.recycle(buf);
     }
 
     /// Marks the queue failed (e.g. the reader saw the connection die).
@@ -281,8 +362,6 @@ fn writer_loop(link: Box<dyn Link>, q: &FrameQueue) {
                     g.bulk_bytes -= f.len();
                     break (f, false);
                 }
-                // Queues empty: let producers waiting on drain() see it.
-                q.wake_producer.notify_all();
                 if g.closing {
                     drop(g);
                     let _ = out.flush();
@@ -298,12 +377,11 @@ fn writer_loop(link: Box<dyn Link>, q: &FrameQueue) {
                     g = q.lock();
                     continue;
                 }
+                g.writer_waiting = true;
                 g = q.wake_writer.wait(g).unwrap_or_else(|p| p.into_inner());
+                g.writer_waiting = false;
             }
         };
-        if !priority {
-            q.wake_producer.notify_all();
-        }
         let ty = frame.first().copied().unwrap_or(0);
         let res = out
             .write_all(&frame)
@@ -322,7 +400,15 @@ fn writer_loop(link: Box<dyn Link>, q: &FrameQueue) {
             return;
         }
         q.counters.add(ty, frame.len() as u64);
-        q.lock().written += 1;
-        q.wake_producer.notify_all();
+        q.recycle(frame);
+        let mut g = q.lock();
+        g.written += 1;
+        // Wake producers with hysteresis (half-empty bulk queue), so the
+        // bulk sender is not switched in for every frame.
+        let wake = g.producers_waiting > 0 && g.bulk_bytes <= q.bulk_limit / 2;
+        drop(g);
+        if wake {
+            q.wake_producer.notify_all();
+        }
     }
 }

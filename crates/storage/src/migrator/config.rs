@@ -85,6 +85,10 @@ pub struct MigrationConfig {
     pub handshake_timeout: Duration,
     /// Bulk bytes queued ahead of the socket before the sender waits.
     pub bulk_queue_bytes: usize,
+    /// Cap on kernel socket buffers (SO_SNDBUF/SO_RCVBUF), bounding how
+    /// long a need-block reply can wait behind bulk data; `None` leaves the
+    /// kernel's autotuning alone.
+    pub socket_buffer_bytes: Option<usize>,
 }
 
 impl Default for MigrationConfig {
@@ -97,6 +101,7 @@ impl Default for MigrationConfig {
             secret: Secret::default(),
             handshake_timeout: Duration::from_secs(10),
             bulk_queue_bytes: 512 * 1024,
+            socket_buffer_bytes: Some(256 * 1024),
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::auth::{handshake, Role};
 use crate::device::{block_len, BlockDevice};
 use crate::lazy::LazyDevice;
 use crate::protocol::{
-    block_bytes, read_frame, DeviceInfo, DeviceTable, Event, Message, ProtocolError, MAX_DEVICES, MAX_HASHES,
+    block_bytes, read_frame, read_frame_in, DeviceInfo, DeviceTable, Event, Message, ProtocolError, MAX_DEVICES, MAX_HASHES,
     MAX_SAMPLE,
 };
 use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
@@ -121,6 +121,9 @@ impl MigrationDestination {
             return Err(refuse(&mut link, e.into()));
         }
         link.set_link_read_timeout(None).map_err(|e| io(Phase::DeviceInfo, e))?;
+        if let Some(b) = config.socket_buffer_bytes {
+            link.limit_buffers(b).map_err(|e| io(Phase::DeviceInfo, e))?;
+        }
 
         let mut made = Vec::new();
         for info in table.devices() {
@@ -324,8 +327,10 @@ struct Receiver {
 
 impl Receiver {
     fn run(&mut self, link: Box<dyn Link>, mut writer: FrameWriter) {
+        // Small buffer: block payloads (larger than it) are read straight
+        // into their frame buffer instead of being copied through it.
         let mut r = BufReader::with_capacity(
-            256 * 1024,
+            8 * 1024,
             Counting {
                 inner: link,
                 n: self.received.clone(),
@@ -388,14 +393,16 @@ impl Receiver {
 
     fn receive(&mut self, r: &mut impl Read) -> Result<(), Cause> {
         let mut authority = false;
+        let mut spare = Vec::new();
         loop {
-            match read_frame(r)? {
+            match read_frame_in(r, std::mem::take(&mut spare))? {
                 Message::BlockData { device, index, compressed, data } => {
                     let len = self.table.block_len(device, index)?;
                     block_bytes(device, index, compressed, &data, len, &mut self.scratch)?;
                     let bytes: &[u8] = if compressed { &self.scratch } else { &data };
                     self.lazy(device)?.fill(index, bytes)?;
                     self.shared.lock().report.data_blocks += 1;
+                    spare = data.into_buffer();
                 }
                 Message::ZeroBlocks { device, start, count } => {
                     self.table.check_run(device, start, count)?;

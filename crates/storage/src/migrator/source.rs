@@ -11,7 +11,7 @@ use crate::auth::{handshake, Role};
 use crate::device::{block_len, is_zero, BlockDevice};
 use crate::dirty::TrackedDevice;
 use crate::protocol::{
-    block_frame, compress_block_frame, read_frame, DeviceInfo, DeviceTable, Event, Message, ProtocolError,
+    block_frame_in, compress_block_frame, read_frame, DeviceInfo, DeviceTable, Event, Message, ProtocolError,
     BLOCK_FRAME_DATA, MAX_HASHES, MAX_LIST, T_ZERO_BLOCKS,
 };
 use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
@@ -174,16 +174,18 @@ impl Shared {
     fn classify(&self, dev: u32, idx: u64) -> Result<Block, Cause> {
         let d = &self.devs[dev as usize];
         let len = block_len(d.info.size, d.info.block_size, idx);
-        let mut frame = block_frame(dev, idx, len);
+        let mut frame = block_frame_in(self.queue.spare_buffer(), dev, idx, len);
         d.device
             .read_at(&mut frame[BLOCK_FRAME_DATA..], idx * u64::from(d.info.block_size))?;
         let data = &frame[BLOCK_FRAME_DATA..];
         if is_zero(data) {
+            self.queue.give_back(frame);
             return Ok(Block::Zero);
         }
         let base = d.base.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(base) = base {
             if base.get(idx as usize) == Some(blake3::hash(data).as_bytes()) {
+                self.queue.give_back(frame);
                 return Ok(Block::Same);
             }
         }
@@ -232,7 +234,7 @@ impl<R: Read> Read for Counting<R> {
 }
 
 fn reader_loop(link: Box<dyn Link>, shared: Arc<Shared>, tx: Sender<Result<Message, Cause>>, counter: Arc<AtomicU64>) {
-    let mut r = BufReader::with_capacity(64 * 1024, Counting { inner: link, n: counter });
+    let mut r = BufReader::with_capacity(8 * 1024, Counting { inner: link, n: counter });
     loop {
         match read_frame(&mut r) {
             Ok(Message::NeedBlock { device, index }) => {
@@ -544,6 +546,9 @@ impl Run<'_> {
         link.set_link_read_timeout(Some(cfg.handshake_timeout)).map_err(ProtocolError::Io)?;
         handshake(&mut link, Role::Source, &cfg.secret)?;
         link.set_link_read_timeout(None).map_err(ProtocolError::Io)?;
+        if let Some(b) = cfg.socket_buffer_bytes {
+            link.limit_buffers(b).map_err(ProtocolError::Io)?;
+        }
 
         let infos: Vec<DeviceInfo> = src
             .devices

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drafter_storage::{
-    BlockDevice, DestinationDevice, DeviceConfig, Initial, MemoryDevice, MigrationConfig, MigrationDestination,
-    MigrationReport, MigrationSource, Mode, SourceDevice,
+    BlockDevice, DestinationDevice, DeviceConfig, Initial, MemoryDevice, MigrationConfig,
+    MigrationDestination, MigrationReport, MigrationSource, Mode, SourceDevice,
 };
 
 const BS: u32 = 64 * 1024;
@@ -37,8 +37,14 @@ fn parse_size(s: &str) -> Option<u64> {
 
 fn size_from_args() -> u64 {
     let args: Vec<String> = std::env::args().collect();
-    let from_flag = args.iter().position(|a| a == "--size").and_then(|i| args.get(i + 1)).and_then(|s| parse_size(s));
-    let from_env = std::env::var("DRAFTER_BENCH_SIZE").ok().and_then(|s| parse_size(&s));
+    let from_flag = args
+        .iter()
+        .position(|a| a == "--size")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| parse_size(s));
+    let from_env = std::env::var("DRAFTER_BENCH_SIZE")
+        .ok()
+        .and_then(|s| parse_size(&s));
     let size = from_flag.or(from_env).unwrap_or(1 << 30);
     size.div_ceil(u64::from(BS) * RUN * 2) * u64::from(BS) * RUN * 2
 }
@@ -117,19 +123,33 @@ fn migrate(dev: &Arc<MemoryDevice>, probe: bool) -> (Duration, MigrationReport, 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let src = MigrationSource::new(
-        vec![SourceDevice::fixed("disk", dev.clone(), DeviceConfig::default())],
-        MigrationConfig { mode: Mode::PostCopy, socket_buffer_bytes: socket_buffer(), ..MigrationConfig::default() },
+        vec![SourceDevice::fixed(
+            "disk",
+            dev.clone(),
+            DeviceConfig::default(),
+        )],
+        MigrationConfig {
+            mode: Mode::PostCopy,
+            socket_buffer_bytes: socket_buffer(),
+            ..MigrationConfig::default()
+        },
     );
     let blocks = dev.block_count();
     let backing = prefaulted_dest(dev.size());
     let dest = std::thread::spawn(move || {
         let (sock, _) = listener.accept().expect("accept");
         sock.set_nodelay(true).expect("nodelay");
-        let cfg = MigrationConfig { socket_buffer_bytes: socket_buffer(), ..MigrationConfig::default() };
+        let cfg = MigrationConfig {
+            socket_buffer_bytes: socket_buffer(),
+            ..MigrationConfig::default()
+        };
         let mut backing = Some(backing);
         let session = MigrationDestination::accept(sock, &cfg, |_| {
             let backing = backing.take().ok_or("one device only")?;
-            Ok(DestinationDevice { backing, initial: Initial::Zeroed })
+            Ok(DestinationDevice {
+                backing,
+                initial: Initial::Zeroed,
+            })
         })
         .expect("accept");
         let lazy = session.device("disk").expect("device");
@@ -155,7 +175,12 @@ fn migrate(dev: &Arc<MemoryDevice>, probe: bool) -> (Duration, MigrationReport, 
         });
         let r = session.wait_complete().expect("complete");
         done.store(true, Ordering::Relaxed);
-        (r, prober.map(|p| p.join().expect("prober")).unwrap_or_default())
+        (
+            r,
+            prober
+                .map(|p| p.join().expect("prober"))
+                .unwrap_or_default(),
+        )
     });
     let start = Instant::now();
     let sock = TcpStream::connect(addr).expect("connect");
@@ -168,7 +193,10 @@ fn migrate(dev: &Arc<MemoryDevice>, probe: bool) -> (Duration, MigrationReport, 
 
 /// Socket buffer cap: env `DRAFTER_BENCH_SOCKBUF` (bytes, 0 = kernel autotuning).
 fn socket_buffer() -> Option<usize> {
-    match std::env::var("DRAFTER_BENCH_SOCKBUF").ok().and_then(|s| parse_size(&s)) {
+    match std::env::var("DRAFTER_BENCH_SOCKBUF")
+        .ok()
+        .and_then(|s| parse_size(&s))
+    {
         Some(0) => None,
         Some(n) => Some(n as usize),
         None => MigrationConfig::default().socket_buffer_bytes,
@@ -207,9 +235,21 @@ fn main() {
     plain.sort();
     let (o, p) = (ours[rounds / 2], plain[rounds / 2]);
     let tput = |d: Duration| mib(nz) / d.as_secs_f64();
-    println!("plain TCP copy of {:.0} MiB non-zero bytes: median {:.1} ms = {:.0} MiB/s", mib(nz), p.as_secs_f64() * 1e3, tput(p));
-    println!("migration of the device over TCP:         median {:.1} ms = {:.0} MiB/s of non-zero data", o.as_secs_f64() * 1e3, tput(o));
-    println!("throughput ratio migration / plain copy:  {:.1} % (goal >= 90 %)", 100.0 * p.as_secs_f64() / o.as_secs_f64());
+    println!(
+        "plain TCP copy of {:.0} MiB non-zero bytes: median {:.1} ms = {:.0} MiB/s",
+        mib(nz),
+        p.as_secs_f64() * 1e3,
+        tput(p)
+    );
+    println!(
+        "migration of the device over TCP:         median {:.1} ms = {:.0} MiB/s of non-zero data",
+        o.as_secs_f64() * 1e3,
+        tput(o)
+    );
+    println!(
+        "throughput ratio migration / plain copy:  {:.1} % (goal >= 90 %)",
+        100.0 * p.as_secs_f64() / o.as_secs_f64()
+    );
     if let Some(r) = &last {
         println!(
             "wire bytes for the zero half ({:.0} MiB, {} blocks): {} bytes (goal ~0); total wire {:.1} MiB for {:.0} MiB device",

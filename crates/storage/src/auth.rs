@@ -55,8 +55,14 @@ impl Role {
     }
 }
 
-fn mac(secret: &Secret, role: Role, own: &[u8; 32], peer: &[u8; 32]) -> Result<Hmac<Sha256>, ProtocolError> {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&secret.0).map_err(|_| ProtocolError::AuthFailed)?;
+fn mac(
+    secret: &Secret,
+    role: Role,
+    own: &[u8; 32],
+    peer: &[u8; 32],
+) -> Result<Hmac<Sha256>, ProtocolError> {
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(&secret.0).map_err(|_| ProtocolError::AuthFailed)?;
     m.update(b"drafter-migration-v1");
     m.update(&[role.byte()]);
     m.update(own);
@@ -77,27 +83,60 @@ fn expect_frame(r: &mut impl Read, want: &'static str) -> Result<Message, Protoc
 
 /// Runs the versioned handshake and mutual authentication on `link`.
 /// On failure an Error frame is sent (best effort) before returning.
-pub fn handshake<L: Read + Write>(link: &mut L, role: Role, secret: &Secret) -> Result<(), ProtocolError> {
+pub fn handshake<L: Read + Write>(
+    link: &mut L,
+    role: Role,
+    secret: &Secret,
+) -> Result<(), ProtocolError> {
     let result = handshake_inner(link, role, secret);
     if let Err(e) = &result {
-        if !matches!(e, ProtocolError::Peer(_) | ProtocolError::Io(_) | ProtocolError::Closed) {
-            let _ = link.write_all(&Message::Error { message: e.to_string() }.to_frame());
+        if !matches!(
+            e,
+            ProtocolError::Peer(_) | ProtocolError::Io(_) | ProtocolError::Closed
+        ) {
+            let _ = link.write_all(
+                &Message::Error {
+                    message: e.to_string(),
+                }
+                .to_frame(),
+            );
             let _ = link.flush();
         }
     }
     result
 }
 
-fn handshake_inner<L: Read + Write>(link: &mut L, role: Role, secret: &Secret) -> Result<(), ProtocolError> {
+fn handshake_inner<L: Read + Write>(
+    link: &mut L,
+    role: Role,
+    secret: &Secret,
+) -> Result<(), ProtocolError> {
     let mut nonce = [0u8; 32];
-    getrandom::getrandom(&mut nonce).map_err(|e| ProtocolError::Io(std::io::Error::other(e.to_string())))?;
-    link.write_all(&Message::Hello { version: VERSION, nonce }.to_frame())?;
+    getrandom::getrandom(&mut nonce)
+        .map_err(|e| ProtocolError::Io(std::io::Error::other(e.to_string())))?;
+    link.write_all(
+        &Message::Hello {
+            version: VERSION,
+            nonce,
+        }
+        .to_frame(),
+    )?;
     link.flush()?;
-    let Message::Hello { version, nonce: peer } = expect_frame(link, "Hello")? else {
-        return Err(ProtocolError::Unexpected { got: "?", state: "during the handshake" });
+    let Message::Hello {
+        version,
+        nonce: peer,
+    } = expect_frame(link, "Hello")?
+    else {
+        return Err(ProtocolError::Unexpected {
+            got: "?",
+            state: "during the handshake",
+        });
     };
     if version != VERSION {
-        return Err(ProtocolError::Version { ours: VERSION, theirs: version });
+        return Err(ProtocolError::Version {
+            ours: VERSION,
+            theirs: version,
+        });
     }
     if peer == nonce {
         // A reflected Hello: the peer is echoing us.
@@ -109,7 +148,10 @@ fn handshake_inner<L: Read + Write>(link: &mut L, role: Role, secret: &Secret) -
     link.write_all(&Message::AuthProof { mac: proof_bytes }.to_frame())?;
     link.flush()?;
     let Message::AuthProof { mac: theirs } = expect_frame(link, "AuthProof")? else {
-        return Err(ProtocolError::Unexpected { got: "?", state: "during the handshake" });
+        return Err(ProtocolError::Unexpected {
+            got: "?",
+            state: "during the handshake",
+        });
     };
     mac(secret, role.peer(), &peer, &nonce)?
         .verify_slice(&theirs)
@@ -121,7 +163,10 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
-    fn run(a: &'static [u8], b: &'static [u8]) -> (Result<(), ProtocolError>, Result<(), ProtocolError>) {
+    fn run(
+        a: &'static [u8],
+        b: &'static [u8],
+    ) -> (Result<(), ProtocolError>, Result<(), ProtocolError>) {
         let (mut x, mut y) = UnixStream::pair().unwrap();
         let h = std::thread::spawn(move || handshake(&mut y, Role::Destination, &Secret::new(b)));
         let r = handshake(&mut x, Role::Source, &Secret::new(a));
@@ -141,9 +186,20 @@ mod tests {
     #[test]
     fn wrong_version_is_refused() {
         let (mut x, mut y) = UnixStream::pair().unwrap();
-        let h = std::thread::spawn(move || handshake(&mut y, Role::Destination, &Secret::default()));
-        x.write_all(&Message::Hello { version: 99, nonce: [1; 32] }.to_frame()).unwrap();
+        let h =
+            std::thread::spawn(move || handshake(&mut y, Role::Destination, &Secret::default()));
+        x.write_all(
+            &Message::Hello {
+                version: 99,
+                nonce: [1; 32],
+            }
+            .to_frame(),
+        )
+        .unwrap();
         let err = h.join().unwrap().unwrap_err();
-        assert!(matches!(err, ProtocolError::Version { theirs: 99, .. }), "{err}");
+        assert!(
+            matches!(err, ProtocolError::Version { theirs: 99, .. }),
+            "{err}"
+        );
     }
 }

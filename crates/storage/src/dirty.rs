@@ -20,7 +20,9 @@ impl DirtyBitmap {
     /// An empty set over `blocks` blocks.
     pub fn new(blocks: u64) -> Self {
         DirtyBitmap {
-            words: (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             blocks,
         }
     }
@@ -197,7 +199,9 @@ mod tests {
         let hs: Vec<_> = (0..4)
             .map(|t| {
                 let bm = bm.clone();
-                std::thread::spawn(move || (0..1000).filter(|i| i % 4 == t).for_each(|i| bm.mark(i)))
+                std::thread::spawn(move || {
+                    (0..1000).filter(|i| i % 4 == t).for_each(|i| bm.mark(i))
+                })
             })
             .collect();
         let mut seen = Vec::new();

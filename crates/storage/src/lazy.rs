@@ -179,7 +179,7 @@ impl LazyDevice {
         if self.present.get(index) {
             return Ok(false);
         }
-        if !(self.backing_zeroed && !self.written.get(index)) {
+        if !self.backing_zeroed || self.written.get(index) {
             let zeros = vec![0u8; block_len(self.size, self.block_size, index)];
             self.backing.write_at(&zeros, self.offset(index))?;
             self.written.set(index);
@@ -307,10 +307,15 @@ mod tests {
 
     #[test]
     fn read_of_absent_block_fetches_once_and_waits_for_it() {
-        let lazy = Arc::new(LazyDevice::new(Arc::new(MemoryDevice::new(4 * 4096, 4096).unwrap()), true));
+        let lazy = Arc::new(LazyDevice::new(
+            Arc::new(MemoryDevice::new(4 * 4096, 4096).unwrap()),
+            true,
+        ));
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
-        lazy.set_fetcher(Box::new(move |i| tx.lock().unwrap().send(i).map_err(|e| e.to_string())));
+        lazy.set_fetcher(Box::new(move |i| {
+            tx.lock().unwrap().send(i).map_err(|e| e.to_string())
+        }));
         let l2 = lazy.clone();
         let reader = std::thread::spawn(move || {
             let mut b = vec![0u8; 4096];
@@ -319,7 +324,10 @@ mod tests {
         assert_eq!(rx.recv().unwrap(), 2);
         assert!(lazy.fill(2, &[7u8; 4096]).unwrap());
         assert_eq!(reader.join().unwrap().unwrap(), vec![7u8; 4096]);
-        assert!(!lazy.fill(2, &[8u8; 4096]).unwrap(), "present blocks are not overwritten");
+        assert!(
+            !lazy.fill(2, &[8u8; 4096]).unwrap(),
+            "present blocks are not overwritten"
+        );
         assert_eq!(lazy.missing_blocks(), 3);
         assert!(rx.try_recv().is_err());
     }
@@ -327,15 +335,24 @@ mod tests {
     #[test]
     fn writes_need_authority_and_whole_block_writes_do_not_fetch() {
         let lazy = LazyDevice::new(Arc::new(MemoryDevice::new(2 * 4096, 4096).unwrap()), true);
-        assert!(matches!(lazy.write_at(&[1; 4096], 0), Err(StorageError::NotAuthoritative)));
+        assert!(matches!(
+            lazy.write_at(&[1; 4096], 0),
+            Err(StorageError::NotAuthoritative)
+        ));
         lazy.set_fetcher(Box::new(|_| Err("link down".into())));
         lazy.set_authoritative();
         lazy.write_at(&[1; 4096], 0).unwrap();
         assert!(lazy.is_present(0) && lazy.is_locally_written(0));
         assert_eq!(lazy.fetches(), 0);
         // Partial write to an absent block must fetch first; the fetch fails here.
-        assert!(matches!(lazy.write_at(&[1; 10], 4096), Err(StorageError::Unavailable { .. })));
-        assert!(!lazy.fill(0, &[9; 4096]).unwrap(), "a local write wins over late data");
+        assert!(matches!(
+            lazy.write_at(&[1; 10], 4096),
+            Err(StorageError::Unavailable { .. })
+        ));
+        assert!(
+            !lazy.fill(0, &[9; 4096]).unwrap(),
+            "a local write wins over late data"
+        );
         let mut b = [0u8; 4];
         lazy.read_at(&mut b, 0).unwrap();
         assert_eq!(b, [1; 4]);
@@ -343,7 +360,10 @@ mod tests {
 
     #[test]
     fn invalidated_blocks_are_fetched_again_and_failure_wakes_readers() {
-        let lazy = Arc::new(LazyDevice::new(Arc::new(MemoryDevice::new(4096, 4096).unwrap()), true));
+        let lazy = Arc::new(LazyDevice::new(
+            Arc::new(MemoryDevice::new(4096, 4096).unwrap()),
+            true,
+        ));
         lazy.set_fetcher(Box::new(|_| Ok(())));
         lazy.fill(0, &[1; 4096]).unwrap();
         lazy.invalidate(0);
@@ -354,6 +374,9 @@ mod tests {
             std::thread::yield_now();
         }
         lazy.fail("source went away");
-        assert!(matches!(reader.join().unwrap(), Err(StorageError::Unavailable { .. })));
+        assert!(matches!(
+            reader.join().unwrap(),
+            Err(StorageError::Unavailable { .. })
+        ));
     }
 }

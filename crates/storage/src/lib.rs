@@ -27,8 +27,9 @@ pub use dirty::{DirtySource, TrackedDevice};
 pub use error::StorageError;
 pub use lazy::LazyDevice;
 pub use migrator::{
-    CancelHandle, Cause, DestinationDevice, DestinationSession, DeviceConfig, Initial, MigrationConfig,
-    MigrationDestination, MigrationError, MigrationSource, Mode, Progress, SourceDevice,
+    CancelHandle, Cause, DestinationDevice, DestinationSession, DeviceConfig, Initial,
+    MigrationConfig, MigrationDestination, MigrationError, MigrationSource, Mode, Progress,
+    SourceDevice,
 };
 pub use report::{MigrationReport, Phase};
 pub use transport::Link;

@@ -201,7 +201,10 @@ pub struct Payload {
 impl Payload {
     /// Wraps owned bytes.
     pub fn new(data: Vec<u8>) -> Self {
-        Payload { buf: data, start: 0 }
+        Payload {
+            buf: data,
+            start: 0,
+        }
     }
 }
 
@@ -966,10 +969,15 @@ pub fn block_bytes(
         let n = zstd::bulk::decompress_to_buffer(data, scratch.as_mut_slice())
             .map_err(|e| bad(format!("zstd: {e}")))?;
         if n != expected_len {
-            return Err(bad(format!("decompressed to {n} bytes, expected {expected_len}")));
+            return Err(bad(format!(
+                "decompressed to {n} bytes, expected {expected_len}"
+            )));
         }
     } else if data.len() != expected_len {
-        return Err(bad(format!("{} bytes, expected {expected_len}", data.len())));
+        return Err(bad(format!(
+            "{} bytes, expected {expected_len}",
+            data.len()
+        )));
     }
     Ok(())
 }
@@ -986,21 +994,65 @@ mod tests {
 
     #[test]
     fn every_message_round_trips() {
-        round_trip(Message::Hello { version: 7, nonce: [3; 32] });
+        round_trip(Message::Hello {
+            version: 7,
+            nonce: [3; 32],
+        });
         round_trip(Message::AuthProof { mac: [9; 32] });
-        round_trip(Message::Error { message: "boom".into() });
-        round_trip(Message::DeviceInfo(DeviceInfo { id: 2, name: "disk".into(), size: 1 << 30, block_size: 65536 }));
+        round_trip(Message::Error {
+            message: "boom".into(),
+        });
+        round_trip(Message::DeviceInfo(DeviceInfo {
+            id: 2,
+            name: "disk".into(),
+            size: 1 << 30,
+            block_size: 65536,
+        }));
         round_trip(Message::DevicesListed { count: 3 });
-        round_trip(Message::DeviceAck { device: 1, has_base: true });
-        round_trip(Message::BaseHashes { device: 1, start: 5, hashes: vec![[1; 32], [2; 32]] });
-        round_trip(Message::BlockData { device: 0, index: 9, compressed: false, data: Payload::new(vec![5; 4096]) });
-        round_trip(Message::ZeroBlocks { device: 0, start: 1, count: 100 });
-        round_trip(Message::AlreadyHave { device: 0, start: 1, count: 2 });
-        round_trip(Message::NeedBlock { device: 3, index: 77 });
-        round_trip(Message::Dirty { device: 0, blocks: vec![1, 5, 9] });
+        round_trip(Message::DeviceAck {
+            device: 1,
+            has_base: true,
+        });
+        round_trip(Message::BaseHashes {
+            device: 1,
+            start: 5,
+            hashes: vec![[1; 32], [2; 32]],
+        });
+        round_trip(Message::BlockData {
+            device: 0,
+            index: 9,
+            compressed: false,
+            data: Payload::new(vec![5; 4096]),
+        });
+        round_trip(Message::ZeroBlocks {
+            device: 0,
+            start: 1,
+            count: 100,
+        });
+        round_trip(Message::AlreadyHave {
+            device: 0,
+            start: 1,
+            count: 2,
+        });
+        round_trip(Message::NeedBlock {
+            device: 3,
+            index: 77,
+        });
+        round_trip(Message::Dirty {
+            device: 0,
+            blocks: vec![1, 5, 9],
+        });
         round_trip(Message::Event(Event::AuthorityTransferred));
-        round_trip(Message::VerifyHashes { device: 0, start: 0, hashes: vec![[0; 32]] });
-        round_trip(Message::VerifyResult { device: 0, mismatched: 2, sample: vec![4, 8] });
+        round_trip(Message::VerifyHashes {
+            device: 0,
+            start: 0,
+            hashes: vec![[0; 32]],
+        });
+        round_trip(Message::VerifyResult {
+            device: 0,
+            mismatched: 2,
+            sample: vec![4, 8],
+        });
     }
 
     #[test]
@@ -1010,11 +1062,21 @@ mod tests {
         let m = read_frame(&mut &f[..]).unwrap();
         assert_eq!(
             m,
-            Message::BlockData { device: 2, index: 11, compressed: false, data: Payload::new(vec![0xab; 4096]) }
+            Message::BlockData {
+                device: 2,
+                index: 11,
+                compressed: false,
+                data: Payload::new(vec![0xab; 4096])
+            }
         );
         let c = compress_block_frame(f, 1);
         assert!(c.len() < 200);
-        let Message::BlockData { compressed: true, data, .. } = read_frame(&mut &c[..]).unwrap() else {
+        let Message::BlockData {
+            compressed: true,
+            data,
+            ..
+        } = read_frame(&mut &c[..]).unwrap()
+        else {
             panic!("not compressed block data");
         };
         let mut out = Vec::new();
@@ -1029,20 +1091,51 @@ mod tests {
     fn oversized_unknown_and_truncated_frames_are_rejected_before_allocation() {
         let mut f = vec![T_BLOCK_DATA];
         f.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(read_frame(&mut &f[..]), Err(ProtocolError::Oversized { .. })));
-        assert!(matches!(read_frame(&mut &[200u8, 0, 0, 0, 0][..]), Err(ProtocolError::UnknownType(200))));
-        let full = Message::NeedBlock { device: 0, index: 1 }.to_frame();
-        assert!(matches!(read_frame(&mut &full[..7]), Err(ProtocolError::Truncated)));
-        assert!(matches!(read_frame(&mut &full[..3]), Err(ProtocolError::Truncated)));
-        assert!(matches!(read_frame(&mut &[][..]), Err(ProtocolError::Closed)));
-        let mut hello = Message::Hello { version: 1, nonce: [0; 32] }.to_frame();
+        assert!(matches!(
+            read_frame(&mut &f[..]),
+            Err(ProtocolError::Oversized { .. })
+        ));
+        assert!(matches!(
+            read_frame(&mut &[200u8, 0, 0, 0, 0][..]),
+            Err(ProtocolError::UnknownType(200))
+        ));
+        let full = Message::NeedBlock {
+            device: 0,
+            index: 1,
+        }
+        .to_frame();
+        assert!(matches!(
+            read_frame(&mut &full[..7]),
+            Err(ProtocolError::Truncated)
+        ));
+        assert!(matches!(
+            read_frame(&mut &full[..3]),
+            Err(ProtocolError::Truncated)
+        ));
+        assert!(matches!(
+            read_frame(&mut &[][..]),
+            Err(ProtocolError::Closed)
+        ));
+        let mut hello = Message::Hello {
+            version: 1,
+            nonce: [0; 32],
+        }
+        .to_frame();
         hello[5] = b'X';
-        assert!(matches!(read_frame(&mut &hello[..]), Err(ProtocolError::BadMagic)));
+        assert!(matches!(
+            read_frame(&mut &hello[..]),
+            Err(ProtocolError::BadMagic)
+        ));
     }
 
     #[test]
     fn table_checks_ranges() {
-        let t = DeviceTable::new(vec![DeviceInfo { id: 0, name: "a".into(), size: 10_000, block_size: 4096 }]);
+        let t = DeviceTable::new(vec![DeviceInfo {
+            id: 0,
+            name: "a".into(),
+            size: 10_000,
+            block_size: 4096,
+        }]);
         assert!(t.check_block(0, 2).is_ok());
         assert!(t.check_block(0, 3).is_err());
         assert!(t.check_block(1, 0).is_err());

@@ -249,9 +249,15 @@ impl FrameQueue {
         }
     }
 
-    fn wait_producer<'a>(&'a self, mut q: std::sync::MutexGuard<'a, Queues>) -> std::sync::MutexGuard<'a, Queues> {
+    fn wait_producer<'a>(
+        &'a self,
+        mut q: std::sync::MutexGuard<'a, Queues>,
+    ) -> std::sync::MutexGuard<'a, Queues> {
         q.producers_waiting += 1;
-        let mut q = self.wake_producer.wait(q).unwrap_or_else(|p| p.into_inner());
+        let mut q = self
+            .wake_producer
+            .wait(q)
+            .unwrap_or_else(|p| p.into_inner());
         q.producers_waiting -= 1;
         q
     }
@@ -383,17 +389,15 @@ fn writer_loop(link: Box<dyn Link>, q: &FrameQueue) {
             }
         };
         let ty = frame.first().copied().unwrap_or(0);
-        let res = out
-            .write_all(&frame)
-            .and_then(|()| {
-                // Priority replies and events go out at once; an event's
-                // byte count below then means it really left this host.
-                if priority || ty == crate::protocol::T_EVENT {
-                    out.flush()
-                } else {
-                    Ok(())
-                }
-            });
+        let res = out.write_all(&frame).and_then(|()| {
+            // Priority replies and events go out at once; an event's
+            // byte count below then means it really left this host.
+            if priority || ty == crate::protocol::T_EVENT {
+                out.flush()
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = res {
             q.fail(format!("write failed: {e}"));
             out.get_ref().shutdown_link();

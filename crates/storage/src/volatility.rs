@@ -113,7 +113,10 @@ mod tests {
             m.record_at(0, t0);
         }
         m.record_at(4, t0 + Duration::from_secs(5));
-        assert_eq!(m.send_order_at(6, t0 + Duration::from_secs(5)), vec![1, 3, 5, 4, 0, 2]);
+        assert_eq!(
+            m.send_order_at(6, t0 + Duration::from_secs(5)),
+            vec![1, 3, 5, 4, 0, 2]
+        );
         // After 10 s the writes at t0 have expired; block 4's write remains.
         let later = t0 + Duration::from_secs(11);
         assert_eq!(m.volatility_at(2, later), 0);

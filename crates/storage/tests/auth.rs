@@ -13,7 +13,11 @@ use drafter_storage::protocol::{read_frame, Message, ProtocolError, VERSION};
 use drafter_storage::{Cause, MigrationConfig, MigrationDestination, Secret};
 
 fn secret(s: &str) -> MigrationConfig {
-    MigrationConfig { secret: Secret::new(s), handshake_timeout: Duration::from_millis(500), ..MigrationConfig::default() }
+    MigrationConfig {
+        secret: Secret::new(s),
+        handshake_timeout: Duration::from_millis(500),
+        ..MigrationConfig::default()
+    }
 }
 
 /// Every frame the peer sent, until it closed.
@@ -44,7 +48,10 @@ fn wrong_secret_is_refused_on_both_sides_and_no_device_is_created() {
     assert!(err.to_string().contains("authentication failed"), "{err}");
     let derr = dest.join().unwrap().expect_err("refused");
     assert!(derr.to_string().contains("authentication failed"), "{derr}");
-    assert!(!created.load(Ordering::SeqCst), "no device created for an unauthenticated peer");
+    assert!(
+        !created.load(Ordering::SeqCst),
+        "no device created for an unauthenticated peer"
+    );
 }
 
 #[test]
@@ -53,15 +60,27 @@ fn peer_with_a_forged_proof_receives_no_device_data() {
     let src = source_of(&[dev], secret("s3cret"));
     let (a, mut b) = UnixStream::pair().unwrap();
     let peer = std::thread::spawn(move || {
-        b.write_all(&Message::Hello { version: VERSION, nonce: [7; 32] }.to_frame()).unwrap();
-        b.write_all(&Message::AuthProof { mac: [0; 32] }.to_frame()).unwrap();
+        b.write_all(
+            &Message::Hello {
+                version: VERSION,
+                nonce: [7; 32],
+            }
+            .to_frame(),
+        )
+        .unwrap();
+        b.write_all(&Message::AuthProof { mac: [0; 32] }.to_frame())
+            .unwrap();
         frames_until_close(&mut b)
     });
     let err = src.migrate(a, || Ok(())).expect_err("refused");
-    assert!(matches!(err.cause, Cause::Protocol(ProtocolError::AuthFailed)), "{err}");
+    assert!(
+        matches!(err.cause, Cause::Protocol(ProtocolError::AuthFailed)),
+        "{err}"
+    );
     let seen = peer.join().unwrap();
     assert!(
-        seen.iter().all(|k| matches!(*k, "Hello" | "AuthProof" | "Error")),
+        seen.iter()
+            .all(|k| matches!(*k, "Hello" | "AuthProof" | "Error")),
         "only handshake frames reach an unauthenticated peer: {seen:?}"
     );
     assert!(seen.contains(&"Error"));
@@ -85,13 +104,16 @@ fn silent_or_garbage_peers_are_refused() {
     b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = b.read_to_end(&mut rest);
     let kinds = frames_until_close(&mut &rest[..]);
-    assert!(kinds.iter().all(|k| matches!(*k, "Hello" | "Error")), "{kinds:?}");
+    assert!(
+        kinds.iter().all(|k| matches!(*k, "Hello" | "Error")),
+        "{kinds:?}"
+    );
 }
 
 #[test]
 fn matching_secrets_migrate() {
     let dev = seeded_device(64, 4096, 4);
-    let src = source_of(&[dev.clone()], secret("same"));
+    let src = source_of(std::slice::from_ref(&dev), secret("same"));
     let (r, d) = run_pair(&src, secret("same"), || Ok(()));
     r.unwrap();
     let d = d.unwrap();

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use drafter_storage::{
-    BlockDevice, Cause, DeviceConfig, MemoryDevice, MigrationConfig, MigrationDestination, MigrationSource, Mode,
-    Phase, Progress, SourceDevice, StorageError, TrackedDevice,
+    BlockDevice, Cause, DeviceConfig, MemoryDevice, MigrationConfig, MigrationDestination,
+    MigrationSource, Mode, Phase, Progress, SourceDevice, StorageError, TrackedDevice,
 };
 
 /// Both ends of a connection, so a test can cut it from outside.
@@ -25,7 +25,10 @@ struct Cutter {
 impl Cutter {
     fn new(a: &UnixStream, b: &UnixStream) -> Self {
         Cutter {
-            ends: Arc::new(Mutex::new(vec![a.try_clone().unwrap(), b.try_clone().unwrap()])),
+            ends: Arc::new(Mutex::new(vec![
+                a.try_clone().unwrap(),
+                b.try_clone().unwrap(),
+            ])),
             cut: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -58,7 +61,13 @@ enum When {
 fn device_config() -> DeviceConfig {
     // max_dirty_blocks 0: no cycle counts as quiet, so exactly max_cycles
     // cycles run even without writers.
-    DeviceConfig { cycle_throttle: Duration::ZERO, min_cycles: 1, max_cycles: 3, max_dirty_blocks: 0, ..DeviceConfig::default() }
+    DeviceConfig {
+        cycle_throttle: Duration::ZERO,
+        min_cycles: 1,
+        max_cycles: 3,
+        max_dirty_blocks: 0,
+        ..DeviceConfig::default()
+    }
 }
 
 struct Outcome {
@@ -68,11 +77,22 @@ struct Outcome {
     dest_complete: Result<drafter_storage::MigrationReport, drafter_storage::MigrationError>,
 }
 
-fn migrate_with_fault(dev: &Arc<TrackedDevice>, mode: Mode, when: Option<When>, kill: bool) -> Outcome {
+fn migrate_with_fault(
+    dev: &Arc<TrackedDevice>,
+    mode: Mode,
+    when: Option<When>,
+    kill: bool,
+) -> Outcome {
     let (a, b) = UnixStream::pair().unwrap();
     let cutter = Cutter::new(&a, &b);
     let c = cutter.clone();
-    let fire = move || if kill { c.kill_destination() } else { c.cut_link() };
+    let fire = move || {
+        if kill {
+            c.kill_destination()
+        } else {
+            c.cut_link()
+        }
+    };
     let fire = Arc::new(fire);
     let f2 = fire.clone();
     let observer = Arc::new(move |p: &Progress| {
@@ -89,7 +109,11 @@ fn migrate_with_fault(dev: &Arc<TrackedDevice>, mode: Mode, when: Option<When>, 
     });
     let src = MigrationSource::new(
         vec![SourceDevice::tracked("disk", dev.clone(), device_config())],
-        MigrationConfig { mode, downtime_budget: Duration::ZERO, ..MigrationConfig::default() },
+        MigrationConfig {
+            mode,
+            downtime_budget: Duration::ZERO,
+            ..MigrationConfig::default()
+        },
     )
     .with_observer(observer);
     let dest = std::thread::spawn(move || {
@@ -113,10 +137,24 @@ fn migrate_with_fault(dev: &Arc<TrackedDevice>, mode: Mode, when: Option<When>, 
         }
         Ok(())
     });
-    assert_eq!(cutter.was_cut(), when.is_some(), "fault injected exactly when asked");
+    assert_eq!(
+        cutter.was_cut(),
+        when.is_some(),
+        "fault injected exactly when asked"
+    );
     match dest.join().unwrap() {
-        Ok((dest_authority, dest_devices, dest_complete)) => Outcome { source, dest_authority, dest_devices, dest_complete },
-        Err(e) => Outcome { source, dest_authority: false, dest_devices: Vec::new(), dest_complete: Err(e) },
+        Ok((dest_authority, dest_devices, dest_complete)) => Outcome {
+            source,
+            dest_authority,
+            dest_devices,
+            dest_complete,
+        },
+        Err(e) => Outcome {
+            source,
+            dest_authority: false,
+            dest_devices: Vec::new(),
+            dest_complete: Err(e),
+        },
     }
 }
 
@@ -125,7 +163,10 @@ fn check_before_authority(when: When, kill: bool) {
     let before = read_all(&*dev);
     let out = migrate_with_fault(&dev, Mode::PreCopy, Some(when), kill);
     let err = out.source.expect_err("source must fail");
-    assert!(err.source_keeps_authority, "{when:?}: source keeps authority ({err})");
+    assert!(
+        err.source_keeps_authority,
+        "{when:?}: source keeps authority ({err})"
+    );
     // The failure is seen at the next use of the link: a cut during an idle
     // dirty cycle may only show when the final dirty list is sent.
     let allowed: &[Phase] = match when {
@@ -134,11 +175,21 @@ fn check_before_authority(when: When, kill: bool) {
         When::InDirtyCycle => &[Phase::DirtyCycles, Phase::Suspend],
         _ => &[Phase::Suspend],
     };
-    assert!(allowed.contains(&err.phase), "{when:?}: failed in {:?}: {err}", err.phase);
-    assert!(!out.dest_authority, "{when:?}: destination must not get authority");
+    assert!(
+        allowed.contains(&err.phase),
+        "{when:?}: failed in {:?}: {err}",
+        err.phase
+    );
+    assert!(
+        !out.dest_authority,
+        "{when:?}: destination must not get authority"
+    );
     assert!(out.dest_complete.is_err());
     for d in &out.dest_devices {
-        assert!(matches!(d.write_at(&[1; 4096], 0), Err(StorageError::NotAuthoritative)));
+        assert!(matches!(
+            d.write_at(&[1; 4096], 0),
+            Err(StorageError::NotAuthoritative)
+        ));
     }
     assert!(read_all(&*dev) == before, "{when:?}: source data unchanged");
     // Retry: the caller resumes and migrates again, successfully.
@@ -146,7 +197,10 @@ fn check_before_authority(when: When, kill: bool) {
     again.source.expect("retry succeeds");
     assert!(again.dest_authority);
     again.dest_complete.expect("retry completes");
-    assert!(read_all(&*again.dest_devices[0]) == before, "{when:?}: retried copy equals source");
+    assert!(
+        read_all(&*again.dest_devices[0]) == before,
+        "{when:?}: retried copy equals source"
+    );
 }
 
 #[test]
@@ -183,7 +237,10 @@ fn check_after_authority(mode: Mode, kill: bool) {
     let dev = seeded_device(4096, 4096, 99);
     let out = migrate_with_fault(&dev, mode, Some(When::AfterAuthority), kill);
     let err = out.source.expect_err("source must fail: the tail was cut");
-    assert!(!err.source_keeps_authority, "source must not resume after authority moved ({err})");
+    assert!(
+        !err.source_keeps_authority,
+        "source must not resume after authority moved ({err})"
+    );
     assert!(out.dest_authority, "destination holds authority");
     assert!(out.dest_complete.is_err());
     let lazy = &out.dest_devices[0];
@@ -237,7 +294,9 @@ fn cancel_during_full_pass_keeps_authority_on_the_source() {
         }
     }));
     *cancel_slot.lock().unwrap() = Some(src.cancel_handle());
-    let (r, dest) = run_pair(&src, MigrationConfig::default(), || panic!("suspend must not be called"));
+    let (r, dest) = run_pair(&src, MigrationConfig::default(), || {
+        panic!("suspend must not be called")
+    });
     let err = r.expect_err("cancelled");
     assert!(matches!(err.cause, Cause::Cancelled), "{err}");
     assert!(err.source_keeps_authority);
@@ -248,11 +307,22 @@ fn cancel_during_full_pass_keeps_authority_on_the_source() {
 
 #[test]
 fn failing_suspend_hook_aborts_before_authority() {
-    let dev = Arc::new(TrackedDevice::new(Arc::new(MemoryDevice::new(64 * 4096, 4096).unwrap()), Duration::from_secs(1)));
-    let src = MigrationSource::new(vec![SourceDevice::tracked("d", dev, device_config())], MigrationConfig::default());
-    let (r, dest) = run_pair(&src, MigrationConfig::default(), || Err("vm would not pause".into()));
+    let dev = Arc::new(TrackedDevice::new(
+        Arc::new(MemoryDevice::new(64 * 4096, 4096).unwrap()),
+        Duration::from_secs(1),
+    ));
+    let src = MigrationSource::new(
+        vec![SourceDevice::tracked("d", dev, device_config())],
+        MigrationConfig::default(),
+    );
+    let (r, dest) = run_pair(&src, MigrationConfig::default(), || {
+        Err("vm would not pause".into())
+    });
     let err = r.expect_err("hook failed");
-    assert!(err.source_keeps_authority && err.phase == Phase::Suspend, "{err}");
+    assert!(
+        err.source_keeps_authority && err.phase == Phase::Suspend,
+        "{err}"
+    );
     assert!(err.to_string().contains("vm would not pause"));
     assert!(dest.unwrap().wait_authority().is_err());
 }

@@ -18,7 +18,10 @@ use proptest::prelude::*;
 const BLOCKS: u64 = 64;
 
 fn cfg() -> MigrationConfig {
-    MigrationConfig { handshake_timeout: Duration::from_secs(5), ..MigrationConfig::default() }
+    MigrationConfig {
+        handshake_timeout: Duration::from_secs(5),
+        ..MigrationConfig::default()
+    }
 }
 
 /// A malicious frame (or byte string) sent after a valid start.
@@ -50,7 +53,9 @@ fn bad() -> impl Strategy<Value = Bad> {
         (BLOCKS..u64::MAX).prop_map(Bad::BlockIndex),
         prop_oneof![1usize..4096, 4097usize..70_000].prop_map(Bad::BlockLength),
         (0u64..u64::MAX, 1u64..u64::MAX)
-            .prop_filter("past the end", |(s, c)| s.checked_add(*c).is_none_or(|e| e > BLOCKS))
+            .prop_filter("past the end", |(s, c)| s
+                .checked_add(*c)
+                .is_none_or(|e| e > BLOCKS))
             .prop_map(|(start, count)| Bad::ZeroRun { start, count }),
         (BLOCKS..u64::MAX).prop_map(Bad::DirtyIndex),
         (1u32..u32::MAX).prop_map(Bad::DeviceId),
@@ -64,11 +69,23 @@ fn bad() -> impl Strategy<Value = Bad> {
 }
 
 fn block(device: u32, index: u64, len: usize) -> Vec<u8> {
-    Message::BlockData { device, index, compressed: false, data: Payload::new(vec![1; len]) }.to_frame()
+    Message::BlockData {
+        device,
+        index,
+        compressed: false,
+        data: Payload::new(vec![1; len]),
+    }
+    .to_frame()
 }
 
 fn compressed(data: Vec<u8>) -> Vec<u8> {
-    Message::BlockData { device: 0, index: 1, compressed: true, data: Payload::new(data) }.to_frame()
+    Message::BlockData {
+        device: 0,
+        index: 1,
+        compressed: true,
+        data: Payload::new(data),
+    }
+    .to_frame()
 }
 
 fn bad_bytes(b: &Bad) -> Vec<u8> {
@@ -83,29 +100,56 @@ fn bad_bytes(b: &Bad) -> Vec<u8> {
         Bad::Truncated { frame, keep } => {
             let f = match frame {
                 0 => block(0, 1, 4096),
-                1 => Message::Dirty { device: 0, blocks: vec![1, 2, 3] }.to_frame(),
-                2 => Message::ZeroBlocks { device: 0, start: 0, count: 3 }.to_frame(),
+                1 => Message::Dirty {
+                    device: 0,
+                    blocks: vec![1, 2, 3],
+                }
+                .to_frame(),
+                2 => Message::ZeroBlocks {
+                    device: 0,
+                    start: 0,
+                    count: 3,
+                }
+                .to_frame(),
                 _ => Message::Event(Event::AuthorityTransferred).to_frame(),
             };
             f[..(*keep).min(f.len() - 1)].to_vec()
         }
         Bad::BlockIndex(i) => block(0, *i, 4096),
         Bad::BlockLength(n) => block(0, 2, *n),
-        Bad::ZeroRun { start, count } => Message::ZeroBlocks { device: 0, start: *start, count: *count }.to_frame(),
-        Bad::DirtyIndex(i) => Message::Dirty { device: 0, blocks: vec![0, *i] }.to_frame(),
+        Bad::ZeroRun { start, count } => Message::ZeroBlocks {
+            device: 0,
+            start: *start,
+            count: *count,
+        }
+        .to_frame(),
+        Bad::DirtyIndex(i) => Message::Dirty {
+            device: 0,
+            blocks: vec![0, *i],
+        }
+        .to_frame(),
         Bad::DeviceId(d) => block(*d, 0, 4096),
         Bad::CompressedGarbage(g) => compressed(g.clone()),
         Bad::Bomb => compressed(zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap()),
-        Bad::AlreadyHaveWithoutBase => Message::AlreadyHave { device: 0, start: 0, count: 1 }.to_frame(),
+        Bad::AlreadyHaveWithoutBase => Message::AlreadyHave {
+            device: 0,
+            start: 0,
+            count: 1,
+        }
+        .to_frame(),
         Bad::AllSentBeforeAuthority => Message::Event(Event::AllSent).to_frame(),
         Bad::DoubleAuthority => {
             let mut v = Message::Event(Event::AuthorityTransferred).to_frame();
             v.extend(Message::Event(Event::AuthorityTransferred).to_frame());
             v
         }
-        Bad::DeviceInfoAgain => {
-            Message::DeviceInfo(DeviceInfo { id: 1, name: "x".into(), size: 4096, block_size: 4096 }).to_frame()
-        }
+        Bad::DeviceInfoAgain => Message::DeviceInfo(DeviceInfo {
+            id: 1,
+            name: "x".into(),
+            size: 4096,
+            block_size: 4096,
+        })
+        .to_frame(),
     }
 }
 
@@ -113,22 +157,38 @@ fn bad_bytes(b: &Bad) -> Vec<u8> {
 fn attack_destination(b: &Bad, valid_before: u64) -> Result<(), String> {
     let (mut peer, sock) = UnixStream::pair().unwrap();
     let dest = std::thread::spawn(move || -> Result<(), String> {
-        let s = MigrationDestination::accept(sock, &cfg(), memory_factory).map_err(|e| e.to_string())?;
+        let s = MigrationDestination::accept(sock, &cfg(), memory_factory)
+            .map_err(|e| e.to_string())?;
         s.wait_complete().map(|_| ()).map_err(|e| e.to_string())
     });
     handshake(&mut peer, Role::Source, &Secret::default()).unwrap();
-    let info = DeviceInfo { id: 0, name: "d".into(), size: BLOCKS * 4096, block_size: 4096 };
-    peer.write_all(&Message::DeviceInfo(info).to_frame()).unwrap();
-    peer.write_all(&Message::DevicesListed { count: 1 }.to_frame()).unwrap();
+    let info = DeviceInfo {
+        id: 0,
+        name: "d".into(),
+        size: BLOCKS * 4096,
+        block_size: 4096,
+    };
+    peer.write_all(&Message::DeviceInfo(info).to_frame())
+        .unwrap();
+    peer.write_all(&Message::DevicesListed { count: 1 }.to_frame())
+        .unwrap();
     let ack = read_frame(&mut peer).unwrap();
-    assert_eq!(ack, Message::DeviceAck { device: 0, has_base: false });
+    assert_eq!(
+        ack,
+        Message::DeviceAck {
+            device: 0,
+            has_base: false
+        }
+    );
     for i in 0..valid_before {
         peer.write_all(&block(0, i % BLOCKS, 4096)).unwrap();
     }
     // The destination may already have hung up; that is fine.
     let _ = peer.write_all(&bad_bytes(b));
     let _ = peer.shutdown(Shutdown::Write);
-    let r = dest.join().map_err(|_| "destination panicked".to_string())?;
+    let r = dest
+        .join()
+        .map_err(|_| "destination panicked".to_string())?;
     match r {
         Ok(()) => Err("destination accepted a malicious stream".into()),
         Err(e) => {
@@ -224,8 +284,17 @@ proptest! {
 #[test]
 fn wrong_protocol_version_is_refused_by_the_destination() {
     let (mut peer, sock) = UnixStream::pair().unwrap();
-    let dest = std::thread::spawn(move || MigrationDestination::accept(sock, &cfg(), memory_factory).map(|_| ()));
-    peer.write_all(&Message::Hello { version: VERSION + 1, nonce: [3; 32] }.to_frame()).unwrap();
+    let dest = std::thread::spawn(move || {
+        MigrationDestination::accept(sock, &cfg(), memory_factory).map(|_| ())
+    });
+    peer.write_all(
+        &Message::Hello {
+            version: VERSION + 1,
+            nonce: [3; 32],
+        }
+        .to_frame(),
+    )
+    .unwrap();
     let err = dest.join().unwrap().expect_err("refused");
     assert!(err.to_string().contains("version"), "{err}");
 }

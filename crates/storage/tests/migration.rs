@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use drafter_storage::{
-    BlockDevice, MigrationConfig, MigrationDestination, MigrationSource, Mode, Progress, Phase, SourceDevice,
+    BlockDevice, MigrationConfig, MigrationDestination, MigrationSource, Mode, Phase, Progress,
+    SourceDevice,
 };
 
 #[test]
@@ -16,12 +17,18 @@ fn pre_copy_over_unix_socket_with_live_writers_converges() {
     let mut writers = Writers::start(&devs, 2, 9);
     let cycles = Arc::new(Mutex::new(0u32));
     let c2 = cycles.clone();
-    let src = source_of(&devs, MigrationConfig { downtime_budget: std::time::Duration::ZERO, ..Default::default() })
-        .with_observer(Arc::new(move |p| {
-            if let Progress::Cycle { .. } = p {
-                *c2.lock().unwrap() += 1;
-            }
-        }));
+    let src = source_of(
+        &devs,
+        MigrationConfig {
+            downtime_budget: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .with_observer(Arc::new(move |p| {
+        if let Progress::Cycle { .. } = p {
+            *c2.lock().unwrap() += 1;
+        }
+    }));
     let (r, dest) = run_pair(&src, MigrationConfig::default(), || {
         writers.stop();
         Ok(())
@@ -33,11 +40,17 @@ fn pre_copy_over_unix_socket_with_live_writers_converges() {
     let dreport = dest.wait_complete().unwrap();
     for (s, d) in devs.iter().zip(&lazies) {
         assert_eq!(d.missing_blocks(), 0);
-        assert!(read_all(&**s) == read_all(&**d), "destination differs from source");
+        assert!(
+            read_all(&**s) == read_all(&**d),
+            "destination differs from source"
+        );
     }
     assert!(*cycles.lock().unwrap() >= 2, "dirty cycles ran");
     assert_eq!(report.devices.len(), 2);
-    assert!(report.devices.iter().all(|d| d.cycles >= 1 && !d.ready_reason.is_empty()));
+    assert!(report
+        .devices
+        .iter()
+        .all(|d| d.cycles >= 1 && !d.ready_reason.is_empty()));
     assert!(report.zero_blocks > 0 && report.data_blocks > 0);
     assert_eq!(dreport.role, "destination");
     let json = report.to_json();
@@ -50,15 +63,24 @@ fn pure_post_copy_over_tcp_serves_reads_before_the_stream_finishes() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let src = MigrationSource::new(
-        vec![SourceDevice::fixed("disk", dev.clone(), fast_device_config())],
-        MigrationConfig { mode: Mode::PostCopy, verify: true, ..Default::default() },
+        vec![SourceDevice::fixed(
+            "disk",
+            dev.clone(),
+            fast_device_config(),
+        )],
+        MigrationConfig {
+            mode: Mode::PostCopy,
+            verify: true,
+            ..Default::default()
+        },
     );
     let server = std::thread::spawn(move || {
         let (sock, _) = listener.accept().unwrap();
         src.migrate(sock, || Ok(()))
     });
     let sock = TcpStream::connect(addr).unwrap();
-    let session = MigrationDestination::accept(sock, &MigrationConfig::default(), memory_factory).unwrap();
+    let session =
+        MigrationDestination::accept(sock, &MigrationConfig::default(), memory_factory).unwrap();
     session.wait_authority().unwrap();
     let lazy = session.device("disk").unwrap();
     // Read the last blocks first: the stream goes in index order, so these
@@ -81,7 +103,11 @@ fn pure_post_copy_over_tcp_serves_reads_before_the_stream_finishes() {
     expect[255 * 4096..].fill(0xee);
     assert!(read_all(&*lazy) == expect);
     assert_eq!(report.mode, "post-copy");
-    assert_eq!(report.devices[0].mismatched_blocks, Some(0), "locally written block is not a mismatch");
+    assert_eq!(
+        report.devices[0].mismatched_blocks,
+        Some(0),
+        "locally written block is not a mismatch"
+    );
     assert!(report.need_block_requests > 0);
     assert!(dreport.need_block_requests > 0);
     assert!(report.phases.iter().any(|p| p.phase == Phase::Tail));
@@ -91,12 +117,18 @@ fn pure_post_copy_over_tcp_serves_reads_before_the_stream_finishes() {
 fn compression_and_verification_report_savings_and_no_mismatch() {
     let mem = Arc::new(drafter_storage::MemoryDevice::new(64 * 4096, 4096).unwrap());
     for b in 0..64u64 {
-        let pattern: Vec<u8> = (0..4096).map(|i| ((i / 64) as u8).wrapping_add(b as u8)).collect();
+        let pattern: Vec<u8> = (0..4096)
+            .map(|i| ((i / 64) as u8).wrapping_add(b as u8))
+            .collect();
         mem.write_at(&pattern, b * 4096).unwrap();
     }
     let src = MigrationSource::new(
         vec![SourceDevice::fixed("m", mem.clone(), fast_device_config())],
-        MigrationConfig { compression: true, verify: true, ..Default::default() },
+        MigrationConfig {
+            compression: true,
+            verify: true,
+            ..Default::default()
+        },
     );
     let (r, dest) = run_pair(&src, MigrationConfig::default(), || Ok(()));
     let r = r.unwrap();
@@ -104,7 +136,11 @@ fn compression_and_verification_report_savings_and_no_mismatch() {
     let lazy = dest.device("m").unwrap();
     dest.wait_complete().unwrap();
     assert!(read_all(&*mem) == read_all(&*lazy));
-    assert!(r.compression_saved_bytes > 32 * 4096, "saved {}", r.compression_saved_bytes);
+    assert!(
+        r.compression_saved_bytes > 32 * 4096,
+        "saved {}",
+        r.compression_saved_bytes
+    );
     assert!(r.bytes_sent < 16 * 4096, "sent {}", r.bytes_sent);
     assert_eq!(r.devices[0].mismatched_blocks, Some(0));
 }

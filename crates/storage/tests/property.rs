@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::*;
 use drafter_storage::{
-    BlockDevice, DeviceConfig, MigrationConfig, MigrationDestination, MigrationSource, Mode, SourceDevice,
+    BlockDevice, DeviceConfig, MigrationConfig, MigrationDestination, MigrationSource, Mode,
+    SourceDevice,
 };
 use proptest::prelude::*;
 
@@ -51,7 +52,18 @@ fn case() -> impl Strategy<Value = Case> {
         0u64..24,
     )
         .prop_map(
-            |(seed, blocks, writers, post_copy, budget_ms, min_cycles, max_cycles, max_dirty, compression, tail_reads)| Case {
+            |(
+                seed,
+                blocks,
+                writers,
+                post_copy,
+                budget_ms,
+                min_cycles,
+                max_cycles,
+                max_dirty,
+                compression,
+                tail_reads,
+            )| Case {
                 seed,
                 blocks,
                 writers,
@@ -87,7 +99,11 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
             .map(|(i, d)| SourceDevice::tracked(format!("d{i}"), d.clone(), dcfg.clone()))
             .collect(),
         MigrationConfig {
-            mode: if c.post_copy { Mode::PostCopy } else { Mode::PreCopy },
+            mode: if c.post_copy {
+                Mode::PostCopy
+            } else {
+                Mode::PreCopy
+            },
             downtime_budget: Duration::from_millis(c.budget_ms),
             compression: c.compression,
             ..MigrationConfig::default()
@@ -109,10 +125,16 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
         for _ in 0..tail_reads {
             let i = rng.below(lazies.len() as u64) as usize;
             let blk = rng.below(lazies[i].block_count());
-            lazies[i].read_at(&mut got, blk * 4096).map_err(|e| e.to_string())?;
-            devs2[i].read_at(&mut want, blk * 4096).map_err(|e| e.to_string())?;
+            lazies[i]
+                .read_at(&mut got, blk * 4096)
+                .map_err(|e| e.to_string())?;
+            devs2[i]
+                .read_at(&mut want, blk * 4096)
+                .map_err(|e| e.to_string())?;
             if got != want {
-                return Err(format!("tail read of device {i} block {blk} returned stale data"));
+                return Err(format!(
+                    "tail read of device {i} block {blk} returned stale data"
+                ));
             }
         }
         session.wait_complete().map_err(|e| e.to_string())?;
@@ -128,8 +150,15 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
         Ok(())
     });
     writers.stop();
-    let d = dest.join().map_err(|_| TestCaseError::fail("destination panicked"))?;
-    prop_assert!(r.is_ok() && d.is_ok(), "source: {:?}, destination: {:?}", r.err(), d.err());
+    let d = dest
+        .join()
+        .map_err(|_| TestCaseError::fail("destination panicked"))?;
+    prop_assert!(
+        r.is_ok() && d.is_ok(),
+        "source: {:?}, destination: {:?}",
+        r.err(),
+        d.err()
+    );
     Ok(())
 }
 

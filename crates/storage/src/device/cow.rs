@@ -270,10 +270,12 @@ mod tests {
     #[test]
     fn mismatched_or_corrupt_state_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let base: Arc<dyn BlockDevice> = Arc::new(crate::device::MemoryDevice::new(8192, 4096).unwrap());
+        let base: Arc<dyn BlockDevice> =
+            Arc::new(crate::device::MemoryDevice::new(8192, 4096).unwrap());
         let (ov, st) = (dir.path().join("ov"), dir.path().join("st"));
         CowOverlay::open(base.clone(), &ov, &st, 4096).unwrap();
-        let other: Arc<dyn BlockDevice> = Arc::new(crate::device::MemoryDevice::new(8192, 4096).unwrap());
+        let other: Arc<dyn BlockDevice> =
+            Arc::new(crate::device::MemoryDevice::new(8192, 4096).unwrap());
         assert!(matches!(
             CowOverlay::open(other, &ov, &st, 2048),
             Err(StorageError::CorruptState { .. })

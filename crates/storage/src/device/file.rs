@@ -93,7 +93,9 @@ impl BlockDevice for FileDevice {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len(), self.size)?;
-        self.file.read_exact_at(buf, offset).map_err(|e| self.err(e))
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| self.err(e))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

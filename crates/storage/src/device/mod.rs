@@ -124,10 +124,26 @@ mod tests {
     fn spans_cover_range_exactly() {
         let s: Vec<Span> = spans(4000, 10000, 4096).collect();
         assert_eq!(s.len(), 4);
-        assert_eq!(s[0], Span { block: 0, in_block: 4000, buf_start: 0, len: 96 });
+        assert_eq!(
+            s[0],
+            Span {
+                block: 0,
+                in_block: 4000,
+                buf_start: 0,
+                len: 96
+            }
+        );
         assert_eq!(s[1].block, 1);
         assert_eq!(s[1].len, 4096);
-        assert_eq!(s[3], Span { block: 3, in_block: 0, buf_start: 96 + 8192, len: 10000 - 96 - 8192 });
+        assert_eq!(
+            s[3],
+            Span {
+                block: 3,
+                in_block: 0,
+                buf_start: 96 + 8192,
+                len: 10000 - 96 - 8192
+            }
+        );
     }
 
     #[test]

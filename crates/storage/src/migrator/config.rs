@@ -116,7 +116,8 @@ mod tests {
                     "maxDirtyBlocks":200,"minCycles":5,"maxCycles":20,"cycleThrottle":500000000}"#;
         let c: DeviceConfig = serde_json::from_str(j).unwrap();
         assert_eq!(c, DeviceConfig::default());
-        let c: DeviceConfig = serde_json::from_str(r#"{"blockSize":4096,"cycleThrottle":0}"#).unwrap();
+        let c: DeviceConfig =
+            serde_json::from_str(r#"{"blockSize":4096,"cycleThrottle":0}"#).unwrap();
         assert_eq!(c.block_size, 4096);
         assert_eq!(c.cycle_throttle, Duration::ZERO);
         assert_eq!(c.max_cycles, 20);

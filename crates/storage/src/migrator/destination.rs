@@ -11,8 +11,8 @@ use crate::auth::{handshake, Role};
 use crate::device::{block_len, BlockDevice};
 use crate::lazy::LazyDevice;
 use crate::protocol::{
-    block_bytes, read_frame, read_frame_in, DeviceInfo, DeviceTable, Event, Message, ProtocolError, MAX_DEVICES, MAX_HASHES,
-    MAX_SAMPLE,
+    block_bytes, read_frame, read_frame_in, DeviceInfo, DeviceTable, Event, Message, ProtocolError,
+    MAX_DEVICES, MAX_HASHES, MAX_SAMPLE,
 };
 use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
 use crate::transport::{FrameQueue, FrameWriter, Link};
@@ -93,15 +93,20 @@ impl MigrationDestination {
         let control = link.try_clone_link().map_err(|e| io(Phase::Handshake, e))?;
         link.set_link_read_timeout(Some(config.handshake_timeout))
             .map_err(|e| io(Phase::Handshake, e))?;
-        handshake(&mut link, Role::Destination, &config.secret).map_err(|e| err(Phase::Handshake, e.into()))?;
+        handshake(&mut link, Role::Destination, &config.secret)
+            .map_err(|e| err(Phase::Handshake, e.into()))?;
         let handshake_ms = start.elapsed().as_secs_f64() * 1e3;
 
         let mut table = DeviceTable::default();
         let list = (|| -> Result<(), ProtocolError> {
             loop {
                 match read_frame(&mut link)? {
-                    Message::DeviceInfo(info) if (table.devices().len() as u32) < MAX_DEVICES => table.push(info)?,
-                    Message::DevicesListed { count } if count as usize == table.devices().len() => return Ok(()),
+                    Message::DeviceInfo(info) if (table.devices().len() as u32) < MAX_DEVICES => {
+                        table.push(info)?
+                    }
+                    Message::DevicesListed { count } if count as usize == table.devices().len() => {
+                        return Ok(())
+                    }
                     Message::Error { message } => return Err(ProtocolError::Peer(message)),
                     m => {
                         return Err(ProtocolError::Unexpected {
@@ -113,23 +118,35 @@ impl MigrationDestination {
             }
         })();
         let refuse = |link: &mut Box<dyn Link>, e: Cause| {
-            let _ = link.write_all(&Message::Error { message: e.to_string() }.to_frame());
+            let _ = link.write_all(
+                &Message::Error {
+                    message: e.to_string(),
+                }
+                .to_frame(),
+            );
             link.shutdown_link();
             err(Phase::DeviceInfo, e)
         };
         if let Err(e) = list {
             return Err(refuse(&mut link, e.into()));
         }
-        link.set_link_read_timeout(None).map_err(|e| io(Phase::DeviceInfo, e))?;
+        link.set_link_read_timeout(None)
+            .map_err(|e| io(Phase::DeviceInfo, e))?;
         if let Some(b) = config.socket_buffer_bytes {
-            link.limit_buffers(b).map_err(|e| io(Phase::DeviceInfo, e))?;
+            link.limit_buffers(b)
+                .map_err(|e| io(Phase::DeviceInfo, e))?;
         }
 
         let mut made = Vec::new();
         for info in table.devices() {
             let d = match factory(info) {
                 Ok(d) => d,
-                Err(e) => return Err(refuse(&mut link, Cause::Caller(format!("device {:?}: {e}", info.name)))),
+                Err(e) => {
+                    return Err(refuse(
+                        &mut link,
+                        Cause::Caller(format!("device {:?}: {e}", info.name)),
+                    ))
+                }
             };
             if d.backing.size() != info.size || d.backing.block_size() != info.block_size {
                 let e = Cause::Caller(format!(
@@ -146,7 +163,8 @@ impl MigrationDestination {
         }
 
         let writer = FrameWriter::start(
-            link.try_clone_link().map_err(|e| io(Phase::DeviceInfo, e))?,
+            link.try_clone_link()
+                .map_err(|e| io(Phase::DeviceInfo, e))?,
             config.bulk_queue_bytes,
         )
         .map_err(|e| io(Phase::DeviceInfo, e))?;
@@ -154,7 +172,10 @@ impl MigrationDestination {
         let mut devices = Vec::new();
         let mut bases = Vec::new();
         for (info, d) in table.devices().iter().zip(made) {
-            let lazy = Arc::new(LazyDevice::new(d.backing.clone(), d.initial == Initial::Zeroed));
+            let lazy = Arc::new(LazyDevice::new(
+                d.backing.clone(),
+                d.initial == Initial::Zeroed,
+            ));
             let (q, id) = (queue.clone(), info.id);
             lazy.set_fetcher(Box::new(move |index| {
                 q.push_priority(Message::NeedBlock { device: id, index }.to_frame())
@@ -162,10 +183,17 @@ impl MigrationDestination {
             }));
             let is_base = d.initial == Initial::Base;
             if is_base {
-                send_base_hashes(&queue, info, &*d.backing).map_err(|e| err(Phase::DeviceInfo, e))?;
+                send_base_hashes(&queue, info, &*d.backing)
+                    .map_err(|e| err(Phase::DeviceInfo, e))?;
             }
             queue
-                .push_bulk(Message::DeviceAck { device: info.id, has_base: is_base }.to_frame())
+                .push_bulk(
+                    Message::DeviceAck {
+                        device: info.id,
+                        has_base: is_base,
+                    }
+                    .to_frame(),
+                )
                 .map_err(|e| err(Phase::DeviceInfo, Cause::Connection(e.to_string())))?;
             bases.push(is_base);
             devices.push((info.clone(), lazy));
@@ -179,7 +207,10 @@ impl MigrationDestination {
                 error: None,
                 report: MigrationReport {
                     role: "destination".into(),
-                    phases: vec![PhaseTiming { phase: Phase::Handshake, millis: handshake_ms }],
+                    phases: vec![PhaseTiming {
+                        phase: Phase::Handshake,
+                        millis: handshake_ms,
+                    }],
                     ..Default::default()
                 },
             }),
@@ -209,7 +240,11 @@ impl MigrationDestination {
     }
 }
 
-fn send_base_hashes(queue: &FrameQueue, info: &DeviceInfo, dev: &dyn BlockDevice) -> Result<(), Cause> {
+fn send_base_hashes(
+    queue: &FrameQueue,
+    info: &DeviceInfo,
+    dev: &dyn BlockDevice,
+) -> Result<(), Cause> {
     let blocks = info.blocks();
     let mut buf = vec![0u8; info.block_size as usize];
     let mut start = 0;
@@ -221,9 +256,18 @@ fn send_base_hashes(queue: &FrameQueue, info: &DeviceInfo, dev: &dyn BlockDevice
             dev.read_at(&mut buf[..len], idx * u64::from(info.block_size))?;
             hashes.push(*blake3::hash(&buf[..len]).as_bytes());
         }
-        queue.wait_for_space().map_err(|e| Cause::Connection(e.to_string()))?;
         queue
-            .push_bulk(Message::BaseHashes { device: info.id, start, hashes }.to_frame())
+            .wait_for_space()
+            .map_err(|e| Cause::Connection(e.to_string()))?;
+        queue
+            .push_bulk(
+                Message::BaseHashes {
+                    device: info.id,
+                    start,
+                    hashes,
+                }
+                .to_frame(),
+            )
             .map_err(|e| Cause::Connection(e.to_string()))?;
         start = end;
     }
@@ -239,7 +283,10 @@ impl DestinationSession {
 
     /// The device called `name`.
     pub fn device(&self, name: &str) -> Option<Arc<LazyDevice>> {
-        self.devices.iter().find(|(i, _)| i.name == name).map(|(_, d)| d.clone())
+        self.devices
+            .iter()
+            .find(|(i, _)| i.name == name)
+            .map(|(_, d)| d.clone())
     }
 
     /// True once authority was transferred here.
@@ -337,7 +384,11 @@ impl Receiver {
             },
         );
         let result = self.receive(&mut r);
-        let result = result.and_then(|()| writer.finish().map_err(|e| Cause::Connection(e.to_string())));
+        let result = result.and_then(|()| {
+            writer
+                .finish()
+                .map_err(|e| Cause::Connection(e.to_string()))
+        });
         let mut g = self.shared.lock();
         g.report.bytes_received = self.received.load(Ordering::Relaxed);
         g.report.bytes_sent = self.queue.counters.total();
@@ -364,8 +415,18 @@ impl Receiver {
             Err(e) => {
                 let msg = e.to_string();
                 tracing::warn!(phase = %g.phase, error = %msg, "incoming migration failed");
-                if !matches!(e, Cause::Protocol(ProtocolError::Peer(_) | ProtocolError::Io(_) | ProtocolError::Closed)) {
-                    let _ = writer.queue().push_priority(Message::Error { message: msg.clone() }.to_frame());
+                if !matches!(
+                    e,
+                    Cause::Protocol(
+                        ProtocolError::Peer(_) | ProtocolError::Io(_) | ProtocolError::Closed
+                    )
+                ) {
+                    let _ = writer.queue().push_priority(
+                        Message::Error {
+                            message: msg.clone(),
+                        }
+                        .to_frame(),
+                    );
                     let _ = writer.queue().drain();
                 }
                 writer.abort();
@@ -396,7 +457,12 @@ impl Receiver {
         let mut spare = Vec::new();
         loop {
             match read_frame_in(r, std::mem::take(&mut spare))? {
-                Message::BlockData { device, index, compressed, data } => {
+                Message::BlockData {
+                    device,
+                    index,
+                    compressed,
+                    data,
+                } => {
                     let len = self.table.block_len(device, index)?;
                     block_bytes(device, index, compressed, &data, len, &mut self.scratch)?;
                     let bytes: &[u8] = if compressed { &self.scratch } else { &data };
@@ -404,7 +470,11 @@ impl Receiver {
                     self.shared.lock().report.data_blocks += 1;
                     spare = data.into_buffer();
                 }
-                Message::ZeroBlocks { device, start, count } => {
+                Message::ZeroBlocks {
+                    device,
+                    start,
+                    count,
+                } => {
                     self.table.check_run(device, start, count)?;
                     let lazy = self.lazy(device)?;
                     for i in start..start + count {
@@ -412,10 +482,18 @@ impl Receiver {
                     }
                     self.shared.lock().report.zero_blocks += count;
                 }
-                Message::AlreadyHave { device, start, count } => {
+                Message::AlreadyHave {
+                    device,
+                    start,
+                    count,
+                } => {
                     self.table.check_run(device, start, count)?;
                     if !self.bases[device as usize] {
-                        return Err(ProtocolError::Unexpected { got: "AlreadyHave", state: "for a device without a base" }.into());
+                        return Err(ProtocolError::Unexpected {
+                            got: "AlreadyHave",
+                            state: "for a device without a base",
+                        }
+                        .into());
                     }
                     let lazy = self.lazy(device)?;
                     for i in start..start + count {
@@ -444,7 +522,11 @@ impl Receiver {
                     self.shared.lock().authority = true;
                     self.shared.cv.notify_all();
                 }
-                Message::VerifyHashes { device, start, hashes } if authority => {
+                Message::VerifyHashes {
+                    device,
+                    start,
+                    hashes,
+                } if authority => {
                     self.table.check_run(device, start, hashes.len() as u64)?;
                     self.check_hashes(device, start, &hashes)?;
                 }
@@ -483,7 +565,11 @@ impl Receiver {
                 m => {
                     return Err(ProtocolError::Unexpected {
                         got: m.kind(),
-                        state: if authority { "after authority transfer" } else { "before authority transfer" },
+                        state: if authority {
+                            "after authority transfer"
+                        } else {
+                            "before authority transfer"
+                        },
                     }
                     .into())
                 }
@@ -502,7 +588,8 @@ impl Receiver {
             }
             let len = block_len(info.size, info.block_size, idx);
             let same = lazy.is_present(idx) && {
-                lazy.backing().read_at(&mut buf[..len], idx * u64::from(info.block_size))?;
+                lazy.backing()
+                    .read_at(&mut buf[..len], idx * u64::from(info.block_size))?;
                 blake3::hash(&buf[..len]).as_bytes() == h
             };
             if !same && !lazy.is_locally_written(idx) {

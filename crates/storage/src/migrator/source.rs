@@ -6,13 +6,15 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{CancelHandle, Cause, DeviceConfig, MigrationConfig, MigrationError, Mode, Observer, Progress};
+use super::{
+    CancelHandle, Cause, DeviceConfig, MigrationConfig, MigrationError, Mode, Observer, Progress,
+};
 use crate::auth::{handshake, Role};
 use crate::device::{block_len, is_zero, BlockDevice};
 use crate::dirty::TrackedDevice;
 use crate::protocol::{
-    block_frame_in, compress_block_frame, read_frame, DeviceInfo, DeviceTable, Event, Message, ProtocolError,
-    BLOCK_FRAME_DATA, MAX_HASHES, MAX_LIST, T_ZERO_BLOCKS,
+    block_frame_in, compress_block_frame, read_frame, DeviceInfo, DeviceTable, Event, Message,
+    ProtocolError, BLOCK_FRAME_DATA, MAX_HASHES, MAX_LIST, T_ZERO_BLOCKS,
 };
 use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
 use crate::transport::{FrameQueue, FrameWriter, Link};
@@ -28,7 +30,11 @@ pub struct SourceDevice {
 impl SourceDevice {
     /// A device whose writes are tracked, so it can keep changing during a
     /// pre-copy migration.
-    pub fn tracked(name: impl Into<String>, device: Arc<TrackedDevice>, config: DeviceConfig) -> Self {
+    pub fn tracked(
+        name: impl Into<String>,
+        device: Arc<TrackedDevice>,
+        config: DeviceConfig,
+    ) -> Self {
         SourceDevice {
             name: name.into(),
             device: device.clone(),
@@ -39,7 +45,11 @@ impl SourceDevice {
 
     /// A device that does not change while it is served (a package in a
     /// registry).
-    pub fn fixed(name: impl Into<String>, device: Arc<dyn BlockDevice>, config: DeviceConfig) -> Self {
+    pub fn fixed(
+        name: impl Into<String>,
+        device: Arc<dyn BlockDevice>,
+        config: DeviceConfig,
+    ) -> Self {
         SourceDevice {
             name: name.into(),
             device,
@@ -116,7 +126,11 @@ impl MigrationSource {
         match result {
             Ok(()) => Ok(report),
             Err(cause) => {
-                let cause = if self.cancel.is_cancelled() { Cause::Cancelled } else { cause };
+                let cause = if self.cancel.is_cancelled() {
+                    Cause::Cancelled
+                } else {
+                    cause
+                };
                 if let Some(mut w) = run.writer.take() {
                     w.abort();
                 }
@@ -175,8 +189,10 @@ impl Shared {
         let d = &self.devs[dev as usize];
         let len = block_len(d.info.size, d.info.block_size, idx);
         let mut frame = block_frame_in(self.queue.spare_buffer(), dev, idx, len);
-        d.device
-            .read_at(&mut frame[BLOCK_FRAME_DATA..], idx * u64::from(d.info.block_size))?;
+        d.device.read_at(
+            &mut frame[BLOCK_FRAME_DATA..],
+            idx * u64::from(d.info.block_size),
+        )?;
         let data = &frame[BLOCK_FRAME_DATA..];
         if is_zero(data) {
             self.queue.give_back(frame);
@@ -192,7 +208,8 @@ impl Shared {
         if self.compression {
             let before = frame.len();
             frame = compress_block_frame(frame, 1);
-            self.saved.fetch_add((before - frame.len()) as u64, Ordering::Relaxed);
+            self.saved
+                .fetch_add((before - frame.len()) as u64, Ordering::Relaxed);
         }
         Ok(Block::Data(frame))
     }
@@ -208,8 +225,18 @@ impl Shared {
     fn serve_need(&self, dev: u32, idx: u64) -> Result<(), Cause> {
         let _g = self.lock(dev);
         let frame = match self.classify(dev, idx)? {
-            Block::Zero => Message::ZeroBlocks { device: dev, start: idx, count: 1 }.to_frame(),
-            Block::Same => Message::AlreadyHave { device: dev, start: idx, count: 1 }.to_frame(),
+            Block::Zero => Message::ZeroBlocks {
+                device: dev,
+                start: idx,
+                count: 1,
+            }
+            .to_frame(),
+            Block::Same => Message::AlreadyHave {
+                device: dev,
+                start: idx,
+                count: 1,
+            }
+            .to_frame(),
             Block::Data(f) => f,
         };
         self.served.fetch_add(1, Ordering::Relaxed);
@@ -233,8 +260,19 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-fn reader_loop(link: Box<dyn Link>, shared: Arc<Shared>, tx: Sender<Result<Message, Cause>>, counter: Arc<AtomicU64>) {
-    let mut r = BufReader::with_capacity(8 * 1024, Counting { inner: link, n: counter });
+fn reader_loop(
+    link: Box<dyn Link>,
+    shared: Arc<Shared>,
+    tx: Sender<Result<Message, Cause>>,
+    counter: Arc<AtomicU64>,
+) {
+    let mut r = BufReader::with_capacity(
+        8 * 1024,
+        Counting {
+            inner: link,
+            n: counter,
+        },
+    );
     loop {
         match read_frame(&mut r) {
             Ok(Message::NeedBlock { device, index }) => {
@@ -389,19 +427,29 @@ impl Run<'_> {
     fn handle(&mut self, m: Message) -> Result<(), Cause> {
         let shared = self.shared()?;
         match m {
-            Message::BaseHashes { device, start, hashes } if self.acks < shared.devs.len() => {
+            Message::BaseHashes {
+                device,
+                start,
+                hashes,
+            } if self.acks < shared.devs.len() => {
                 let info = shared.table.check_run(device, start, hashes.len() as u64)?;
                 let blocks = info.blocks();
                 let base = self.bases[device as usize].get_or_insert_with(Vec::new);
                 if start != base.len() as u64 {
-                    return Err(ProtocolError::OutOfRange(format!("base hashes out of order at {start}")).into());
+                    return Err(ProtocolError::OutOfRange(format!(
+                        "base hashes out of order at {start}"
+                    ))
+                    .into());
                 }
                 base.extend(hashes);
                 let _ = blocks;
             }
             Message::DeviceAck { device, has_base } if self.acks < shared.devs.len() => {
                 if device as usize != self.acks {
-                    return Err(ProtocolError::OutOfRange(format!("ack for device {device} out of order")).into());
+                    return Err(ProtocolError::OutOfRange(format!(
+                        "ack for device {device} out of order"
+                    ))
+                    .into());
                 }
                 let blocks = shared.table.device(device)?.blocks();
                 let base = self.bases[device as usize].take();
@@ -430,7 +478,11 @@ impl Run<'_> {
                 }
                 self.notify(&Progress::Phase(Phase::AuthorityAccepted));
             }
-            Message::VerifyResult { device, mismatched, sample } if self.src.config.verify => {
+            Message::VerifyResult {
+                device,
+                mismatched,
+                sample,
+            } if self.src.config.verify => {
                 shared.table.device(device)?;
                 self.verify[device as usize] = Some((mismatched, sample));
             }
@@ -449,9 +501,17 @@ impl Run<'_> {
     fn flush_run(&mut self) -> Result<(), Cause> {
         if let Some(p) = self.pending.take() {
             let m = if p.zero {
-                Message::ZeroBlocks { device: p.dev, start: p.start, count: p.count }
+                Message::ZeroBlocks {
+                    device: p.dev,
+                    start: p.start,
+                    count: p.count,
+                }
             } else {
-                Message::AlreadyHave { device: p.dev, start: p.start, count: p.count }
+                Message::AlreadyHave {
+                    device: p.dev,
+                    start: p.start,
+                    count: p.count,
+                }
             };
             self.push_bulk(&m)?;
         }
@@ -466,7 +526,12 @@ impl Run<'_> {
             }
         }
         self.flush_run()?;
-        self.pending = Some(PendingRun { zero, dev, start: idx, count: 1 });
+        self.pending = Some(PendingRun {
+            zero,
+            dev,
+            start: idx,
+            count: 1,
+        });
         Ok(())
     }
 
@@ -507,7 +572,10 @@ impl Run<'_> {
         for (i, &idx) in order.iter().enumerate() {
             if i % 64 == 0 {
                 self.poll(None)?;
-                self.notify(&Progress::Blocks { done: i as u64, total });
+                self.notify(&Progress::Blocks {
+                    done: i as u64,
+                    total,
+                });
             }
             self.send_block(dev, idx)?;
         }
@@ -529,23 +597,36 @@ impl Run<'_> {
         for chunk in dirty.chunks(MAX_LIST) {
             shared
                 .queue
-                .push_bulk(Message::Dirty { device: dev, blocks: chunk.to_vec() }.to_frame())
+                .push_bulk(
+                    Message::Dirty {
+                        device: dev,
+                        blocks: chunk.to_vec(),
+                    }
+                    .to_frame(),
+                )
                 .map_err(proto)?;
         }
         Ok(dirty)
     }
 
-    fn execute(&mut self, mut link: Box<dyn Link>, suspend: impl FnOnce() -> Result<(), String>) -> Result<(), Cause> {
+    fn execute(
+        &mut self,
+        mut link: Box<dyn Link>,
+        suspend: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), Cause> {
         let src = self.src;
         let cfg = &src.config;
         self.check_cancel()?;
         self.notify(&Progress::Phase(Phase::Handshake));
         let control = link.try_clone_link().map_err(ProtocolError::Io)?;
-        src.cancel.attach(link.try_clone_link().map_err(ProtocolError::Io)?);
+        src.cancel
+            .attach(link.try_clone_link().map_err(ProtocolError::Io)?);
         self.control = Some(control);
-        link.set_link_read_timeout(Some(cfg.handshake_timeout)).map_err(ProtocolError::Io)?;
+        link.set_link_read_timeout(Some(cfg.handshake_timeout))
+            .map_err(ProtocolError::Io)?;
         handshake(&mut link, Role::Source, &cfg.secret)?;
-        link.set_link_read_timeout(None).map_err(ProtocolError::Io)?;
+        link.set_link_read_timeout(None)
+            .map_err(ProtocolError::Io)?;
         if let Some(b) = cfg.socket_buffer_bytes {
             link.limit_buffers(b).map_err(ProtocolError::Io)?;
         }
@@ -561,8 +642,11 @@ impl Run<'_> {
                 block_size: d.device.block_size(),
             })
             .collect();
-        let writer = FrameWriter::start(link.try_clone_link().map_err(ProtocolError::Io)?, cfg.bulk_queue_bytes)
-            .map_err(ProtocolError::Io)?;
+        let writer = FrameWriter::start(
+            link.try_clone_link().map_err(ProtocolError::Io)?,
+            cfg.bulk_queue_bytes,
+        )
+        .map_err(ProtocolError::Io)?;
         let shared = Arc::new(Shared {
             devs: src
                 .devices
@@ -601,7 +685,11 @@ impl Run<'_> {
             .map(|d| CycleState {
                 cycles: 0,
                 quiet: 0,
-                ready: if d.tracker.is_none() { Some("does not change".into()) } else { None },
+                ready: if d.tracker.is_none() {
+                    Some("does not change".into())
+                } else {
+                    None
+                },
                 history: Vec::new(),
                 final_dirty: 0,
             })
@@ -611,7 +699,9 @@ impl Run<'_> {
         for info in &infos {
             self.push_bulk(&Message::DeviceInfo(info.clone()))?;
         }
-        self.push_bulk(&Message::DevicesListed { count: infos.len() as u32 })?;
+        self.push_bulk(&Message::DevicesListed {
+            count: infos.len() as u32,
+        })?;
         while self.acks < infos.len() {
             self.poll(Some(Instant::now() + Duration::from_millis(100)))?;
         }
@@ -716,9 +806,9 @@ impl Run<'_> {
                 return Ok(());
             }
             let now = Instant::now();
-            for dev in 0..n {
+            for (dev, due) in next_due.iter_mut().enumerate() {
                 let cfg = &self.src.devices[dev].config;
-                if self.src.devices[dev].tracker.is_none() || now < next_due[dev] {
+                if self.src.devices[dev].tracker.is_none() || now < *due {
                     continue;
                 }
                 let dirty = self.take_and_announce(dev as u32)?;
@@ -735,7 +825,11 @@ impl Run<'_> {
                 let d = dirty.len() as u64;
                 st.cycles += 1;
                 st.history.push(d);
-                st.quiet = if d < cfg.max_dirty_blocks { st.quiet + 1 } else { 0 };
+                st.quiet = if d < cfg.max_dirty_blocks {
+                    st.quiet + 1
+                } else {
+                    0
+                };
                 if st.ready.is_none() {
                     if st.quiet > cfg.min_cycles {
                         st.ready = Some(format!("quiet for {} cycles", st.quiet));
@@ -746,8 +840,12 @@ impl Run<'_> {
                     }
                 }
                 let cycle = st.cycles;
-                self.notify(&Progress::Cycle { device: dev, cycle, dirty: d });
-                next_due[dev] = Instant::now() + cfg.cycle_throttle;
+                self.notify(&Progress::Cycle {
+                    device: dev,
+                    cycle,
+                    dirty: d,
+                });
+                *due = Instant::now() + cfg.cycle_throttle;
             }
             if self.reports.iter().all(|r| r.ready.is_some()) {
                 return Ok(());
@@ -772,11 +870,16 @@ impl Run<'_> {
             let mut hashes = Vec::with_capacity((end - start) as usize);
             for idx in start..end {
                 let len = block_len(d.info.size, d.info.block_size, idx);
-                d.device.read_at(&mut buf[..len], idx * u64::from(d.info.block_size))?;
+                d.device
+                    .read_at(&mut buf[..len], idx * u64::from(d.info.block_size))?;
                 hashes.push(*blake3::hash(&buf[..len]).as_bytes());
             }
             shared.queue.wait_for_space().map_err(proto)?;
-            self.push_bulk(&Message::VerifyHashes { device: dev, start, hashes })?;
+            self.push_bulk(&Message::VerifyHashes {
+                device: dev,
+                start,
+                hashes,
+            })?;
             start = end;
         }
         Ok(())
@@ -785,7 +888,10 @@ impl Run<'_> {
     fn finish_report(&mut self) -> MigrationReport {
         let now = Instant::now();
         let mut phases = std::mem::take(&mut self.timings);
-        phases.push(PhaseTiming { phase: self.phase, millis: (now - self.phase_start).as_secs_f64() * 1e3 });
+        phases.push(PhaseTiming {
+            phase: self.phase,
+            millis: (now - self.phase_start).as_secs_f64() * 1e3,
+        });
         let mut r = MigrationReport {
             role: "source".into(),
             mode: match self.src.config.mode {
@@ -831,4 +937,3 @@ impl Run<'_> {
         r
     }
 }
-

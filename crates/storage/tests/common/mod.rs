@@ -8,8 +8,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use drafter_storage::{
-    BlockDevice, DestinationDevice, DestinationSession, DeviceConfig, Initial, MemoryDevice, MigrationConfig,
-    MigrationDestination, MigrationError, MigrationReport, MigrationSource, SourceDevice, TrackedDevice,
+    BlockDevice, DestinationDevice, DestinationSession, DeviceConfig, Initial, MemoryDevice,
+    MigrationConfig, MigrationDestination, MigrationError, MigrationReport, MigrationSource,
+    SourceDevice, TrackedDevice,
 };
 
 /// Tiny deterministic PRNG (xorshift64*), so tests need no RNG crate.
@@ -85,7 +86,8 @@ impl Writers {
                     while !stop.load(Ordering::SeqCst) {
                         let d = &devs[rng.below(devs.len() as u64) as usize];
                         let size = d.size();
-                        let len = 1 + rng.below(2 * u64::from(d.block_size())).min(size - 1) as usize;
+                        let len =
+                            1 + rng.below(2 * u64::from(d.block_size())).min(size - 1) as usize;
                         let off = rng.below(size - len as u64 + 1);
                         let buf = &mut buf[..len.min(1 << 16)];
                         if rng.below(4) == 0 {
@@ -120,9 +122,13 @@ impl Drop for Writers {
 }
 
 /// A destination that stores every device in fresh memory.
-pub fn memory_factory(info: &drafter_storage::protocol::DeviceInfo) -> Result<DestinationDevice, String> {
+pub fn memory_factory(
+    info: &drafter_storage::protocol::DeviceInfo,
+) -> Result<DestinationDevice, String> {
     Ok(DestinationDevice {
-        backing: Arc::new(MemoryDevice::new(info.size, info.block_size).map_err(|e| e.to_string())?),
+        backing: Arc::new(
+            MemoryDevice::new(info.size, info.block_size).map_err(|e| e.to_string())?,
+        ),
         initial: Initial::Zeroed,
     })
 }
@@ -140,7 +146,10 @@ pub fn run_pair(
     source: &MigrationSource,
     dest_config: MigrationConfig,
     suspend: impl FnOnce() -> Result<(), String>,
-) -> (Result<MigrationReport, MigrationError>, Result<DestinationSession, MigrationError>) {
+) -> (
+    Result<MigrationReport, MigrationError>,
+    Result<DestinationSession, MigrationError>,
+) {
     let (a, b) = UnixStream::pair().unwrap();
     let dest = spawn_destination(b, dest_config);
     let r = source.migrate(a, suspend);

@@ -173,6 +173,25 @@ impl LazyDevice {
         Ok(true)
     }
 
+    /// Like [`Self::fill`], with the bytes produced by `fill` straight into
+    /// the backing store; if the block is already present they are read and
+    /// dropped.
+    pub(crate) fn fill_from(&self, index: u64, fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>) -> Result<bool> {
+        let _g = self.stripe(index);
+        if self.present.get(index) {
+            let mut sink = vec![0u8; block_len(self.size, self.block_size, index)];
+            fill(&mut sink).map_err(|e| StorageError::io("block data source", e))?;
+            return Ok(false);
+        }
+        // Mark first: a failed fill may leave garbage, which must never be
+        // mistaken for the zeros of an untouched block.
+        self.written.set(index);
+        self.backing.write_block_with(index, fill)?;
+        self.present.set(index);
+        self.became_present();
+        Ok(true)
+    }
+
     /// Stores a zero block unless already present.
     pub(crate) fn fill_zero(&self, index: u64) -> Result<bool> {
         let _g = self.stripe(index);

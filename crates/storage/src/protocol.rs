@@ -813,6 +813,55 @@ pub fn read_frame(r: &mut impl Read) -> Result<Message, ProtocolError> {
 /// [`read_frame`] reusing `buf`'s allocation for the payload (see
 /// [`Payload::into_buffer`]).
 pub fn read_frame_in(r: &mut impl Read, mut payload: Vec<u8>) -> Result<Message, ProtocolError> {
+    let (ty, len) = read_header(r)?;
+    payload.clear();
+    read_rest(r, ty, len, payload)
+}
+
+/// What [`read_frame_or_block`] found.
+pub enum Incoming {
+    /// A fully read and decoded message.
+    Message(Message),
+    /// The header of an uncompressed BlockData frame; its `len` data bytes are
+    /// still unread on the stream, so the caller can read them straight into
+    /// the device. The caller must consume exactly `len` bytes.
+    Block {
+        /// Device id.
+        device: u32,
+        /// Block index.
+        index: u64,
+        /// Data bytes that follow.
+        len: usize,
+    },
+}
+
+/// Like [`read_frame_in`], but stops after the fixed part of an
+/// uncompressed BlockData frame (zero-copy receive).
+pub fn read_frame_or_block(r: &mut impl Read, mut payload: Vec<u8>) -> Result<Incoming, ProtocolError> {
+    let (ty, len) = read_header(r)?;
+    if ty == T_BLOCK_DATA && len as usize > BLOCK_DATA_HEADER {
+        let mut sub = [0u8; BLOCK_DATA_HEADER];
+        if !read_full(r, &mut sub)? {
+            return Err(ProtocolError::Truncated);
+        }
+        if sub[12] == 0 {
+            let mut d = Dec { b: &sub, pos: 0, kind: "BlockData" };
+            return Ok(Incoming::Block {
+                device: d.u32()?,
+                index: d.u64()?,
+                len: len as usize - BLOCK_DATA_HEADER,
+            });
+        }
+        payload.clear();
+        payload.extend_from_slice(&sub);
+        return read_rest(r, ty, len - BLOCK_DATA_HEADER as u32, payload).map(Incoming::Message);
+    }
+    payload.clear();
+    read_rest(r, ty, len, payload).map(Incoming::Message)
+}
+
+/// Reads and checks a frame header: known type, length within its limit.
+fn read_header(r: &mut impl Read) -> Result<(u8, u32), ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     if !read_full(r, &mut header)? {
         return Err(ProtocolError::Closed);
@@ -829,9 +878,13 @@ pub fn read_frame_in(r: &mut impl Read, mut payload: Vec<u8>) -> Result<Message,
             max: max as u32,
         });
     }
-    // Bounded by `max` above; read_to_end into reserved capacity avoids
-    // zero-filling a buffer that is about to be overwritten.
-    payload.clear();
+    Ok((ty, len))
+}
+
+/// Appends `len` more payload bytes to `payload` and decodes the frame.
+fn read_rest(r: &mut impl Read, ty: u8, len: u32, mut payload: Vec<u8>) -> Result<Message, ProtocolError> {
+    // Bounded by the type's limit (checked by read_header); read_to_end into
+    // reserved capacity avoids zero-filling a buffer about to be overwritten.
     payload.reserve(len as usize);
     let got = r.take(u64::from(len)).read_to_end(&mut payload)?;
     if got != len as usize {

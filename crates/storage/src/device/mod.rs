@@ -33,6 +33,16 @@ pub trait BlockDevice: Send + Sync {
     /// Makes previous writes durable.
     fn flush(&self) -> Result<()>;
 
+    /// Writes the whole block `index`, its bytes produced by `fill` — straight
+    /// into the device's storage where the backend can (zero-copy receive).
+    /// If `fill` fails the block's contents are unspecified.
+    fn write_block_with(&self, index: u64, fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>) -> Result<()> {
+        let len = block_len(self.size(), self.block_size(), index);
+        let mut buf = vec![0u8; len];
+        fill(&mut buf).map_err(|e| StorageError::io("block data source", e))?;
+        self.write_at(&buf, index * u64::from(self.block_size()))
+    }
+
     /// Number of blocks (the last one may be short).
     fn block_count(&self) -> u64 {
         block_count(self.size(), self.block_size())

@@ -11,7 +11,7 @@ use crate::auth::{handshake, Role};
 use crate::device::{block_len, BlockDevice};
 use crate::lazy::LazyDevice;
 use crate::protocol::{
-    block_bytes, read_frame, read_frame_in, DeviceInfo, DeviceTable, Event, Message, ProtocolError,
+    block_bytes, read_frame, read_frame_or_block, DeviceInfo, Incoming, DeviceTable, Event, Message, ProtocolError,
     MAX_DEVICES, MAX_HASHES, MAX_SAMPLE,
 };
 use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
@@ -456,7 +456,33 @@ impl Receiver {
         let mut authority = false;
         let mut spare = Vec::new();
         loop {
-            match read_frame_in(r, std::mem::take(&mut spare))? {
+            let msg = match read_frame_or_block(r, std::mem::take(&mut spare))? {
+                Incoming::Message(m) => m,
+                Incoming::Block { device, index, len } => {
+                    let expected = self.table.block_len(device, index)?;
+                    if len != expected {
+                        return Err(ProtocolError::BadBlock {
+                            device,
+                            index,
+                            what: format!("{len} bytes, expected {expected}"),
+                        }
+                        .into());
+                    }
+                    let mut read_err = None;
+                    let res = self.lazy(device)?.fill_from(index, &mut |buf| {
+                        r.read_exact(buf).inspect_err(|e| read_err = Some(e.kind()))
+                    });
+                    match (res, read_err) {
+                        (Ok(_), _) => {}
+                        (Err(_), Some(std::io::ErrorKind::UnexpectedEof)) => return Err(ProtocolError::Truncated.into()),
+                        (Err(e), Some(_)) => return Err(Cause::Connection(e.to_string())),
+                        (Err(e), None) => return Err(e.into()),
+                    }
+                    self.shared.lock().report.data_blocks += 1;
+                    continue;
+                }
+            };
+            match msg {
                 Message::BlockData {
                     device,
                     index,

@@ -22,4 +22,4 @@ pub mod vstate;
 pub use config::VmConfig;
 pub use dirty::{DirtyPages, DirtyRange};
 pub use vcpu_thread::ExitStatus;
-pub use vmm::{BuildOptions, Error, RestoreMemory, Snapshot, Vmm};
+pub use vmm::{BuildOptions, Error, ExitWaiter, RestoreMemory, Snapshot, Vmm};

@@ -3,8 +3,8 @@
 //! wait for the guest's end.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -101,6 +101,63 @@ pub struct BuildOptions {
     pub flat_program: Option<Vec<u8>>,
 }
 
+/// Waits for a VM's end from any thread.
+#[derive(Clone, Default)]
+pub struct ExitWaiter(Arc<(Mutex<Option<ExitStatus>>, Condvar)>);
+
+impl ExitWaiter {
+    fn set(&self, status: ExitStatus) {
+        let (m, cv) = &*self.0;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(status);
+        }
+        cv.notify_all();
+    }
+
+    /// How the VM ended, if it has.
+    pub fn get(&self) -> Option<ExitStatus> {
+        self.0 .0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Blocks until the VM ends.
+    pub fn wait(&self) -> ExitStatus {
+        let (m, cv) = &*self.0;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(s) = g.as_ref() {
+                return s.clone();
+            }
+            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Blocks until the VM ends or `timeout` passes.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitStatus> {
+        let (m, cv) = &*self.0;
+        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = cv
+            .wait_timeout_while(g, timeout, |s| s.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        g.clone()
+    }
+}
+
+fn spawn_exit_forwarder(rx: Receiver<ExitStatus>, waiter: ExitWaiter) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name("vm-exit".into())
+        .spawn(move || {
+            // Every sender (vCPU threads, the reset watcher) is gone only once the
+            // VM is torn down; the first message is the guest's end.
+            let status = rx
+                .recv()
+                .unwrap_or_else(|_| ExitStatus::Error("all vCPU threads are gone".into()));
+            waiter.set(status);
+        })
+        .map(|_| ())
+        .map_err(|e| Error::Device(format!("cannot start exit watcher: {e}")))
+}
+
 /// One running (or paused) VM.
 pub struct Vmm {
     config: VmConfig,
@@ -108,7 +165,7 @@ pub struct Vmm {
     memory: Memory,
     vcpus: Vec<VcpuHandle>,
     devices: DeviceManager,
-    exits_rx: Receiver<ExitStatus>,
+    exit: ExitWaiter,
     msr_indices: Arc<Vec<u32>>,
     paused: bool,
     ended: Option<ExitStatus>,
@@ -274,13 +331,15 @@ impl Vmm {
             crate::devices::legacy::SerialDevice::spawn_input_forwarder(serial, std::io::stdin())
                 .map_err(|e| Error::Device(format!("serial input: {e}")))?;
         }
+        let exit = ExitWaiter::default();
+        spawn_exit_forwarder(p.exits_rx, exit.clone())?;
         Ok(Vmm {
             config,
             vm: p.vm,
             memory: p.memory,
             vcpus: handles,
             devices: p.devices,
-            exits_rx: p.exits_rx,
+            exit,
             msr_indices,
             paused,
             ended: None,
@@ -406,15 +465,17 @@ impl Vmm {
         Ok(DirtyPages { regions })
     }
 
+    /// A handle to wait for the VM's end from another thread.
+    pub fn exit_waiter(&self) -> ExitWaiter {
+        self.exit.clone()
+    }
+
     /// Blocks until the guest ends (poweroff, reboot, error), then stops the vCPUs.
     pub fn wait(&mut self) -> ExitStatus {
         if let Some(s) = &self.ended {
             return s.clone();
         }
-        let status = self
-            .exits_rx
-            .recv()
-            .unwrap_or_else(|_| ExitStatus::Error("all vCPU threads are gone".into()));
+        let status = self.exit.wait();
         self.finish(status)
     }
 
@@ -423,19 +484,15 @@ impl Vmm {
         if let Some(s) = &self.ended {
             return Some(s.clone());
         }
-        match self.exits_rx.recv_timeout(timeout) {
-            Ok(s) => Some(self.finish(s)),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                Some(self.finish(ExitStatus::Error("all vCPU threads are gone".into())))
-            }
-        }
+        let status = self.exit.wait_timeout(timeout)?;
+        Some(self.finish(status))
     }
 
     fn finish(&mut self, status: ExitStatus) -> ExitStatus {
         for v in &mut self.vcpus {
             v.exit();
         }
+        self.exit.set(status.clone());
         self.ended = Some(status.clone());
         status
     }

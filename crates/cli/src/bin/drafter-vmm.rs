@@ -1,0 +1,301 @@
+//! `drafter-vmm`: run one microVM from a JSON config file or flags, or restore one
+//! from a state + memory file. For manual use and tests.
+//!
+//! Exit status: 0 when the guest powers off (or is stopped over the control
+//! socket), 2 when it reboots, 1 on any error.
+//!
+//! With `--control-socket PATH`, a Unix socket takes one command per line and
+//! answers `ok[ detail]` or `error <message>`: `pause`, `resume`,
+//! `snapshot <state> <memory>` (VM paused), `msync`, `dirty` (count of pages
+//! written since the last call), `stop`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc::{channel, Sender};
+
+use clap::{Parser, ValueEnum};
+use drafter_vmm::config::{DriveConfig, NetConfig, SerialConfig, VsockConfig};
+use drafter_vmm::uffd::FilePageProvider;
+use drafter_vmm::{BuildOptions, ExitStatus, RestoreMemory, VmConfig, Vmm};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MemoryMode {
+    /// MAP_PRIVATE: pages load lazily, writes stay in the process.
+    Private,
+    /// MAP_SHARED: guest memory is the file; msync writes it back.
+    Shared,
+    /// userfaultfd: every page is served on demand from the memory file.
+    Uffd,
+}
+
+/// Run one microVM.
+#[derive(Parser, Debug)]
+#[command(name = "drafter-vmm", version, about)]
+struct Args {
+    /// JSON VM configuration (flags below override its fields).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kernel image (bzImage or ELF vmlinux).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    boot_args: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Drive as NAME:PATH[:ro]; repeat in guest order (first is /dev/vda).
+    #[arg(long = "drive")]
+    drives: Vec<String>,
+    /// Tap device for virtio-net.
+    #[arg(long)]
+    tap: Option<String>,
+    /// Guest MAC address.
+    #[arg(long)]
+    mac: Option<String>,
+    /// Network namespace holding the tap.
+    #[arg(long)]
+    netns: Option<String>,
+    /// vsock Unix socket path (enables virtio-vsock).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// Guest vsock CID.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u32,
+    /// Feed stdin to the guest's serial console.
+    #[arg(long)]
+    serial_stdin: bool,
+    /// Do not copy the serial console to stdout.
+    #[arg(long)]
+    no_serial_stdout: bool,
+    /// Back guest memory with this file (MAP_SHARED) when booting.
+    #[arg(long)]
+    memory_file: Option<PathBuf>,
+    /// Restore from this state file instead of booting.
+    #[arg(long, requires = "restore_memory")]
+    restore_state: Option<PathBuf>,
+    /// Memory file to restore from.
+    #[arg(long, requires = "restore_state")]
+    restore_memory: Option<PathBuf>,
+    /// How restored memory is mapped.
+    #[arg(long, value_enum, default_value_t = MemoryMode::Private)]
+    memory_mode: MemoryMode,
+    /// Unix socket taking control commands (pause, resume, snapshot, msync, dirty, stop).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+fn parse_drive(s: &str) -> Result<DriveConfig, String> {
+    let mut parts = s.splitn(2, ':');
+    let name = parts.next().unwrap_or_default();
+    let rest = parts.next().ok_or_else(|| format!("drive '{s}': expected NAME:PATH[:ro]"))?;
+    let (path, read_only) = match rest.strip_suffix(":ro") {
+        Some(p) => (p, true),
+        None => (rest, false),
+    };
+    if name.is_empty() || path.is_empty() {
+        return Err(format!("drive '{s}': expected NAME:PATH[:ro]"));
+    }
+    Ok(DriveConfig {
+        name: name.to_string(),
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
+fn build_config(a: &Args) -> Result<VmConfig, String> {
+    let mut c = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
+            serde_json::from_str::<VmConfig>(&text)
+                .map_err(|e| format!("invalid config {}: {e}", p.display()))?
+        }
+        None => {
+            let k = a
+                .kernel
+                .clone()
+                .ok_or("either --config or --kernel is required")?;
+            VmConfig::new(k)
+        }
+    };
+    if let Some(k) = &a.kernel {
+        c.kernel = k.clone();
+    }
+    if let Some(i) = &a.initramfs {
+        c.initramfs = Some(i.clone());
+    }
+    if let Some(b) = &a.boot_args {
+        c.boot_args = b.clone();
+    }
+    if let Some(v) = a.vcpus {
+        c.vcpus = v;
+    }
+    if let Some(m) = a.memory_mib {
+        c.memory_mib = m;
+    }
+    for d in &a.drives {
+        c.drives.push(parse_drive(d)?);
+    }
+    if let Some(tap) = &a.tap {
+        c.net = Some(NetConfig {
+            tap: tap.clone(),
+            mac: a.mac.clone(),
+            netns: a.netns.clone(),
+        });
+    }
+    if let Some(uds) = &a.vsock_uds {
+        c.vsock = Some(VsockConfig {
+            cid: a.vsock_cid,
+            uds_path: uds.clone(),
+        });
+    }
+    c.serial = SerialConfig {
+        stdout: c.serial.stdout && !a.no_serial_stdout,
+        stdin: c.serial.stdin || a.serial_stdin,
+    };
+    Ok(c)
+}
+
+enum Event {
+    Control(String, Sender<String>),
+    Exited,
+}
+
+fn serve_control(listener: UnixListener, events: Sender<Event>) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let events = events.clone();
+        let _ = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || handle_conn(conn, &events));
+    }
+}
+
+fn handle_conn(conn: UnixStream, events: &Sender<Event>) {
+    let Ok(mut out) = conn.try_clone() else { return };
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { return };
+        let (tx, rx) = channel();
+        if events.send(Event::Control(line, tx)).is_err() {
+            return;
+        }
+        let reply = rx.recv().unwrap_or_else(|_| "error VM is gone".into());
+        if writeln!(out, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs one control command; returns the reply and whether to stop.
+fn control(vmm: &mut Vmm, line: &str) -> (String, bool) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let res = match words.as_slice() {
+        ["pause"] => vmm.pause().map(|_| String::new()),
+        ["resume"] => vmm.resume().map(|_| String::new()),
+        ["msync"] => vmm.msync().map(|_| String::new()),
+        ["dirty"] => vmm.dirty_pages().map(|d| d.count().to_string()),
+        ["snapshot", state, mem] => vmm
+            .snapshot(std::path::Path::new(state), std::path::Path::new(mem))
+            .map(|_| String::new()),
+        ["stop"] => return ("ok".into(), true),
+        _ => return (format!("error unknown command '{line}'"), false),
+    };
+    match res {
+        Ok(d) if d.is_empty() => ("ok".into(), false),
+        Ok(d) => (format!("ok {d}"), false),
+        Err(e) => (format!("error {e}"), false),
+    }
+}
+
+fn run(a: Args) -> Result<ExitStatus, String> {
+    let mut vmm = match (&a.restore_state, &a.restore_memory) {
+        (Some(state), Some(mem)) => {
+            let memory = match a.memory_mode {
+                MemoryMode::Private => RestoreMemory::Private(mem.clone()),
+                MemoryMode::Shared => RestoreMemory::Shared(mem.clone()),
+                MemoryMode::Uffd => {
+                    let f = std::fs::File::open(mem)
+                        .map_err(|e| format!("cannot open memory file {}: {e}", mem.display()))?;
+                    RestoreMemory::Userfault(Box::new(FilePageProvider::new(f)))
+                }
+            };
+            let console: Option<Box<dyn Write + Send>> = if a.no_serial_stdout {
+                Some(Box::new(std::io::sink()))
+            } else {
+                None
+            };
+            let mut v = Vmm::restore(state, memory, console).map_err(|e| e.to_string())?;
+            v.resume().map_err(|e| e.to_string())?;
+            v
+        }
+        _ => {
+            let config = build_config(&a)?;
+            let opts = BuildOptions {
+                shared_memory_file: a.memory_file.clone(),
+                ..Default::default()
+            };
+            Vmm::boot(config, opts).map_err(|e| e.to_string())?
+        }
+    };
+    tracing::info!("VM running");
+    let (tx, rx) = channel();
+    if let Some(path) = &a.control_socket {
+        let _ = std::fs::remove_file(path);
+        let l = UnixListener::bind(path)
+            .map_err(|e| format!("cannot bind control socket {}: {e}", path.display()))?;
+        let tx = tx.clone();
+        std::thread::spawn(move || serve_control(l, tx));
+    }
+    let waiter = vmm.exit_waiter();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        waiter.wait();
+        let _ = tx2.send(Event::Exited);
+    });
+    drop(tx);
+    while let Ok(ev) = rx.recv() {
+        match ev {
+            Event::Control(line, reply) => {
+                let (r, stop) = control(&mut vmm, &line);
+                let _ = reply.send(r);
+                if stop {
+                    return Ok(vmm.stop());
+                }
+            }
+            Event::Exited => break,
+        }
+    }
+    Ok(vmm.wait())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(ExitStatus::Poweroff) | Ok(ExitStatus::Stopped) => ExitCode::SUCCESS,
+        Ok(ExitStatus::Reboot) => ExitCode::from(2),
+        Ok(ExitStatus::Error(e)) => {
+            eprintln!("drafter-vmm: VM failed: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("drafter-vmm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -160,6 +160,10 @@ impl BlockDevice for TrackedDevice {
         Ok(())
     }
 
+    fn known_zero(&self, index: u64) -> bool {
+        self.inner.known_zero(index)
+    }
+
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }

@@ -222,6 +222,10 @@ impl BlockDevice for CowOverlay {
         Ok(())
     }
 
+    fn known_zero(&self, index: u64) -> bool {
+        !self.is_local(index) && self.base.known_zero(index)
+    }
+
     fn flush(&self) -> Result<()> {
         self.overlay.sync_data().map_err(|e| self.overlay_err(e))?;
         self.state

@@ -106,6 +106,27 @@ impl BlockDevice for FileDevice {
         self.file.write_all_at(buf, offset).map_err(|e| self.err(e))
     }
 
+    fn known_zero(&self, index: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        let bs = u64::from(self.block_size);
+        let Some(start) = index.checked_mul(bs).filter(|&s| s < self.size) else {
+            return false;
+        };
+        let end = (start + bs).min(self.size);
+        let Ok(off) = libc::off_t::try_from(start) else {
+            return false;
+        };
+        // SAFETY: lseek on our own open file descriptor with a valid whence;
+        // it only inspects the file's extent map. SEEK_DATA does not move
+        // anything the positioned reads/writes (pread/pwrite) depend on.
+        let next = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
+        if next < 0 {
+            // ENXIO: no data at or after `start` — the rest is a hole.
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        u64::try_from(next).is_ok_and(|n| n >= end)
+    }
+
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -133,6 +154,14 @@ mod tests {
         r.read_at(&mut b, 4094).unwrap();
         assert_eq!(&b, b"hello");
         assert!(matches!(r.write_at(b"x", 0), Err(StorageError::ReadOnly)));
+        // Block 2 was never written: a hole (if the filesystem reports holes),
+        // and never claimed zero when it holds data.
+        assert!(!r.known_zero(1));
+        if r.known_zero(2) {
+            let mut z = vec![1u8; 4096];
+            r.read_at(&mut z, 2 * 4096).unwrap();
+            assert!(z.iter().all(|&b| b == 0));
+        }
         assert!(r.read_at(&mut b, r.size() - 2).is_err());
     }
 }

@@ -81,6 +81,13 @@ impl BlockDevice for MemoryDevice {
         fill(&mut block).map_err(|e| StorageError::io("block data source", e))
     }
 
+    fn known_zero(&self, index: u64) -> bool {
+        self.block(index)
+            .ok()
+            .and_then(|b| b.read().ok().map(|b| super::is_zero(&b)))
+            .unwrap_or(false)
+    }
+
     fn flush(&self) -> Result<()> {
         Ok(())
     }

@@ -43,6 +43,13 @@ pub trait BlockDevice: Send + Sync {
         self.write_at(&buf, index * u64::from(self.block_size()))
     }
 
+    /// True only if block `index` certainly reads as zeros and this could be
+    /// told cheaply (a hole in a sparse file, an in-place scan of memory);
+    /// false means "unknown". Lets the sender skip copying zero blocks.
+    fn known_zero(&self, _index: u64) -> bool {
+        false
+    }
+
     /// Number of blocks (the last one may be short).
     fn block_count(&self) -> u64 {
         block_count(self.size(), self.block_size())

@@ -187,6 +187,9 @@ impl Shared {
     /// Reads and classifies block `idx`; the caller holds the device's send lock.
     fn classify(&self, dev: u32, idx: u64) -> Result<Block, Cause> {
         let d = &self.devs[dev as usize];
+        if d.device.known_zero(idx) {
+            return Ok(Block::Zero);
+        }
         let len = block_len(d.info.size, d.info.block_size, idx);
         let mut frame = block_frame_in(self.queue.spare_buffer(), dev, idx, len);
         d.device.read_at(

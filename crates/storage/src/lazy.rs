@@ -176,7 +176,11 @@ impl LazyDevice {
     /// Like [`Self::fill`], with the bytes produced by `fill` straight into
     /// the backing store; if the block is already present they are read and
     /// dropped.
-    pub(crate) fn fill_from(&self, index: u64, fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>) -> Result<bool> {
+    pub(crate) fn fill_from(
+        &self,
+        index: u64,
+        fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<bool> {
         let _g = self.stripe(index);
         if self.present.get(index) {
             let mut sink = vec![0u8; block_len(self.size, self.block_size, index)];

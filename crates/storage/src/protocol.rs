@@ -837,7 +837,10 @@ pub enum Incoming {
 
 /// Like [`read_frame_in`], but stops after the fixed part of an
 /// uncompressed BlockData frame (zero-copy receive).
-pub fn read_frame_or_block(r: &mut impl Read, mut payload: Vec<u8>) -> Result<Incoming, ProtocolError> {
+pub fn read_frame_or_block(
+    r: &mut impl Read,
+    mut payload: Vec<u8>,
+) -> Result<Incoming, ProtocolError> {
     let (ty, len) = read_header(r)?;
     if ty == T_BLOCK_DATA && len as usize > BLOCK_DATA_HEADER {
         let mut sub = [0u8; BLOCK_DATA_HEADER];
@@ -845,7 +848,11 @@ pub fn read_frame_or_block(r: &mut impl Read, mut payload: Vec<u8>) -> Result<In
             return Err(ProtocolError::Truncated);
         }
         if sub[12] == 0 {
-            let mut d = Dec { b: &sub, pos: 0, kind: "BlockData" };
+            let mut d = Dec {
+                b: &sub,
+                pos: 0,
+                kind: "BlockData",
+            };
             return Ok(Incoming::Block {
                 device: d.u32()?,
                 index: d.u64()?,
@@ -882,7 +889,12 @@ fn read_header(r: &mut impl Read) -> Result<(u8, u32), ProtocolError> {
 }
 
 /// Appends `len` more payload bytes to `payload` and decodes the frame.
-fn read_rest(r: &mut impl Read, ty: u8, len: u32, mut payload: Vec<u8>) -> Result<Message, ProtocolError> {
+fn read_rest(
+    r: &mut impl Read,
+    ty: u8,
+    len: u32,
+    mut payload: Vec<u8>,
+) -> Result<Message, ProtocolError> {
     // Bounded by the type's limit (checked by read_header); read_to_end into
     // reserved capacity avoids zero-filling a buffer about to be overwritten.
     payload.reserve(len as usize);

@@ -26,26 +26,29 @@ pub trait Link: Read + Write + Send + 'static {
     }
 }
 
-/// Sets SO_SNDBUF and SO_RCVBUF on a socket.
-fn set_socket_buffers(fd: std::os::fd::BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+/// Sets one integer socket option.
+fn set_int_option(
+    fd: std::os::fd::BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: usize,
+) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: `fd` is a valid open socket for the duration of the call
-        // (borrowed from its owner), and we pass a pointer to a live c_int
-        // together with its exact size, as setsockopt requires.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    let v = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is a valid open socket for the duration of the call
+    // (borrowed from its owner), and we pass a pointer to a live c_int
+    // together with its exact size, as setsockopt requires.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -63,7 +66,16 @@ impl Link for TcpStream {
     fn limit_buffers(&self, bytes: usize) -> io::Result<()> {
         use std::os::fd::AsFd;
         self.set_nodelay(true)?;
-        set_socket_buffers(self.as_fd(), bytes)
+        // Keep little *unsent* data in the kernel (writes block until the
+        // unsent queue drops below `bytes`), while the window — and so
+        // throughput — stays autotuned; bound the receive queue too.
+        set_int_option(
+            self.as_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            bytes,
+        )?;
+        set_int_option(self.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4 * bytes)
     }
 }
 
@@ -79,7 +91,7 @@ impl Link for UnixStream {
     }
     fn limit_buffers(&self, bytes: usize) -> io::Result<()> {
         use std::os::fd::AsFd;
-        set_socket_buffers(self.as_fd(), bytes)
+        set_int_option(self.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
     }
 }
 

@@ -76,7 +76,11 @@ impl BlockDevice for MemoryDevice {
         Ok(())
     }
 
-    fn write_block_with(&self, index: u64, fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>) -> Result<()> {
+    fn write_block_with(
+        &self,
+        index: u64,
+        fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
         let mut block = self.block(index)?.write().map_err(|_| poisoned())?;
         fill(&mut block).map_err(|e| StorageError::io("block data source", e))
     }

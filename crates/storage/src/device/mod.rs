@@ -36,7 +36,11 @@ pub trait BlockDevice: Send + Sync {
     /// Writes the whole block `index`, its bytes produced by `fill` — straight
     /// into the device's storage where the backend can (zero-copy receive).
     /// If `fill` fails the block's contents are unspecified.
-    fn write_block_with(&self, index: u64, fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>) -> Result<()> {
+    fn write_block_with(
+        &self,
+        index: u64,
+        fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
         let len = block_len(self.size(), self.block_size(), index);
         let mut buf = vec![0u8; len];
         fill(&mut buf).map_err(|e| StorageError::io("block data source", e))?;

@@ -85,9 +85,9 @@ pub struct MigrationConfig {
     pub handshake_timeout: Duration,
     /// Bulk bytes queued ahead of the socket before the sender waits.
     pub bulk_queue_bytes: usize,
-    /// Cap on kernel socket buffers (SO_SNDBUF/SO_RCVBUF), bounding how
-    /// long a need-block reply can wait behind bulk data; `None` leaves the
-    /// kernel's autotuning alone.
+    /// Bound on data queued in the kernel ahead of a need-block reply: on
+    /// TCP the unsent-queue low-water mark (TCP_NOTSENT_LOWAT, receive buffer
+    /// 4x), on Unix sockets SO_SNDBUF. `None` leaves kernel autotuning alone.
     pub socket_buffer_bytes: Option<usize>,
 }
 
@@ -101,7 +101,7 @@ impl Default for MigrationConfig {
             secret: Secret::default(),
             handshake_timeout: Duration::from_secs(10),
             bulk_queue_bytes: 512 * 1024,
-            socket_buffer_bytes: Some(256 * 1024),
+            socket_buffer_bytes: Some(64 * 1024),
         }
     }
 }

@@ -11,8 +11,8 @@ use crate::auth::{handshake, Role};
 use crate::device::{block_len, BlockDevice};
 use crate::lazy::LazyDevice;
 use crate::protocol::{
-    block_bytes, read_frame, read_frame_or_block, DeviceInfo, Incoming, DeviceTable, Event, Message, ProtocolError,
-    MAX_DEVICES, MAX_HASHES, MAX_SAMPLE,
+    block_bytes, read_frame, read_frame_or_block, DeviceInfo, DeviceTable, Event, Incoming,
+    Message, ProtocolError, MAX_DEVICES, MAX_HASHES, MAX_SAMPLE,
 };
 use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
 use crate::transport::{FrameQueue, FrameWriter, Link};
@@ -474,7 +474,9 @@ impl Receiver {
                     });
                     match (res, read_err) {
                         (Ok(_), _) => {}
-                        (Err(_), Some(std::io::ErrorKind::UnexpectedEof)) => return Err(ProtocolError::Truncated.into()),
+                        (Err(_), Some(std::io::ErrorKind::UnexpectedEof)) => {
+                            return Err(ProtocolError::Truncated.into())
+                        }
                         (Err(e), Some(_)) => return Err(Cause::Connection(e.to_string())),
                         (Err(e), None) => return Err(e.into()),
                     }

@@ -243,9 +243,14 @@ impl Shared {
             Block::Data(f) => f,
         };
         self.served.fetch_add(1, Ordering::Relaxed);
-        self.queue
-            .push_priority(frame)
-            .map_err(|e| Cause::Protocol(ProtocolError::Io(std::io::Error::other(e))))
+        // If the writer has stopped the reply is dropped without error: the
+        // reader keeps reading, because a destination that already completed
+        // (and closed) may have left a Completed frame behind its last
+        // requests; a dead connection surfaces as a read error instead.
+        if let Err(e) = self.queue.push_priority(frame) {
+            tracing::debug!(error = %e, "need-block reply dropped");
+        }
+        Ok(())
     }
 }
 

@@ -144,3 +144,65 @@ fn compression_and_verification_report_savings_and_no_mismatch() {
     assert!(r.bytes_sent < 16 * 4096, "sent {}", r.bytes_sent);
     assert_eq!(r.devices[0].mismatched_blocks, Some(0));
 }
+
+#[test]
+fn full_pass_sends_the_hottest_blocks_last() {
+    use drafter_storage::auth::{handshake, Role};
+    use drafter_storage::protocol::{read_frame, Event, Message};
+    use drafter_storage::Secret;
+    use std::io::Write;
+
+    // A long expiry, so a slow machine cannot age the writes out.
+    let dev = Arc::new(drafter_storage::TrackedDevice::new(
+        Arc::new(drafter_storage::MemoryDevice::new(32 * 4096, 4096).unwrap()),
+        std::time::Duration::from_secs(600),
+    ));
+    // Fill every block with data so each is sent as BlockData.
+    for b in 0..32u64 {
+        dev.write_at(&[b as u8 + 1; 4096], b * 4096).unwrap();
+    }
+    // Block 7 is written most, block 3 next; the rest once.
+    for _ in 0..20 {
+        dev.write_at(&[0xaa; 16], 7 * 4096).unwrap();
+    }
+    for _ in 0..5 {
+        dev.write_at(&[0xbb; 16], 3 * 4096).unwrap();
+    }
+    let src = source_of(std::slice::from_ref(&dev), MigrationConfig::default());
+    let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let p = std::thread::spawn(move || {
+        handshake(&mut peer, Role::Destination, &Secret::default()).unwrap();
+        let mut order = Vec::new();
+        loop {
+            match read_frame(&mut peer).unwrap() {
+                Message::DevicesListed { .. } => peer
+                    .write_all(
+                        &Message::DeviceAck {
+                            device: 0,
+                            has_base: false,
+                        }
+                        .to_frame(),
+                    )
+                    .unwrap(),
+                Message::BlockData { index, .. } => order.push(index),
+                Message::Event(Event::AuthorityTransferred) => peer
+                    .write_all(&Message::Event(Event::AuthorityAccepted).to_frame())
+                    .unwrap(),
+                Message::Event(Event::AllSent) => {
+                    peer.write_all(&Message::Event(Event::Completed).to_frame())
+                        .unwrap();
+                    return order;
+                }
+                _ => {}
+            }
+        }
+    });
+    src.migrate(a, || Ok(())).unwrap();
+    let order = p.join().unwrap();
+    let first_pass = &order[..32];
+    assert_eq!(&first_pass[30..], &[3, 7], "hottest last: {first_pass:?}");
+    assert_eq!(
+        &first_pass[..30],
+        &(0..32).filter(|b| *b != 3 && *b != 7).collect::<Vec<_>>()[..]
+    );
+}

@@ -440,8 +440,7 @@ impl Run<'_> {
                 start,
                 hashes,
             } if self.acks < shared.devs.len() => {
-                let info = shared.table.check_run(device, start, hashes.len() as u64)?;
-                let blocks = info.blocks();
+                shared.table.check_run(device, start, hashes.len() as u64)?;
                 let base = self.bases[device as usize].get_or_insert_with(Vec::new);
                 if start != base.len() as u64 {
                     return Err(ProtocolError::OutOfRange(format!(
@@ -450,7 +449,6 @@ impl Run<'_> {
                     .into());
                 }
                 base.extend(hashes);
-                let _ = blocks;
             }
             Message::DeviceAck { device, has_base } if self.acks < shared.devs.len() => {
                 if device as usize != self.acks {

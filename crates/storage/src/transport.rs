@@ -145,6 +145,8 @@ pub struct FrameQueue {
     /// Bytes written, by frame type.
     pub counters: WireCounters,
     spare: Mutex<Vec<Vec<u8>>>,
+    /// The link's write side, shared by the writer thread and direct writers.
+    out: Mutex<BufWriter<Box<dyn Link>>>,
 }
 
 const SPARE_BUFFERS: usize = 32;
@@ -155,7 +157,7 @@ const SPARE_BUFFERS: usize = 32;
 pub struct WriterStopped(pub String);
 
 impl FrameQueue {
-    fn new(bulk_limit: usize) -> Self {
+    fn new(link: Box<dyn Link>, bulk_limit: usize) -> Self {
         FrameQueue {
             q: Mutex::new(Queues {
                 priority: VecDeque::new(),
@@ -173,6 +175,7 @@ impl FrameQueue {
             bulk_limit,
             counters: WireCounters::default(),
             spare: Mutex::new(Vec::new()),
+            out: Mutex::new(BufWriter::with_capacity(64 * 1024, link)),
         }
     }
 
@@ -219,6 +222,47 @@ impl FrameQueue {
                 s.push(buf);
             }
         }
+    }
+
+    fn out(&self) -> std::sync::MutexGuard<'_, BufWriter<Box<dyn Link>>> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes a priority frame from the calling thread, right after the frame
+    /// being written now, without waking the writer thread. It blocks while
+    /// the link is full, so a thread that must keep reading the same
+    /// connection (a receive loop) must use [`Self::push_priority`] instead.
+    pub fn write_direct(&self, frame: Vec<u8>) -> Result<(), WriterStopped> {
+        {
+            let mut q = self.lock();
+            if let Some(f) = &q.failed {
+                return Err(WriterStopped(f.clone()));
+            }
+            if q.closing {
+                return Err(WriterStopped("connection closing".into()));
+            }
+            q.pushed += 1;
+        }
+        let mut out = self.out();
+        if let Err(e) = out.write_all(&frame).and_then(|()| out.flush()) {
+            out.get_ref().shutdown_link();
+            drop(out);
+            let why = format!("write failed: {e}");
+            self.fail(why.clone());
+            return Err(WriterStopped(why));
+        }
+        drop(out);
+        self.counters
+            .add(frame.first().copied().unwrap_or(0), frame.len() as u64);
+        self.recycle(frame);
+        let mut q = self.lock();
+        q.written += 1;
+        let wake = q.producers_waiting > 0;
+        drop(q);
+        if wake {
+            self.wake_producer.notify_all();
+        }
+        Ok(())
     }
 
     /// Queues a frame ahead of all bulk frames.
@@ -305,11 +349,11 @@ impl FrameWriter {
     /// frames are queued before [`FrameQueue::wait_for_space`] blocks.
     pub fn start(link: Box<dyn Link>, bulk_limit: usize) -> io::Result<Self> {
         let control = link.try_clone_link()?;
-        let queue = Arc::new(FrameQueue::new(bulk_limit));
+        let queue = Arc::new(FrameQueue::new(link, bulk_limit));
         let q = queue.clone();
         let thread = std::thread::Builder::new()
             .name("drafter-frame-writer".into())
-            .spawn(move || writer_loop(link, &q))
+            .spawn(move || writer_loop(&q))
             .ok();
         if thread.is_none() {
             queue.fail("could not start writer thread".into());
@@ -364,8 +408,7 @@ impl Drop for FrameWriter {
     }
 }
 
-fn writer_loop(link: Box<dyn Link>, q: &FrameQueue) {
-    let mut out = BufWriter::with_capacity(64 * 1024, link);
+fn writer_loop(q: &FrameQueue) {
     loop {
         let (frame, priority) = {
             let mut g = q.lock();
@@ -382,17 +425,32 @@ fn writer_loop(link: Box<dyn Link>, q: &FrameQueue) {
                 }
                 if g.closing {
                     drop(g);
-                    let _ = out.flush();
+                    let _ = q.out().flush();
                     return;
                 }
                 // Nothing to send: push out what is buffered before sleeping.
-                if !out.buffer().is_empty() {
-                    drop(g);
-                    if let Err(e) = out.flush() {
+                drop(g);
+                let flushed = {
+                    let mut out = q.out();
+                    if out.buffer().is_empty() {
+                        None
+                    } else {
+                        Some(out.flush())
+                    }
+                };
+                match flushed {
+                    Some(Err(e)) => {
                         q.fail(format!("write failed: {e}"));
                         return;
                     }
-                    g = q.lock();
+                    Some(Ok(())) => {
+                        g = q.lock();
+                        continue;
+                    }
+                    None => {}
+                }
+                g = q.lock();
+                if !g.priority.is_empty() || !g.bulk.is_empty() || g.closing || g.failed.is_some() {
                     continue;
                 }
                 g.writer_waiting = true;
@@ -401,18 +459,24 @@ fn writer_loop(link: Box<dyn Link>, q: &FrameQueue) {
             }
         };
         let ty = frame.first().copied().unwrap_or(0);
-        let res = out.write_all(&frame).and_then(|()| {
-            // Priority replies and events go out at once; an event's
-            // byte count below then means it really left this host.
-            if priority || ty == crate::protocol::T_EVENT {
-                out.flush()
-            } else {
-                Ok(())
+        let res = {
+            let mut out = q.out();
+            let r = out.write_all(&frame).and_then(|()| {
+                // Priority replies and events go out at once; an event's
+                // byte count below then means it really left this host.
+                if priority || ty == crate::protocol::T_EVENT {
+                    out.flush()
+                } else {
+                    Ok(())
+                }
+            });
+            if r.is_err() {
+                out.get_ref().shutdown_link();
             }
-        });
+            r
+        };
         if let Err(e) = res {
             q.fail(format!("write failed: {e}"));
-            out.get_ref().shutdown_link();
             return;
         }
         q.counters.add(ty, frame.len() as u64);

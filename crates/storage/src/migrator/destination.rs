@@ -178,7 +178,7 @@ impl MigrationDestination {
             ));
             let (q, id) = (queue.clone(), info.id);
             lazy.set_fetcher(Box::new(move |index| {
-                q.push_priority(Message::NeedBlock { device: id, index }.to_frame())
+                q.write_direct(Message::NeedBlock { device: id, index }.to_frame())
                     .map_err(|e| e.to_string())
             }));
             let is_base = d.initial == Initial::Base;

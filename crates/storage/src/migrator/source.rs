@@ -247,7 +247,7 @@ impl Shared {
         // reader keeps reading, because a destination that already completed
         // (and closed) may have left a Completed frame behind its last
         // requests; a dead connection surfaces as a read error instead.
-        if let Err(e) = self.queue.push_priority(frame) {
+        if let Err(e) = self.queue.write_direct(frame) {
             tracing::debug!(error = %e, "need-block reply dropped");
         }
         Ok(())

@@ -112,7 +112,7 @@ pub fn tcp_who_am_i_server(ns: &NetNs, addr: SocketAddr) -> SocketAddr {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let peer = conn.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+            let peer = conn.peer_addr().map(|p| p.ip().to_canonical().to_string()).unwrap_or_default();
             let _ = conn.write_all(peer.as_bytes());
         }
     });
@@ -170,23 +170,35 @@ impl ServiceChild {
                 let status = self.child.wait().unwrap();
                 panic!("service child exited before READY: {status}");
             }
-            if line.starts_with("READY") {
-                return line.trim().to_string();
+            // libtest prints "test <name> ... " without a newline before the child's output.
+            if let Some(at) = line.find("READY") {
+                return line[at..].trim().to_string();
             }
         }
     }
 
     /// Sends SIGTERM and waits; returns whether the child exited successfully.
-    pub fn terminate(mut self) -> bool {
+    pub fn terminate(&mut self) -> bool {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         self.child.wait().unwrap().success()
     }
 
     /// SIGKILL, like a crash.
-    pub fn kill9(mut self) {
+    pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServiceChild {
+    fn drop(&mut self) {
+        // A failed assertion must not leave a running service behind.
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = self.child.wait();
+        }
     }
 }
 

@@ -231,6 +231,30 @@ impl LazyDevice {
         }
     }
 
+    /// Waits until every block is present (e.g. guest memory, before a VMM
+    /// maps it), or fails if the migration broke first.
+    pub fn wait_all_present(&self) -> Result<()> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut g = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        let r = loop {
+            if self.missing_blocks() == 0 {
+                break Ok(());
+            }
+            if let Some(f) = &*g {
+                break Err(StorageError::Unavailable {
+                    block: (0..block_count(self.size, self.block_size))
+                        .find(|&b| !self.present.get(b))
+                        .unwrap_or(0),
+                    reason: f.clone(),
+                });
+            }
+            g = self.arrived.wait(g).unwrap_or_else(|p| p.into_inner());
+        };
+        drop(g);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
     /// Waits until block `index` is present, fetching it with priority.
     pub fn ensure_present(&self, index: u64) -> Result<()> {
         if self.present.get(index) {

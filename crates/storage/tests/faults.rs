@@ -246,6 +246,13 @@ fn check_after_authority(mode: Mode, kill: bool) {
     let lazy = &out.dest_devices[0];
     let final_src = read_all(&*dev);
     assert!(lazy.missing_blocks() > 0, "the cut left blocks behind");
+    assert!(
+        matches!(
+            lazy.wait_all_present(),
+            Err(StorageError::Unavailable { .. })
+        ),
+        "no hang after the cut"
+    );
     let mut buf = vec![0u8; 4096];
     let mut stale = 0;
     for b in 0..lazy.block_count() {

@@ -206,3 +206,33 @@ fn full_pass_sends_the_hottest_blocks_last() {
         &(0..32).filter(|b| *b != 3 && *b != 7).collect::<Vec<_>>()[..]
     );
 }
+
+#[test]
+fn a_destination_can_wait_for_one_device_while_others_stay_lazy() {
+    let mem = seeded_device(512, 4096, 21);
+    let disk = seeded_device(64, 4096, 22);
+    let src = MigrationSource::new(
+        vec![
+            SourceDevice::fixed("memory", mem.clone(), fast_device_config()),
+            SourceDevice::fixed("disk", disk.clone(), fast_device_config()),
+        ],
+        MigrationConfig {
+            mode: Mode::PostCopy,
+            ..Default::default()
+        },
+    );
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        let s =
+            MigrationDestination::accept(b, &MigrationConfig::default(), memory_factory).unwrap();
+        s.wait_authority().unwrap();
+        let m = s.device("memory").unwrap();
+        m.wait_all_present().unwrap();
+        assert_eq!(m.missing_blocks(), 0);
+        let snapshot = read_all(&*m);
+        s.wait_complete().unwrap();
+        snapshot
+    });
+    src.migrate(a, || Ok(())).unwrap();
+    assert!(dest.join().unwrap() == read_all(&*mem));
+}

@@ -236,3 +236,43 @@ fn a_destination_can_wait_for_one_device_while_others_stay_lazy() {
     src.migrate(a, || Ok(())).unwrap();
     assert!(dest.join().unwrap() == read_all(&*mem));
 }
+
+#[test]
+fn stop_and_copy_tail_sends_the_final_dirty_data_before_authority() {
+    let dev = seeded_device(128, 4096, 31);
+    let src = MigrationSource::new(
+        vec![SourceDevice::tracked(
+            "disk",
+            dev.clone(),
+            fast_device_config(),
+        )],
+        MigrationConfig {
+            final_data_before_authority: true,
+            ..Default::default()
+        },
+    );
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        let s =
+            MigrationDestination::accept(b, &MigrationConfig::default(), memory_factory).unwrap();
+        s.wait_authority().unwrap();
+        let d = s.device("disk").unwrap();
+        let missing_at_authority = d.missing_blocks();
+        s.wait_complete().unwrap();
+        (missing_at_authority, read_all(&*d))
+    });
+    let dev2 = dev.clone();
+    let report = src
+        .migrate(a, || {
+            // The VM's last writes land after the final cycle.
+            for b in (0..128).step_by(3) {
+                dev2.write_at(&[0x77; 4096], b * 4096).unwrap();
+            }
+            Ok(())
+        })
+        .unwrap();
+    let (missing, got) = dest.join().unwrap();
+    assert_eq!(report.devices[0].final_dirty, 43);
+    assert_eq!(missing, 0, "everything arrived before authority");
+    assert!(got == read_all(&*dev));
+}

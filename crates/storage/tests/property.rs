@@ -36,46 +36,43 @@ struct Case {
     max_dirty: u64,
     compression: bool,
     tail_reads: u64,
+    final_data_first: bool,
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (
+    let shape = (
         any::<u64>(),
         prop::collection::vec(64u64..=256, 1..=3),
         1usize..=3,
         prop::bool::weighted(0.2),
         prop_oneof![Just(0u64), Just(20)],
+    );
+    let knobs = (
         0u32..3,
         1u32..6,
         1u64..40,
         prop::bool::weighted(0.2),
         0u64..24,
+        prop::bool::weighted(0.25),
+    );
+    (shape, knobs).prop_map(
+        |(
+            (seed, blocks, writers, post_copy, budget_ms),
+            (min_cycles, max_cycles, max_dirty, compression, tail_reads, final_data_first),
+        )| Case {
+            seed,
+            blocks,
+            writers,
+            post_copy,
+            budget_ms,
+            min_cycles,
+            max_cycles,
+            max_dirty,
+            compression,
+            tail_reads,
+            final_data_first,
+        },
     )
-        .prop_map(
-            |(
-                seed,
-                blocks,
-                writers,
-                post_copy,
-                budget_ms,
-                min_cycles,
-                max_cycles,
-                max_dirty,
-                compression,
-                tail_reads,
-            )| Case {
-                seed,
-                blocks,
-                writers,
-                post_copy,
-                budget_ms,
-                min_cycles,
-                max_cycles,
-                max_dirty,
-                compression,
-                tail_reads,
-            },
-        )
 }
 
 fn run_case(c: &Case) -> Result<(), TestCaseError> {
@@ -106,6 +103,7 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
             },
             downtime_budget: Duration::from_millis(c.budget_ms),
             compression: c.compression,
+            final_data_before_authority: c.final_data_first,
             ..MigrationConfig::default()
         },
     );

@@ -85,6 +85,11 @@ pub struct MigrationConfig {
     pub handshake_timeout: Duration,
     /// Bulk bytes queued ahead of the socket before the sender waits.
     pub bulk_queue_bytes: usize,
+    /// Send the final dirty blocks' data before handing authority over
+    /// (stop-and-copy tail: longer downtime, the destination never waits for
+    /// a block). By default only their list is sent and the data follows in
+    /// the post-copy tail.
+    pub final_data_before_authority: bool,
     /// Bound on data queued in the kernel ahead of a need-block reply: on
     /// TCP the unsent-queue low-water mark (TCP_NOTSENT_LOWAT, receive buffer
     /// 4x), on Unix sockets SO_SNDBUF. `None` leaves kernel autotuning alone.
@@ -102,6 +107,7 @@ impl Default for MigrationConfig {
             handshake_timeout: Duration::from_secs(10),
             bulk_queue_bytes: 512 * 1024,
             socket_buffer_bytes: Some(64 * 1024),
+            final_data_before_authority: false,
         }
     }
 }

@@ -748,6 +748,12 @@ impl Run<'_> {
                 self.reports[dev as usize].final_dirty = d.len() as u64;
                 finals.push(d);
             }
+            if cfg.final_data_before_authority {
+                // Stop-and-copy tail: longer downtime, no post-copy faults.
+                for (dev, list) in std::mem::take(&mut finals).iter().enumerate() {
+                    self.pass(dev as u32, list)?;
+                }
+            }
             self.transfer_authority()?;
             self.enter(Phase::Tail);
             for (dev, list) in finals.iter().enumerate() {

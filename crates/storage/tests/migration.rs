@@ -276,3 +276,64 @@ fn stop_and_copy_tail_sends_the_final_dirty_data_before_authority() {
     assert_eq!(missing, 0, "everything arrived before authority");
     assert!(got == read_all(&*dev));
 }
+
+#[test]
+fn one_registry_source_serves_several_readers_at_once() {
+    let dev = seeded_device(256, 4096, 41);
+    let src = Arc::new(MigrationSource::new(
+        vec![SourceDevice::fixed(
+            "disk",
+            dev.clone(),
+            fast_device_config(),
+        )],
+        MigrationConfig {
+            mode: Mode::PostCopy,
+            ..Default::default()
+        },
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = {
+        let src = src.clone();
+        std::thread::spawn(move || {
+            let handles: Vec<_> = (0..3)
+                .map(|_| {
+                    let (sock, _) = listener.accept().unwrap();
+                    let src = src.clone();
+                    std::thread::spawn(move || src.migrate(sock, || Ok(())).map(|r| r.data_blocks))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let readers: Vec<_> = (0..3u64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let s = MigrationDestination::accept(
+                    TcpStream::connect(addr).unwrap(),
+                    &MigrationConfig::default(),
+                    memory_factory,
+                )
+                .unwrap();
+                s.wait_authority().unwrap();
+                let d = s.device("disk").unwrap();
+                // Each reader starts reading somewhere else.
+                let mut b = vec![0u8; 4096];
+                for k in 0..64 {
+                    d.read_at(&mut b, ((i * 80 + k * 3) % 256) * 4096).unwrap();
+                }
+                s.wait_complete().unwrap();
+                read_all(&*d)
+            })
+        })
+        .collect();
+    let want = read_all(&*dev);
+    for r in readers {
+        assert!(r.join().unwrap() == want);
+    }
+    let sent = server.join().unwrap();
+    assert_eq!(sent.len(), 3);
+}

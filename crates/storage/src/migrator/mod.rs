@@ -78,22 +78,48 @@ pub enum Progress {
 /// Observer callback.
 pub type Observer = Arc<dyn Fn(&Progress) + Send + Sync>;
 
-/// Cancels a running migration from another thread.
+/// Cancels migrations from another thread: every migration running on the
+/// [`MigrationSource`] it came from (one source may serve many readers).
 #[derive(Clone, Default)]
 pub struct CancelHandle(Arc<CancelInner>);
 
 #[derive(Default)]
 struct CancelInner {
     cancelled: AtomicBool,
-    link: Mutex<Option<Box<dyn Link>>>,
+    next_id: std::sync::atomic::AtomicU64,
+    links: Mutex<Vec<(u64, Box<dyn Link>)>>,
+}
+
+/// Keeps a running migration's link registered for cancellation.
+pub(crate) struct Attached {
+    handle: CancelHandle,
+    id: u64,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let mut links = self
+            .handle
+            .0
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        links.retain(|(id, _)| *id != self.id);
+    }
 }
 
 impl CancelHandle {
-    /// Cancels: the migration stops with [`Cause::Cancelled`] and the
-    /// connection is shut down.
+    /// Cancels: running migrations stop with [`Cause::Cancelled`], their
+    /// connections are shut down, and later ones fail at once.
     pub fn cancel(&self) {
         self.0.cancelled.store(true, Ordering::SeqCst);
-        if let Some(l) = &*self.0.link.lock().unwrap_or_else(|p| p.into_inner()) {
+        for (_, l) in self
+            .0
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             l.shutdown_link();
         }
     }
@@ -103,11 +129,16 @@ impl CancelHandle {
         self.0.cancelled.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn attach(&self, link: Box<dyn Link>) {
-        let mut g = self.0.link.lock().unwrap_or_else(|p| p.into_inner());
+    pub(crate) fn attach(&self, link: Box<dyn Link>) -> Attached {
+        let id = self.0.next_id.fetch_add(1, Ordering::SeqCst);
+        let mut links = self.0.links.lock().unwrap_or_else(|p| p.into_inner());
         if self.is_cancelled() {
             link.shutdown_link();
         }
-        *g = Some(link);
+        links.push((id, link));
+        Attached {
+            handle: self.clone(),
+            id,
+        }
     }
 }

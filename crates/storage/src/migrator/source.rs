@@ -59,7 +59,9 @@ impl SourceDevice {
     }
 }
 
-/// Pushes a set of devices to one destination per [`Self::migrate`] call.
+/// Pushes a set of devices to one destination per [`Self::migrate`] call;
+/// calls may run concurrently from several threads (a registry serving many
+/// readers of the same fixed devices).
 pub struct MigrationSource {
     devices: Vec<SourceDevice>,
     config: MigrationConfig,
@@ -84,7 +86,7 @@ impl MigrationSource {
         self
     }
 
-    /// A handle that cancels the running migration.
+    /// A handle that cancels the migrations running on this source.
     pub fn cancel_handle(&self) -> CancelHandle {
         self.cancel.clone()
     }
@@ -120,6 +122,7 @@ impl MigrationSource {
             bytes_received: Arc::new(AtomicU64::new(0)),
             reader: None,
             control: None,
+            attached: None,
         };
         let result = run.execute(Box::new(link), suspend);
         let report = run.finish_report();
@@ -348,6 +351,7 @@ struct Run<'a> {
     bytes_received: Arc<AtomicU64>,
     reader: Option<std::thread::JoinHandle<()>>,
     control: Option<Box<dyn Link>>,
+    attached: Option<super::Attached>,
 }
 
 fn proto(e: impl std::fmt::Display) -> Cause {
@@ -625,8 +629,10 @@ impl Run<'_> {
         self.check_cancel()?;
         self.notify(&Progress::Phase(Phase::Handshake));
         let control = link.try_clone_link().map_err(ProtocolError::Io)?;
-        src.cancel
-            .attach(link.try_clone_link().map_err(ProtocolError::Io)?);
+        self.attached = Some(
+            src.cancel
+                .attach(link.try_clone_link().map_err(ProtocolError::Io)?),
+        );
         self.control = Some(control);
         link.set_link_read_timeout(Some(cfg.handshake_timeout))
             .map_err(ProtocolError::Io)?;

@@ -12,7 +12,7 @@ use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::*;
-use crate::arch::x86_64::mptable;
+use crate::arch::x86_64::{acpi, mptable};
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::memory::GuestMemory;
 
@@ -176,6 +176,7 @@ fn write_zero_page(
         };
     }
     params.e820_entries = map.len() as u8;
+    params.acpi_rsdp_addr = acpi::RSDP_ADDR;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(setup_err)
 }
@@ -210,7 +211,7 @@ fn write_pvh_info(
     info.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes());
     info.extend_from_slice(&(if initrd.is_some() { PVH_MODLIST_START } else { 0 }).to_le_bytes());
     info.extend_from_slice(&CMDLINE_START.to_le_bytes());
-    info.extend_from_slice(&0u64.to_le_bytes()); // rsdp
+    info.extend_from_slice(&acpi::RSDP_ADDR.to_le_bytes());
     info.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());
     info.extend_from_slice(&(map.len() as u32).to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes());
@@ -243,6 +244,7 @@ pub fn load(
         EntryMode::Pvh => write_pvh_info(mem, initrd)?,
     }
     mptable::setup(mem, num_cpus).map_err(setup_err)?;
+    acpi::setup(mem, num_cpus).map_err(setup_err)?;
     regs::write_boot_tables(mem, entry.mode).map_err(setup_err)?;
     Ok(entry)
 }

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::{SleepControl, SLEEP_CONTROL_PORT};
 use crate::arch::x86_64::layout::{FIRST_VIRTIO_GSI, LAST_GSI, VIRTIO_MMIO_START};
 use crate::bus::{Bus, BusDevice};
 use crate::config::{parse_mac, VmConfig};
@@ -159,15 +160,23 @@ impl DeviceManager {
         )
         .map_err(err)?;
         let reset_stop = Arc::new(AtomicBool::new(false));
+        let reset_exits = exits.clone();
         let stop = reset_stop.clone();
         let reset_thread = std::thread::Builder::new()
             .name("i8042-reset".into())
             .spawn(move || {
                 // Blocks until the guest pulses reset (or the VMM wakes us to stop).
                 if reset_evt.read().is_ok() && !stop.load(Ordering::SeqCst) {
-                    let _ = exits.send(ExitStatus::Reboot);
+                    let _ = reset_exits.send(ExitStatus::Reboot);
                 }
             })
+            .map_err(err)?;
+
+        let poweroff = Mutex::new(exits.clone());
+        let sleep = SleepControl::new(move || {
+            let _ = lock(&poweroff).send(ExitStatus::Poweroff);
+        });
+        pio.insert(u64::from(SLEEP_CONTROL_PORT), 2, Arc::new(Mutex::new(sleep)))
             .map_err(err)?;
 
         let devices = models(config)?;

@@ -1,6 +1,7 @@
 //! x86_64: memory layout, GDT, page tables, boot registers and MSRs, CPUID
 //! normalisation and the MP table.
 
+pub mod acpi;
 pub mod cpuid;
 pub mod gdt;
 pub mod layout;

@@ -1,0 +1,221 @@
+//! Minimal ACPI tables (RSDP, XSDT, hardware-reduced FADT, DSDT with `_S5`, MADT):
+//! they tell the guest about every vCPU (kernels without MP-table parsing need the
+//! MADT) and give it a sleep control register, so a guest `poweroff` reaches the
+//! VMM as a port write instead of halting forever.
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::layout::{APIC_ADDR, IOAPIC_ADDR};
+use crate::bus::BusDevice;
+use crate::memory::GuestMemory;
+
+/// Where the RSDP lives (inside the BIOS area the guest scans).
+pub const RSDP_ADDR: u64 = 0x000e_0000;
+/// I/O port of the sleep control register.
+pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// I/O port of the sleep status register.
+pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// SLP_TYP the DSDT's `_S5` package announces.
+const S5_SLP_TYP: u8 = 5;
+const SLP_EN: u8 = 1 << 5;
+
+const OEM_ID: &[u8; 6] = b"DRAFTR";
+const OEM_TABLE_ID: &[u8; 8] = b"MICROVM ";
+
+fn checksum(bytes: &[u8]) -> u8 {
+    0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
+}
+
+/// An SDT: 36-byte header then `body`; length and checksum filled in.
+fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(36 + body.len());
+    t.extend_from_slice(signature);
+    t.extend_from_slice(&((36 + body.len()) as u32).to_le_bytes());
+    t.push(revision);
+    t.push(0);
+    t.extend_from_slice(OEM_ID);
+    t.extend_from_slice(OEM_TABLE_ID);
+    t.extend_from_slice(&1u32.to_le_bytes());
+    t.extend_from_slice(b"DRFT");
+    t.extend_from_slice(&1u32.to_le_bytes());
+    t.extend_from_slice(body);
+    t[9] = checksum(&t);
+    t
+}
+
+/// A Generic Address Structure for a byte-wide I/O port.
+fn gas_io(port: u16) -> [u8; 12] {
+    let mut g = [0u8; 12];
+    g[0] = 1; // system I/O space
+    g[1] = 8; // bit width
+    g[3] = 1; // byte access
+    g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
+    g
+}
+
+fn fadt(dsdt: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 276 - 36];
+    let at = |off: usize| off - 36;
+    b[at(40)..at(44)].copy_from_slice(&(dsdt as u32).to_le_bytes());
+    // IAPC_BOOT_ARCH: 8042 present, no VGA, no CMOS RTC.
+    b[at(109)..at(111)].copy_from_slice(&((1u16 << 1) | (1 << 2) | (1 << 5)).to_le_bytes());
+    // Flags: power and sleep buttons are not fixed features; hardware-reduced ACPI.
+    let flags: u32 = (1 << 4) | (1 << 5) | (1 << 20);
+    b[at(112)..at(116)].copy_from_slice(&flags.to_le_bytes());
+    b[at(140)..at(148)].copy_from_slice(&dsdt.to_le_bytes());
+    b[at(244)..at(256)].copy_from_slice(&gas_io(SLEEP_CONTROL_PORT));
+    b[at(256)..at(268)].copy_from_slice(&gas_io(SLEEP_STATUS_PORT));
+    b[at(268)..at(276)].copy_from_slice(b"DRAFTER\0");
+    sdt(b"FACP", 6, &b)
+}
+
+fn dsdt() -> Vec<u8> {
+    // Name (_S5_, Package (2) { 5, 0 })
+    let aml = [
+        0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, S5_SLP_TYP, 0x00,
+    ];
+    sdt(b"DSDT", 2, &aml)
+}
+
+fn madt(num_cpus: u8) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(APIC_ADDR as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes()); // no dual 8259 setup to honour
+    for cpu in 0..num_cpus {
+        b.extend_from_slice(&[0, 8, cpu, cpu]);
+        b.extend_from_slice(&1u32.to_le_bytes()); // enabled
+    }
+    b.extend_from_slice(&[1, 12, num_cpus + 1, 0]);
+    b.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    sdt(b"APIC", 5, &b)
+}
+
+/// Builds all tables for `num_cpus` laid out from [`RSDP_ADDR`]; returns the bytes
+/// to write there.
+pub fn build(num_cpus: u8) -> Vec<u8> {
+    let align = |v: usize| (v + 15) & !15;
+    let dsdt_off = 64;
+    let dsdt = dsdt();
+    let fadt_off = align(dsdt_off + dsdt.len());
+    let fadt = fadt(RSDP_ADDR + dsdt_off as u64);
+    let madt_off = align(fadt_off + fadt.len());
+    let madt = madt(num_cpus);
+    let xsdt_off = align(madt_off + madt.len());
+    let mut xbody = Vec::new();
+    xbody.extend_from_slice(&(RSDP_ADDR + fadt_off as u64).to_le_bytes());
+    xbody.extend_from_slice(&(RSDP_ADDR + madt_off as u64).to_le_bytes());
+    let xsdt = sdt(b"XSDT", 1, &xbody);
+
+    let mut rsdp = Vec::with_capacity(36);
+    rsdp.extend_from_slice(b"RSD PTR ");
+    rsdp.push(0);
+    rsdp.extend_from_slice(OEM_ID);
+    rsdp.push(2); // ACPI 2.0+
+    rsdp.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
+    rsdp.extend_from_slice(&36u32.to_le_bytes());
+    rsdp.extend_from_slice(&(RSDP_ADDR + xsdt_off as u64).to_le_bytes());
+    rsdp.extend_from_slice(&[0, 0, 0, 0]);
+    rsdp[8] = checksum(&rsdp[..20]);
+    rsdp[32] = checksum(&rsdp);
+
+    let mut out = vec![0u8; xsdt_off + xsdt.len()];
+    out[..36].copy_from_slice(&rsdp);
+    out[dsdt_off..dsdt_off + dsdt.len()].copy_from_slice(&dsdt);
+    out[fadt_off..fadt_off + fadt.len()].copy_from_slice(&fadt);
+    out[madt_off..madt_off + madt.len()].copy_from_slice(&madt);
+    out[xsdt_off..].copy_from_slice(&xsdt);
+    out
+}
+
+/// Writes the ACPI tables for `num_cpus` into guest memory.
+pub fn setup(mem: &GuestMemory, num_cpus: u8) -> Result<(), vm_memory::GuestMemoryError> {
+    mem.write_slice(&build(num_cpus), GuestAddress(RSDP_ADDR))
+}
+
+/// The sleep control/status registers: an S5 request powers the VM off.
+pub struct SleepControl<F: FnMut() + Send> {
+    on_poweroff: F,
+}
+
+impl<F: FnMut() + Send> SleepControl<F> {
+    /// Calls `on_poweroff` when the guest enters S5.
+    pub fn new(on_poweroff: F) -> Self {
+        SleepControl { on_poweroff }
+    }
+}
+
+impl<F: FnMut() + Send> BusDevice for SleepControl<F> {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset != 0 {
+            return;
+        }
+        if let Some(v) = data.first() {
+            if v & SLP_EN != 0 && (v >> 2) & 0x7 == S5_SLP_TYP {
+                (self.on_poweroff)();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn table_at(all: &[u8], addr: u64) -> &[u8] {
+        let off = (addr - RSDP_ADDR) as usize;
+        let len = u32::from_le_bytes([all[off + 4], all[off + 5], all[off + 6], all[off + 7]]);
+        &all[off..off + len as usize]
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[off..off + 8]);
+        u64::from_le_bytes(w)
+    }
+
+    #[test]
+    fn tables_chain_and_checksum() {
+        let all = build(2);
+        assert_eq!(&all[..8], b"RSD PTR ");
+        assert_eq!(sum(&all[..20]), 0);
+        assert_eq!(sum(&all[..36]), 0);
+        let xsdt = table_at(&all, u64_at(&all, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert_eq!(sum(xsdt), 0);
+        let fadt = table_at(&all, u64_at(xsdt, 36));
+        let madt = table_at(&all, u64_at(xsdt, 44));
+        assert_eq!((&fadt[..4], fadt.len()), (&b"FACP"[..], 276));
+        assert_eq!(sum(fadt), 0);
+        assert_ne!(u32::from_le_bytes([fadt[112], fadt[113], fadt[114], fadt[115]]) & (1 << 20), 0);
+        let dsdt = table_at(&all, u64_at(fadt, 140));
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert_eq!(sum(dsdt), 0);
+        assert_eq!(&madt[..4], b"APIC");
+        assert_eq!(sum(madt), 0);
+        // Two enabled local APICs, then the IOAPIC.
+        assert_eq!(&madt[44..48], &[0, 8, 0, 0]);
+        assert_eq!(&madt[52..56], &[0, 8, 1, 1]);
+        assert_eq!(&madt[60..62], &[1, 12]);
+    }
+
+    #[test]
+    fn only_an_s5_request_powers_off() {
+        let mut hits = 0;
+        {
+            let mut s = SleepControl::new(|| hits += 1);
+            s.write(0, &[(S5_SLP_TYP << 2)]); // no SLP_EN
+            s.write(0, &[(3 << 2) | SLP_EN]); // S3
+            s.write(0, &[(S5_SLP_TYP << 2) | SLP_EN]);
+        }
+        assert_eq!(hits, 1);
+    }
+}

@@ -1,0 +1,141 @@
+//! `drafter-blueprint`: builds VM blueprints.
+//!
+//! - `drafter-blueprint os --out-dir out/blueprint` writes `vmlinux`,
+//!   `initramfs` and `rootfs.ext4`.
+//! - `drafter-blueprint oci --image docker://valkey/valkey:latest --output
+//!   out/blueprint/oci.ext4` converts an OCI image (layout dir, `docker save`
+//!   tarball or registry reference) into an ext4 runtime-bundle disk.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use drafter_blueprint::oci::{self, ImageSource, OciOptions};
+use drafter_blueprint::os::{self, OsOptions};
+
+/// Builds drafter VM blueprints.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the guest OS: vmlinux, initramfs and rootfs.ext4 (needs root for debootstrap).
+    Os {
+        /// Output directory.
+        #[arg(long, default_value = "out/blueprint")]
+        out_dir: PathBuf,
+        /// Guest artifact folder (vmlinuz, busybox, modules/); default:
+        /// target/lab/guest/current above the working directory, else `cargo xtask guest-kernel`.
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
+        /// Cache for the debootstrap result.
+        #[arg(long, default_value = "target/blueprint")]
+        cache_dir: PathBuf,
+        /// Static drafter-agent binary (default: next to this program).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// Static drafter-liveness binary (default: next to this program).
+        #[arg(long)]
+        liveness_bin: Option<PathBuf>,
+        /// Debian mirror.
+        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        mirror: String,
+        /// Debian suite.
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// Command the agent runs before the VM is suspended.
+        #[arg(long, default_value = "sync")]
+        before_suspend_cmd: String,
+        /// Command the agent runs after the VM is resumed.
+        #[arg(long, default_value = "")]
+        after_resume_cmd: String,
+        /// Free space left in rootfs.ext4, in MiB.
+        #[arg(long, default_value_t = 256)]
+        headroom_mib: u64,
+    },
+    /// Convert an OCI image into oci.ext4 (label `oci`) holding a runtime bundle.
+    Oci {
+        /// Image: `oci:<layout dir>`, `docker-archive:<file>`, `docker://<ref>`,
+        /// or an existing directory / file / registry reference.
+        #[arg(long)]
+        image: String,
+        /// Output disk.
+        #[arg(long, default_value = "out/blueprint/oci.ext4")]
+        output: PathBuf,
+        /// Architecture picked from multi-platform images.
+        #[arg(long, default_value = "amd64")]
+        arch: String,
+        /// Talk plain HTTP to the registry (loopback registries always do).
+        #[arg(long)]
+        plain_http: bool,
+        /// Free space left in the disk, in MiB.
+        #[arg(long, default_value_t = 64)]
+        headroom_mib: u64,
+    },
+}
+
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Os {
+            out_dir,
+            guest_dir,
+            cache_dir,
+            agent_bin,
+            liveness_bin,
+            mirror,
+            suite,
+            before_suspend_cmd,
+            after_resume_cmd,
+            headroom_mib,
+        } => os::build(&OsOptions {
+            out_dir,
+            guest_dir,
+            cache_dir,
+            agent_bin: agent_bin.unwrap_or_else(|| sibling("drafter-agent")),
+            liveness_bin: liveness_bin.unwrap_or_else(|| sibling("drafter-liveness")),
+            mirror,
+            suite,
+            before_suspend_cmd,
+            after_resume_cmd,
+            headroom: headroom_mib * 1024 * 1024,
+        }),
+        Command::Oci {
+            image,
+            output,
+            arch,
+            plain_http,
+            headroom_mib,
+        } => oci::convert(&OciOptions {
+            source: ImageSource::parse(&image),
+            output,
+            arch,
+            plain_http,
+            headroom: headroom_mib * 1024 * 1024,
+        })
+        .map(|_| ()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("drafter-blueprint: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

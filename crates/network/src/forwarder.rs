@@ -98,7 +98,10 @@ impl PortForward {
             ));
         }
         if external.ip().is_multicast() {
-            return Err(format!("externalAddr {} is a multicast address", r.external_addr));
+            return Err(format!(
+                "externalAddr {} is a multicast address",
+                r.external_addr
+            ));
         }
         if external.port() == 0 {
             return Err(format!("externalAddr {} has port 0", r.external_addr));

@@ -51,7 +51,11 @@ impl NetNs {
                 .map_err(|e| NetworkError::io(format!("bind {}", bind_target.display()), e))
             })
             .join()
-            .unwrap_or_else(|_| Err(NetworkError::InvalidConfig("namespace thread panicked".into())))
+            .unwrap_or_else(|_| {
+                Err(NetworkError::InvalidConfig(
+                    "namespace thread panicked".into(),
+                ))
+            })
         });
         if let Err(e) = made {
             let _ = fs::remove_file(&path);
@@ -101,7 +105,11 @@ impl NetNs {
                 f()
             })
             .join()
-            .unwrap_or_else(|_| Err(NetworkError::InvalidConfig("namespace thread panicked".into())))
+            .unwrap_or_else(|_| {
+                Err(NetworkError::InvalidConfig(
+                    "namespace thread panicked".into(),
+                ))
+            })
         })
     }
 

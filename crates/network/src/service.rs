@@ -21,9 +21,9 @@ pub struct NatArgs {
     /// CIDR to block for the namespace
     #[arg(long, default_value = "10.0.15.0/24")]
     pub blocked_subnet_cidr: Cidr,
-    /// Host gateway interface (default: the interface of the default route)
-    #[arg(long, default_value = "")]
-    pub host_interface: String,
+    /// Host gateway interface [default: the interface of the default route]
+    #[arg(long)]
+    pub host_interface: Option<String>,
     /// CIDR for the veths outside the namespace
     #[arg(long, default_value = "10.0.8.0/22")]
     pub host_veth_cidr: Cidr,
@@ -78,7 +78,7 @@ impl NatArgs {
     /// The pool configuration these flags describe.
     pub fn config(&self) -> NatConfig {
         NatConfig {
-            host_interface: self.host_interface.clone(),
+            host_interface: self.host_interface.clone().unwrap_or_default(),
             host_veth_cidr: self.host_veth_cidr,
             namespace_veth_cidr: self.namespace_veth_cidr,
             blocked_subnet_cidr: self.blocked_subnet_cidr,
@@ -89,7 +89,7 @@ impl NatArgs {
             namespace_interface_mac: self.namespace_interface_mac,
             namespace_prefix: self.namespace_prefix.clone(),
             allow_incoming_traffic: self.allow_incoming_traffic,
-            ipv6: (!self.disable_ipv6).then(|| Ipv6Config {
+            ipv6: (!self.disable_ipv6).then_some(Ipv6Config {
                 host_veth_cidr: self.host_veth_cidr_ipv6,
                 namespace_veth_cidr: self.namespace_veth_cidr_ipv6,
                 blocked_subnet_cidr: self.blocked_subnet_cidr_ipv6,

@@ -49,7 +49,10 @@ fn ours(prefix: &str) -> (Vec<String>, Vec<String>) {
         .into_iter()
         .filter(|n| n.starts_with(prefix))
         .collect();
-    let links = link_names().into_iter().filter(|n| n.starts_with(prefix)).collect();
+    let links = link_names()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+        .collect();
     (namespaces, links)
 }
 
@@ -82,13 +85,32 @@ fn kill_9_restart_and_clean_stop_leave_no_trace() {
     assert_eq!(second.wait_ready(), "READY 3");
     assert_eq!(ours(&prefix), (expected_ns, expected_links));
     let table_second = inspect("nft", &["list", "table", "inet", &host_table_name(&prefix)]);
-    assert_eq!(table_first, table_second, "restart must not duplicate rules");
-    assert_eq!(inspect("nft", &["list", "tables"]).matches(&table).count(), 1);
+    assert_eq!(
+        table_first, table_second,
+        "restart must not duplicate rules"
+    );
+    assert_eq!(
+        inspect("nft", &["list", "tables"]).matches(&table).count(),
+        1
+    );
     // Each namespace has exactly one drafter table with its rules once.
-    let in_ns = inspect("ip", &["netns", "exec", &format!("{prefix}0"), "nft", "list", "ruleset"]);
+    let in_ns = inspect(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &format!("{prefix}0"),
+            "nft",
+            "list",
+            "ruleset",
+        ],
+    );
     assert_eq!(in_ns.matches("snat ip to").count(), 1, "{in_ns}");
 
-    assert!(second.terminate(), "drafter-nat must exit cleanly on SIGTERM");
+    assert!(
+        second.terminate(),
+        "drafter-nat must exit cleanly on SIGTERM"
+    );
     assert_eq!(inspect("nft", &["list", "ruleset"]), ruleset_before);
     assert_eq!(inspect("ip", &["netns", "list"]), netns_before);
     assert_eq!(link_names(), links_before);

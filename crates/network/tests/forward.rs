@@ -39,11 +39,17 @@ fn pool(p: &str, k: u8, remote: &Remote, guests: &Guests) -> NatPool {
 }
 
 fn free_port(ip: IpAddr) -> u16 {
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn entry(netns: &str, internal: u16, external: SocketAddr) -> String {
-    format!(r#"{{"netns":"{netns}","internalPort":"{internal}","protocol":"tcp","externalAddr":"{external}"}}"#)
+    format!(
+        r#"{{"netns":"{netns}","internalPort":"{internal}","protocol":"tcp","externalAddr":"{external}"}}"#
+    )
 }
 
 #[test]
@@ -58,7 +64,10 @@ fn forwarded_host_ports_reach_the_guest_until_the_forwarder_exits() {
     let v6 = info.ipv6.unwrap();
 
     let loopback = SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1].into())));
-    let host_veth = SocketAddr::new(info.host_veth_external_ip.into(), free_port(info.host_veth_external_ip.into()));
+    let host_veth = SocketAddr::new(
+        info.host_veth_external_ip.into(),
+        free_port(info.host_veth_external_ip.into()),
+    );
     let uplink6 = SocketAddr::new(remote.host_ip6, free_port(remote.host_ip6));
     let json = format!(
         "[{},{},{}]",
@@ -74,9 +83,9 @@ fn forwarded_host_ports_reach_the_guest_until_the_forwarder_exits() {
         "forwarder",
         &[
             "--host-veth-cidr".into(),
-            format!("10.200.5.0/28"),
+            "10.200.5.0/28".into(),
             "--host-veth-cidr-ipv6".into(),
-            format!("fd00:d4af:5:8::/120"),
+            "fd00:d4af:5:8::/120".into(),
             "--port-forwards".into(),
             json,
         ],
@@ -91,11 +100,20 @@ fn forwarded_host_ports_reach_the_guest_until_the_forwarder_exits() {
     assert_eq!(ask(host_veth).expect("host-veth address forward"), gw);
     assert_eq!(ask(uplink6).expect("IPv6 forward"), v6.gateway.to_string());
     // --allow-incoming-traffic: the namespace's host-veth-internal address reaches the guest directly.
-    assert_eq!(ask(SocketAddr::new(info.host_veth_internal_ip.into(), internal)).unwrap(), gw);
+    assert_eq!(
+        ask(SocketAddr::new(info.host_veth_internal_ip.into(), internal)).unwrap(),
+        gw
+    );
 
     assert!(child.terminate(), "forwarder must exit cleanly on SIGTERM");
-    assert!(ask(loopback).is_err(), "port must be closed after the forwarder exits");
-    assert!(ask(host_veth).is_err(), "port must be closed after the forwarder exits");
+    assert!(
+        ask(loopback).is_err(),
+        "port must be closed after the forwarder exits"
+    );
+    assert!(
+        ask(host_veth).is_err(),
+        "port must be closed after the forwarder exits"
+    );
     assert!(!nft::list_tables().unwrap().iter().any(|t| t.name == table));
     drop(pool);
 }
@@ -121,9 +139,15 @@ fn tables_of_a_killed_forwarder_are_removed_by_the_next_one() {
     );
     let table = child.wait_ready().trim_start_matches("READY ").to_string();
     child.kill9();
-    assert!(nft::list_tables().unwrap().iter().any(|t| t.name == table), "kill -9 leaves the table");
+    assert!(
+        nft::list_tables().unwrap().iter().any(|t| t.name == table),
+        "kill -9 leaves the table"
+    );
     let fresh = Forwarder::new(ForwarderConfig::default()).unwrap();
-    assert!(!nft::list_tables().unwrap().iter().any(|t| t.name == table), "stale table must be swept");
+    assert!(
+        !nft::list_tables().unwrap().iter().any(|t| t.name == table),
+        "stale table must be swept"
+    );
     fresh.close().unwrap();
     drop(pool);
 }
@@ -132,10 +156,16 @@ fn tables_of_a_killed_forwarder_are_removed_by_the_next_one() {
 fn unknown_namespace_is_a_one_line_error() {
     let mut fwd = Forwarder::new(ForwarderConfig::default()).unwrap();
     let name = format!("{}nons", unique('h'));
-    let forward = PortForward::parse_list(&format!("[{}]", entry(&name, 80, "127.0.0.1:9".parse().unwrap())))
-        .unwrap()
-        .remove(0);
+    let forward = PortForward::parse_list(&format!(
+        "[{}]",
+        entry(&name, 80, "127.0.0.1:9".parse().unwrap())
+    ))
+    .unwrap()
+    .remove(0);
     let err = fwd.add(forward).unwrap_err().to_string();
-    assert!(err.contains(&name) && err.contains("not found") && !err.contains('\n'), "{err}");
+    assert!(
+        err.contains(&name) && err.contains("not found") && !err.contains('\n'),
+        "{err}"
+    );
     assert_eq!(fwd.forwards().count(), 0);
 }

@@ -42,9 +42,17 @@ fn guest_reaches_remote_server_over_ipv4_and_ipv6_with_nated_source() {
     let server6 = tcp_who_am_i_server(&remote.ns, SocketAddr::new(remote.remote_ip6, 0));
     for guest in &guests.namespaces {
         let seen4 = ask_from(guest, server4).expect("IPv4 through the NAT");
-        assert_eq!(seen4, remote.host_ip4.to_string(), "server must see the masqueraded source");
+        assert_eq!(
+            seen4,
+            remote.host_ip4.to_string(),
+            "server must see the masqueraded source"
+        );
         let seen6 = ask_from(guest, server6).expect("IPv6 through the NAT");
-        assert_eq!(seen6, remote.host_ip6.to_string(), "server must see the masqueraded source");
+        assert_eq!(
+            seen6,
+            remote.host_ip6.to_string(),
+            "server must see the masqueraded source"
+        );
     }
     // Without the NAT the guest has no way out: after closing the pool the same request fails.
     pool.close().unwrap();
@@ -76,10 +84,14 @@ fn a_second_pool_with_the_same_prefix_is_refused_while_the_first_lives() {
     let remote = Remote::new(&p, 3);
     let guests = Guests::new(&format!("{p}g"), 1);
     let _pool = NatPool::create(test_config(&p, 3, &remote.uplink, &guests, 1)).unwrap();
-    let err = NatPool::create(test_config(&p, 3, &remote.uplink, &guests, 1)).err().unwrap();
+    let err = NatPool::create(test_config(&p, 3, &remote.uplink, &guests, 1))
+        .err()
+        .unwrap();
     assert!(matches!(err, NetworkError::PrefixInUse { .. }), "{err}");
     // The refused attempt must not have torn down the live pool's namespace.
-    assert!(drafter_network::netns::list().unwrap().contains(&format!("{p}n0")));
+    assert!(drafter_network::netns::list()
+        .unwrap()
+        .contains(&format!("{p}n0")));
 }
 
 #[test]
@@ -89,6 +101,12 @@ fn missing_host_interface_is_a_clear_error() {
     let mut cfg = test_config(&p, 4, "nosuchif0", &guests, 1);
     cfg.host_interface = format!("{p}nope");
     let err = NatPool::create(cfg).err().unwrap().to_string();
-    assert!(err.contains("not found") && err.contains(&format!("{p}nope")), "{err}");
-    assert!(!drafter_network::netns::list().unwrap().iter().any(|n| n.starts_with(&format!("{p}n"))));
+    assert!(
+        err.contains("not found") && err.contains(&format!("{p}nope")),
+        "{err}"
+    );
+    assert!(!drafter_network::netns::list()
+        .unwrap()
+        .iter()
+        .any(|n| n.starts_with(&format!("{p}n"))));
 }

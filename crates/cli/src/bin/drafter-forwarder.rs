@@ -8,7 +8,7 @@ use drafter_network::service::{one_line, serve_forwarder, ForwarderArgs};
 
 /// Port forwarding from the host to drafter VMs.
 #[derive(Parser, Debug)]
-#[command(name = "drafter-forwarder", version, about)]
+#[command(name = "drafter-forwarder", version)]
 struct Cli {
     #[command(flatten)]
     forwarder: ForwarderArgs,
@@ -17,8 +17,7 @@ struct Cli {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// NAT for drafter VMs: one network namespace per VM, NATed to a host interface.
 #[derive(Parser, Debug)]
-#[command(name = "drafter-nat", version, about)]
+#[command(name = "drafter-nat", version)]
 struct Cli {
     #[command(flatten)]
     nat: NatArgs,
@@ -33,8 +33,7 @@ fn parse_cli() -> Result<Cli, ExitCode> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -56,7 +55,7 @@ fn main() -> ExitCode {
         |pool| {
             bar.finish_and_clear();
             for ns in pool.namespaces() {
-                tracing::info!(
+                tracing::debug!(
                     namespace = %ns.name,
                     tap = %ns.tap_name,
                     guest_ip = %ns.guest_ip,

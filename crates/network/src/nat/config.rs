@@ -150,7 +150,8 @@ impl Default for NatConfig {
 
 fn cidr(s: &str) -> Cidr {
     // Only used on the literal defaults above, which the unit tests parse.
-    s.parse().unwrap_or_else(|_| unreachable!("bad built-in CIDR {s}"))
+    s.parse()
+        .unwrap_or_else(|_| unreachable!("bad built-in CIDR {s}"))
 }
 
 /// IPv6 addresses of one namespace.
@@ -365,7 +366,9 @@ impl NatConfig {
                     v6c.host_veth_cidr
                 )));
             }
-            capacity = capacity.min(pairs6).min(v6c.namespace_veth_cidr.host_count());
+            capacity = capacity
+                .min(pairs6)
+                .min(v6c.namespace_veth_cidr.host_count());
         }
         let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
         let count = match self.namespace_count {
@@ -461,7 +464,10 @@ mod tests {
         assert_eq!(first.host_veth_internal_ip, Ipv4Addr::new(10, 0, 8, 1));
         assert_eq!(first.host_veth_external_ip, Ipv4Addr::new(10, 0, 8, 2));
         assert_eq!(first.namespace_veth_ip, Ipv4Addr::new(10, 0, 15, 1));
-        assert_eq!(plan.namespaces[1].host_veth_internal_ip, Ipv4Addr::new(10, 0, 8, 5));
+        assert_eq!(
+            plan.namespaces[1].host_veth_internal_ip,
+            Ipv4Addr::new(10, 0, 8, 5)
+        );
         assert_eq!(first.guest_mac.to_string(), "02:0e:d9:fd:68:3d");
         assert_ne!(first.tap_mac, first.guest_mac);
         let v6 = first.ipv6.unwrap();
@@ -558,7 +564,12 @@ mod tests {
     #[test]
     fn mac_parsing() {
         assert!("02:0e:d9:fd:68:3d".parse::<MacAddr>().is_ok());
-        for bad in ["02:0e:d9:fd:68", "02:0e:d9:fd:68:3d:00", "zz:0e:d9:fd:68:3d", "01:00:5e:00:00:01"] {
+        for bad in [
+            "02:0e:d9:fd:68",
+            "02:0e:d9:fd:68:3d:00",
+            "zz:0e:d9:fd:68:3d",
+            "01:00:5e:00:00:01",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

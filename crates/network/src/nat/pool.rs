@@ -280,11 +280,7 @@ fn create_namespace(host: &mut RouteSocket, plan: &NatPlan, info: &NamespaceInfo
         info.host_veth_external_ip.into(),
     )?;
     if let Some(v6) = &info.ipv6 {
-        sock.add_route(
-            IpAddr::from([0u16; 8]),
-            0,
-            v6.host_veth_external_ip.into(),
-        )?;
+        sock.add_route(IpAddr::from([0u16; 8]), 0, v6.host_veth_external_ip.into())?;
     }
     let body = namespace_table(info, plan.config.allow_incoming_traffic);
     ns.run(|| Table::inet(NAMESPACE_TABLE).replace(&body))?;

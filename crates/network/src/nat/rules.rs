@@ -15,7 +15,11 @@ pub const NAMESPACE_TABLE: &str = "drafter";
 
 /// Host table body: masquerade the namespaces' traffic out of the host interface and keep
 /// the blocked subnet away from (and out of) the namespaces.
-pub fn host_table(config: &NatConfig, host_interface: &str, namespaces: &[NamespaceInfo]) -> String {
+pub fn host_table(
+    config: &NatConfig,
+    host_interface: &str,
+    namespaces: &[NamespaceInfo],
+) -> String {
     let veths = namespaces
         .iter()
         .map(|n| quote(&n.host_veth_name))
@@ -66,7 +70,11 @@ pub fn namespace_table(info: &NamespaceInfo, allow_incoming: bool) -> String {
             "  iifname {veth} ip daddr {} dnat ip to {}",
             info.host_veth_internal_ip, info.guest_ip
         );
-        let _ = writeln!(post, "  oifname {tap} ip daddr {} masquerade", info.guest_ip);
+        let _ = writeln!(
+            post,
+            "  oifname {tap} ip daddr {} masquerade",
+            info.guest_ip
+        );
     }
     if let Some(v6) = &info.ipv6 {
         let _ = writeln!(

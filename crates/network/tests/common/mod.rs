@@ -9,10 +9,10 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
+use drafter_network::nat::GuestLink;
 use drafter_network::netlink::RouteSocket;
 use drafter_network::netns::{self, NetNs};
 use drafter_network::service::{self, ForwarderArgs, NatArgs};
-use drafter_network::nat::GuestLink;
 
 /// A name prefix unique to this test process and `tag`, short enough for interface names.
 pub fn unique(tag: char) -> String {
@@ -51,7 +51,8 @@ impl Remote {
         let host_ip6 = IpAddr::from([0xfd00, 0xd4af, u16::from(k), 0, 0, 0, 0, 1]);
         let remote_ip6 = IpAddr::from([0xfd00, 0xd4af, u16::from(k), 0, 0, 0, 0, 2]);
         let mut host = RouteSocket::open().unwrap();
-        host.add_veth(&uplink, "eth0", ns.fd()).expect("create uplink");
+        host.add_veth(&uplink, "eth0", ns.fd())
+            .expect("create uplink");
         let up = host.link_index(&uplink).unwrap();
         host.add_address(up, host_ip4, 24).unwrap();
         host.add_address(up, host_ip6, 64).unwrap();
@@ -63,7 +64,14 @@ impl Remote {
         r.add_address(eth, remote_ip4, 24).unwrap();
         r.add_address(eth, remote_ip6, 64).unwrap();
         r.set_up(eth, None).unwrap();
-        Remote { ns, uplink, host_ip4, remote_ip4, host_ip6, remote_ip6 }
+        Remote {
+            ns,
+            uplink,
+            host_ip4,
+            remote_ip4,
+            host_ip6,
+            remote_ip6,
+        }
     }
 }
 
@@ -89,11 +97,16 @@ impl Guests {
         let namespaces = (0..count)
             .map(|i| NetNs::create(&format!("{prefix}{i}")).expect("create guest namespace"))
             .collect();
-        Guests { prefix: prefix.to_string(), namespaces }
+        Guests {
+            prefix: prefix.to_string(),
+            namespaces,
+        }
     }
 
     pub fn link(&self) -> GuestLink {
-        GuestLink::VethIntoNamespace { prefix: self.prefix.clone() }
+        GuestLink::VethIntoNamespace {
+            prefix: self.prefix.clone(),
+        }
     }
 }
 
@@ -107,12 +120,17 @@ impl Drop for Guests {
 
 /// Binds a TCP listener inside `ns` and answers every connection with the peer's IP.
 pub fn tcp_who_am_i_server(ns: &NetNs, addr: SocketAddr) -> SocketAddr {
-    let listener = ns.run(|| TcpListener::bind(addr).map_err(|e| drafter_network::NetworkError::io("bind", e))).unwrap();
+    let listener = ns
+        .run(|| TcpListener::bind(addr).map_err(|e| drafter_network::NetworkError::io("bind", e)))
+        .unwrap();
     let local = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let peer = conn.peer_addr().map(|p| p.ip().to_canonical().to_string()).unwrap_or_default();
+            let peer = conn
+                .peer_addr()
+                .map(|p| p.ip().to_canonical().to_string())
+                .unwrap_or_default();
             let _ = conn.write_all(peer.as_bytes());
         }
     });
@@ -204,9 +222,13 @@ impl Drop for ServiceChild {
 
 /// Entry point of child mode; does nothing unless this process was started by [`ServiceChild`].
 pub fn child_main() {
-    let Ok(mode) = std::env::var(CHILD_MODE) else { return };
+    let Ok(mode) = std::env::var(CHILD_MODE) else {
+        return;
+    };
     let raw = std::env::var(CHILD_ARGS).unwrap_or_default();
-    let args: Vec<&str> = std::iter::once("child").chain(raw.split('\u{1f}').filter(|a| !a.is_empty())).collect();
+    let args: Vec<&str> = std::iter::once("child")
+        .chain(raw.split('\u{1f}').filter(|a| !a.is_empty()))
+        .collect();
     let result = match mode.as_str() {
         "nat" => {
             #[derive(Parser)]
@@ -219,10 +241,14 @@ pub fn child_main() {
             if let Ok(g) = std::env::var(CHILD_GUESTS) {
                 config.guest_link = GuestLink::VethIntoNamespace { prefix: g };
             }
-            service::serve_nat(config, |_, _| {}, |pool| {
-                println!("READY {}", pool.namespaces().len());
-                let _ = std::io::stdout().flush();
-            })
+            service::serve_nat(
+                config,
+                |_, _| {},
+                |pool| {
+                    println!("READY {}", pool.namespaces().len());
+                    let _ = std::io::stdout().flush();
+                },
+            )
         }
         "forwarder" => {
             #[derive(Parser)]
@@ -252,8 +278,15 @@ pub fn child_main() {
 
 /// Runs a command and returns its stdout (for inspecting state with `ip` / `nft`).
 pub fn inspect(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().expect("run inspection command");
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .expect("run inspection command");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

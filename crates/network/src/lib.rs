@@ -7,6 +7,21 @@
 //!
 //! Links, addresses, routes and namespaces go through netlink ([`netlink`], [`netns`]);
 //! packet rules live in drafter-owned nftables tables replaced atomically ([`nft`]).
+//!
+//! Topology of namespace `<prefix>N` (same for IPv6, with /126 pairs and NAT66):
+//!
+//! ```text
+//! guest 172.100.100.2 ── tap0 172.100.100.1 │ <prefix>N-veth0 10.0.8.1 ══ <prefix>N-veth1 10.0.8.2 (host)
+//!   SNAT guest → namespace address 10.0.15.1 │ host: 10.0.15.1/32 via 10.0.8.1; masquerade out
+//!   DNAT 10.0.15.1 (and 10.0.8.1 if incoming  │ of the host interface; blocked subnet dropped
+//!   traffic is allowed) → guest               │ to/from the namespaces
+//! ```
+//!
+//! Host-wide side effects that are deliberately not undone on exit (other pools or
+//! forwarders may rely on them): `net.ipv4.ip_forward=1`, `net.ipv6.conf.all.forwarding=1`
+//! (with IPv6), and `route_localnet=1` on `all`/`lo` once a loopback forward was added.
+//! Lock files `/run/drafter/nat-<prefix>.lock` stay (empty; they only carry `flock`s).
+//! Rules are loaded with the `nft` tool (libnftables), which must be installed.
 
 pub mod cidr;
 pub mod error;

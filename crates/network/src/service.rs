@@ -188,3 +188,106 @@ pub fn one_line(err: &dyn std::error::Error) -> String {
     }
     msg.replace('\n', " ")
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct NatCli {
+        #[command(flatten)]
+        nat: NatArgs,
+    }
+
+    #[derive(Parser)]
+    struct FwdCli {
+        #[command(flatten)]
+        fwd: ForwarderArgs,
+    }
+
+    fn nat_error(args: &[&str]) -> String {
+        let argv = std::iter::once("drafter-nat").chain(args.iter().copied());
+        match NatCli::try_parse_from(argv) {
+            Err(e) => e.to_string().lines().next().unwrap_or_default().to_string(),
+            Ok(cli) => one_line(&cli.nat.config().plan().unwrap_err()),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_go_defaults_plus_ipv6() {
+        let cli = NatCli::try_parse_from(["drafter-nat"]).unwrap();
+        let c = cli.nat.config();
+        assert_eq!(c.host_veth_cidr.to_string(), "10.0.8.0/22");
+        assert_eq!(c.namespace_veth_cidr.to_string(), "10.0.15.0/24");
+        assert_eq!(c.blocked_subnet_cidr.to_string(), "10.0.15.0/24");
+        assert_eq!(c.namespace_interface, "tap0");
+        assert_eq!(c.namespace_interface_gateway.to_string(), "172.100.100.1");
+        assert_eq!(c.namespace_interface_ip.to_string(), "172.100.100.2");
+        assert_eq!(c.namespace_interface_netmask, 30);
+        assert_eq!(c.namespace_interface_mac.to_string(), "02:0e:d9:fd:68:3d");
+        assert_eq!(c.namespace_prefix, "ark");
+        assert!(c.allow_incoming_traffic);
+        assert!(c.ipv6.is_some());
+        assert!(
+            c.host_interface.is_empty(),
+            "empty = interface of the default route"
+        );
+        let off = NatCli::try_parse_from([
+            "drafter-nat",
+            "--disable-ipv6",
+            "--allow-incoming-traffic=false",
+        ])
+        .unwrap();
+        assert!(off.nat.config().ipv6.is_none());
+        assert!(!off.nat.config().allow_incoming_traffic);
+        let fwd = FwdCli::try_parse_from(["drafter-forwarder"]).unwrap();
+        let (cfg, forwards) = fwd.fwd.config().unwrap();
+        assert_eq!(cfg.host_veth_cidr.to_string(), "10.0.8.0/22");
+        assert_eq!(forwards[0].netns, "ark0");
+        assert_eq!(forwards[0].external.to_string(), "127.0.0.1:3333");
+    }
+
+    #[test]
+    fn bad_flags_give_one_line_errors_naming_the_problem() {
+        let cases: [(&[&str], &str); 6] = [
+            (&["--host-veth-cidr", "10.0.8.0/33"], "--host-veth-cidr"),
+            (&["--namespace-interface-mac", "nope"], "MAC"),
+            (&["--namespace-veth-cidr", "10.0.10.0/24"], "overlaps"),
+            (&["--host-veth-cidr", "10.0.8.0/31"], "too small"),
+            (
+                &[
+                    "--namespace-veth-cidr",
+                    "10.0.15.0/32",
+                    "--namespace-count",
+                    "2",
+                ],
+                "exceeds",
+            ),
+            (
+                &["--namespace-veth-cidr-ipv6", "fd64:d4af:8::/96"],
+                "overlaps",
+            ),
+        ];
+        for (args, want) in cases {
+            let err = nat_error(args);
+            assert!(
+                err.contains(want),
+                "{args:?}: {err:?} should mention {want}"
+            );
+            assert!(!err.contains('\n'));
+        }
+        let bad_json = FwdCli::try_parse_from(["drafter-forwarder", "--port-forwards", "[{"])
+            .unwrap()
+            .fwd
+            .config()
+            .map(|_| ())
+            .unwrap_err();
+        let line = one_line(&bad_json);
+        assert!(
+            line.contains("malformed JSON") && !line.contains('\n'),
+            "{line}"
+        );
+    }
+}

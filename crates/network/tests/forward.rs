@@ -169,3 +169,54 @@ fn unknown_namespace_is_a_one_line_error() {
     );
     assert_eq!(fwd.forwards().count(), 0);
 }
+
+#[test]
+fn udp_forward_reaches_the_guest_and_goes_away_with_the_forwarder() {
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    let p = unique('u');
+    let remote = Remote::new(&p, 8);
+    let guests = Guests::new(&format!("{p}g"), 1);
+    let pool = pool(&p, 8, &remote, &guests);
+    let info = pool.namespaces()[0].clone();
+    let echo = guests.namespaces[0]
+        .run(|| {
+            UdpSocket::bind("0.0.0.0:0").map_err(|e| drafter_network::NetworkError::io("bind", e))
+        })
+        .unwrap();
+    let internal = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let external = SocketAddr::from(([127, 0, 0, 1], free_port([127, 0, 0, 1].into())));
+    let mut fwd = Forwarder::new(ForwarderConfig {
+        host_veth_cidr: "10.200.8.0/28".parse().unwrap(),
+        host_veth_cidr_ipv6: None,
+    })
+    .unwrap();
+    let json = format!(
+        r#"[{{"netns":"{}","internalPort":"{internal}","protocol":"udp","externalAddr":"{external}"}}]"#,
+        info.name
+    );
+    let id = fwd
+        .add(PortForward::parse_list(&json).unwrap().remove(0))
+        .unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.send_to(b"ping", external).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = client
+        .recv_from(&mut buf)
+        .expect("UDP echo through the forward");
+    assert_eq!(&buf[..n], b"ping");
+    fwd.remove(id).unwrap();
+    assert_eq!(fwd.forwards().count(), 0);
+    fwd.close().unwrap();
+    drop(pool);
+}

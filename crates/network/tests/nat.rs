@@ -110,3 +110,37 @@ fn missing_host_interface_is_a_clear_error() {
         .iter()
         .any(|n| n.starts_with(&format!("{p}n"))));
 }
+
+#[test]
+fn blocked_subnet_keeps_namespaces_apart_but_the_host_reaches_them() {
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    let p = unique('e');
+    let remote = Remote::new(&p, 7);
+    let guests = Guests::new(&format!("{p}g"), 2);
+    let pool = NatPool::create(test_config(&p, 7, &remote.uplink, &guests, 2)).unwrap();
+    let server = tcp_who_am_i_server(&guests.namespaces[1], "[::]:0".parse().unwrap());
+    let target = pool.namespaces()[1].clone();
+    let v6 = target.ipv6.unwrap();
+    let to4 = SocketAddr::new(target.namespace_veth_ip.into(), server.port());
+    let to6 = SocketAddr::new(v6.namespace_veth_ip.into(), server.port());
+
+    // The host reaches guest 1 at its namespace address (routed to the namespace, DNATed).
+    assert_eq!(common::ask(to4).unwrap(), target.gateway.to_string());
+    assert_eq!(common::ask(to6).unwrap(), v6.gateway.to_string());
+    // Guest 0 may not: the namespace addresses are the blocked subnet.
+    let from_guest0 = |to: SocketAddr| {
+        guests.namespaces[0]
+            .run(|| Ok(TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok()))
+            .unwrap()
+    };
+    assert!(
+        !from_guest0(to4),
+        "IPv4 namespace-to-namespace traffic must be dropped"
+    );
+    assert!(
+        !from_guest0(to6),
+        "IPv6 namespace-to-namespace traffic must be dropped"
+    );
+}

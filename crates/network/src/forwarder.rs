@@ -85,7 +85,12 @@ impl PortForward {
             "udp" => Protocol::Udp,
             other => return Err(format!("protocol {other:?} is not tcp or udp")),
         };
-        let external: SocketAddr = r.external_addr.parse().map_err(|_| {
+        // "localhost" is the one name accepted (the Go drafter resolved names).
+        let addr_text = match r.external_addr.strip_prefix("localhost:") {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => r.external_addr.clone(),
+        };
+        let external: SocketAddr = addr_text.parse().map_err(|_| {
             format!(
                 "externalAddr {:?} is not IP:PORT (IPv6 as [ADDR]:PORT)",
                 r.external_addr
@@ -368,6 +373,8 @@ mod tests {
         );
         let v6 = PortForward::parse_list(&entry("[fd00::5]:80")).unwrap();
         assert!(v6[0].external.is_ipv6());
+        let named = PortForward::parse_list(&entry("localhost:3333")).unwrap();
+        assert_eq!(named[0].external.to_string(), "127.0.0.1:3333");
     }
 
     #[test]

@@ -144,3 +144,22 @@ fn blocked_subnet_keeps_namespaces_apart_but_the_host_reaches_them() {
         "IPv6 namespace-to-namespace traffic must be dropped"
     );
 }
+
+#[test]
+fn ranges_already_used_on_the_host_are_refused() {
+    let p = unique('o');
+    let remote = Remote::new(&p, 10);
+    let guests = Guests::new(&format!("{p}g"), 1);
+    // The uplink holds 10.201.10.1: a host-veth-cidr covering it must be refused.
+    let mut cfg = test_config(&p, 10, &remote.uplink, &guests, 1);
+    cfg.host_veth_cidr = "10.201.10.0/28".parse().unwrap();
+    let err = NatPool::create(cfg).err().unwrap().to_string();
+    assert!(
+        err.contains("10.201.10.1") && err.contains(&remote.uplink),
+        "{err}"
+    );
+    assert!(!drafter_network::netns::list()
+        .unwrap()
+        .iter()
+        .any(|n| n.starts_with(&format!("{p}n"))));
+}

@@ -91,6 +91,7 @@ impl NatPool {
         };
         host.link_index(&host_interface)?;
         sweep(&prefix)?;
+        check_ranges_unused(&mut host, &config)?;
         write_sysctl("net/ipv4/ip_forward", "1")?;
         if config.ipv6.is_some() {
             write_sysctl("net/ipv6/conf/all/forwarding", "1")?;
@@ -185,6 +186,33 @@ fn lock_prefix(prefix: &str) -> Result<Flock<File>> {
             NetworkError::io(format!("lock {path}"), errno)
         }
     })
+}
+
+/// Refuses ranges that already hold an address on this host (another pool, a LAN, ...).
+fn check_ranges_unused(host: &mut RouteSocket, config: &NatConfig) -> Result<()> {
+    let mut ranges = vec![
+        ("host-veth-cidr", config.host_veth_cidr),
+        ("namespace-veth-cidr", config.namespace_veth_cidr),
+    ];
+    if let Some(v6) = &config.ipv6 {
+        ranges.push(("host-veth-cidr-ipv6", v6.host_veth_cidr));
+        ranges.push(("namespace-veth-cidr-ipv6", v6.namespace_veth_cidr));
+    }
+    let addresses = host.addresses()?;
+    for (flag, range) in ranges {
+        if let Some(a) = addresses.iter().find(|a| range.contains(a.addr)) {
+            let link = host
+                .links()?
+                .into_iter()
+                .find(|l| l.index == a.index)
+                .map_or_else(|| format!("index {}", a.index), |l| l.name);
+            return Err(NetworkError::InvalidConfig(format!(
+                "{flag} {range} overlaps address {} already on interface {link}",
+                a.addr
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `name` is `<prefix><digits><suffix>`.

@@ -163,3 +163,69 @@ fn ranges_already_used_on_the_host_are_refused() {
         .iter()
         .any(|n| n.starts_with(&format!("{p}n"))));
 }
+
+#[test]
+fn a_vmm_attached_to_the_tap_gets_arp_answers_from_the_gateway() {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use drafter_network::nat::GuestLink;
+    use drafter_network::netns::NetNs;
+    use drafter_network::tap::open_tap;
+
+    let p = unique('t');
+    let remote = Remote::new(&p, 11);
+    let guests = Guests::new(&format!("{p}g"), 0);
+    let mut cfg = test_config(&p, 11, &remote.uplink, &guests, 1);
+    cfg.guest_link = GuestLink::Tap;
+    let pool = NatPool::create(cfg).unwrap();
+    let info = pool.claim().unwrap().info().clone();
+    let ns = NetNs::open(&info.name).unwrap();
+    let mut tap = ns.run(|| open_tap(&info.tap_name, false)).unwrap();
+
+    // ARP who-has <gateway> tell <guest>, from the guest's MAC, as a booting guest sends.
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&info.guest_mac.0);
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&info.guest_mac.0);
+    frame.extend_from_slice(&info.guest_ip.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&info.gateway.octets());
+    let mut reader = tap.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = reader.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    tap.write_all(&frame).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reply = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let f = rx
+            .recv_timeout(left)
+            .expect("no ARP reply from the gateway");
+        if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+            break f;
+        }
+    };
+    assert_eq!(
+        &reply[0..6],
+        &info.guest_mac.0,
+        "reply goes to the guest MAC"
+    );
+    assert_eq!(
+        &reply[22..28],
+        &info.tap_mac.0,
+        "gateway answers with the tap's MAC"
+    );
+    assert_eq!(
+        &reply[28..32],
+        &info.gateway.octets(),
+        "for the gateway address"
+    );
+}

@@ -94,6 +94,7 @@ impl NatPool {
         check_ranges_unused(&mut host, &config)?;
         write_sysctl("net/ipv4/ip_forward", "1")?;
         if config.ipv6.is_some() {
+            keep_accepting_router_advertisements(&host_interface)?;
             write_sysctl("net/ipv6/conf/all/forwarding", "1")?;
         }
         let pool = Self {
@@ -186,6 +187,24 @@ fn lock_prefix(prefix: &str) -> Result<Flock<File>> {
             NetworkError::io(format!("lock {path}"), errno)
         }
     })
+}
+
+/// Turning on IPv6 forwarding makes interfaces with `accept_ra=1` ignore router
+/// advertisements, which would drop a SLAAC-configured uplink; `2` keeps accepting them.
+fn keep_accepting_router_advertisements(interface: &str) -> Result<()> {
+    let key = format!("net/ipv6/conf/{interface}/accept_ra");
+    let path = format!("/proc/sys/{key}");
+    match fs::read_to_string(&path) {
+        Ok(v) if v.trim() == "1" => {
+            tracing::info!(
+                interface,
+                "setting accept_ra=2 so IPv6 forwarding keeps SLAAC"
+            );
+            write_sysctl(&key, "2")
+        }
+        // IPv6 disabled on the interface, or already 0/2: nothing to preserve.
+        _ => Ok(()),
+    }
 }
 
 /// Refuses ranges that already hold an address on this host (another pool, a LAN, ...).

@@ -6,7 +6,7 @@
 //! no longer exist (after `kill -9`) are removed when the next forwarder starts.
 
 use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::cidr::Cidr;
 use crate::error::{NetworkError, Result};
 use crate::netns::{write_sysctl, NetNs};
-use crate::nft::{self, Table};
+use crate::nft::{self, Action, Chain, Family, Hook, Match, Rule, Table, L4};
 
 /// Transport protocol of a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,33 +292,46 @@ impl Forwarder {
     }
 
     fn apply(&self, forwards: &BTreeMap<ForwardId, ActiveForward>) -> Result<()> {
-        let mut dnat = String::new();
-        let mut masq = Vec::<String>::new();
+        let mut dnat = Vec::new();
+        let mut masq: Vec<Rule> = Vec::new();
         for a in forwards.values() {
             let f = &a.forward;
-            let (fam, target) = match a.target {
-                IpAddr::V4(t) => ("ip", format!("{t}:{}", f.internal_port)),
-                IpAddr::V6(t) => ("ip6", format!("[{t}]:{}", f.internal_port)),
+            let family = Family::of(a.target);
+            let l4 = match f.protocol {
+                Protocol::Tcp => L4::Tcp,
+                Protocol::Udp => L4::Udp,
             };
-            let _ = writeln!(
-                dnat,
-                "  {fam} daddr {} {} dport {} dnat {fam} to {target}",
-                f.external.ip(),
-                f.protocol,
-                f.external.port()
-            );
-            let m = format!(
-                "  {fam} daddr {} {} dport {} masquerade\n",
-                a.target, f.protocol, f.internal_port
+            let full = |ip: IpAddr| {
+                Cidr::new(ip, if ip.is_ipv6() { 128 } else { 32 })
+                    .unwrap_or_else(|_| unreachable!("full-length prefix is valid"))
+            };
+            dnat.push(Rule::new(
+                family,
+                vec![
+                    Match::Daddr(full(f.external.ip())),
+                    Match::L4(l4),
+                    Match::Dport(f.external.port()),
+                ],
+                Action::Dnat(a.target, Some(f.internal_port)),
+            ));
+            let m = Rule::new(
+                family,
+                vec![
+                    Match::Daddr(full(a.target)),
+                    Match::L4(l4),
+                    Match::Dport(f.internal_port),
+                ],
+                Action::Masquerade,
             );
             if !masq.contains(&m) {
                 masq.push(m);
             }
         }
-        let masq = masq.concat();
-        self.table.replace(&format!(
-            " chain prerouting {{\n  type nat hook prerouting priority dstnat; policy accept;\n{dnat} }}\n chain output {{\n  type nat hook output priority -100; policy accept;\n{dnat} }}\n chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n{masq} }}\n"
-        ))
+        self.table.replace(&[
+            Chain::new(Hook::Prerouting, dnat.clone()),
+            Chain::new(Hook::Output, dnat),
+            Chain::new(Hook::Postrouting, masq),
+        ])
     }
 }
 

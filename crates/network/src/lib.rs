@@ -6,7 +6,8 @@
 //! * [`forwarder::Forwarder`] forwards host ports to guests in those namespaces.
 //!
 //! Links, addresses, routes and namespaces go through netlink ([`netlink`], [`netns`]);
-//! packet rules live in drafter-owned nftables tables replaced atomically ([`nft`]).
+//! packet rules live in drafter-owned nftables tables, each replaced in one atomic
+//! nfnetlink batch ([`nft`]).
 //!
 //! Topology of namespace `<prefix>N` (same for IPv6, with /126 pairs and NAT66):
 //!
@@ -21,7 +22,8 @@
 //! forwarders may rely on them): `net.ipv4.ip_forward=1`, `net.ipv6.conf.all.forwarding=1`
 //! (with IPv6), and `route_localnet=1` on `all`/`lo` once a loopback forward was added.
 //! Lock files `/run/drafter/nat-<prefix>.lock` stay (empty; they only carry `flock`s).
-//! Rules are loaded with the `nft` tool (libnftables), which must be installed.
+//! Nothing shells out: rules are encoded as nf_tables netlink batches ([`nft`]); the `nft`
+//! tool is only used by the tests, to inspect.
 
 pub mod cidr;
 pub mod error;

@@ -329,8 +329,8 @@ fn create_namespace(host: &mut RouteSocket, plan: &NatPlan, info: &NamespaceInfo
     if let Some(v6) = &info.ipv6 {
         sock.add_route(IpAddr::from([0u16; 8]), 0, v6.host_veth_external_ip.into())?;
     }
-    let body = namespace_table(info, plan.config.allow_incoming_traffic);
-    ns.run(|| Table::inet(NAMESPACE_TABLE).replace(&body))?;
+    let chains = namespace_table(info, plan.config.allow_incoming_traffic);
+    ns.run(|| Table::inet(NAMESPACE_TABLE).replace(&chains))?;
 
     host.add_route(
         info.namespace_veth_ip.into(),

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::acpi::{SleepControl, SLEEP_CONTROL_PORT};
+use crate::arch::x86_64::acpi::{SleepControl, PM1_LEN, PM1_PORT};
 use crate::arch::x86_64::layout::{FIRST_VIRTIO_GSI, LAST_GSI, VIRTIO_MMIO_START};
 use crate::bus::{Bus, BusDevice};
 use crate::config::{parse_mac, VmConfig};
@@ -176,7 +176,7 @@ impl DeviceManager {
         let sleep = SleepControl::new(move || {
             let _ = lock(&poweroff).send(ExitStatus::Poweroff);
         });
-        pio.insert(u64::from(SLEEP_CONTROL_PORT), 2, Arc::new(Mutex::new(sleep)))
+        pio.insert(u64::from(PM1_PORT), PM1_LEN, Arc::new(Mutex::new(sleep)))
             .map_err(err)?;
 
         let devices = models(config)?;

@@ -1,7 +1,11 @@
-//! Minimal ACPI tables (RSDP, XSDT, hardware-reduced FADT, DSDT with `_S5`, MADT):
-//! they tell the guest about every vCPU (kernels without MP-table parsing need the
-//! MADT) and give it a sleep control register, so a guest `poweroff` reaches the
-//! VMM as a port write instead of halting forever.
+//! Minimal ACPI tables (RSDP, XSDT, FADT + FACS, DSDT with `_S5`, MADT): they tell
+//! the guest about every vCPU (kernels without MP-table parsing need the MADT) and
+//! give it a PM1 control register, so a guest `poweroff` reaches the VMM as a port
+//! write instead of halting forever.
+//!
+//! The FADT is deliberately *not* hardware-reduced: Linux drops the legacy ISA
+//! IRQ mappings on hardware-reduced platforms, and COM1 and the virtio-mmio
+//! devices use plain IOAPIC lines.
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -11,13 +15,16 @@ use crate::memory::GuestMemory;
 
 /// Where the RSDP lives (inside the BIOS area the guest scans).
 pub const RSDP_ADDR: u64 = 0x000e_0000;
-/// I/O port of the sleep control register.
-pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
-/// I/O port of the sleep status register.
-pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// I/O ports of the PM1a event block (status + enable, 4 bytes) followed by the
+/// PM1a control block (2 bytes).
+pub const PM1_PORT: u16 = 0x600;
+/// Length of the PM1 register range on the bus.
+pub const PM1_LEN: u64 = 6;
+const PM1_CNT_OFFSET: u64 = 4;
 /// SLP_TYP the DSDT's `_S5` package announces.
-const S5_SLP_TYP: u8 = 5;
-const SLP_EN: u8 = 1 << 5;
+const S5_SLP_TYP: u16 = 5;
+const SLP_EN: u16 = 1 << 13;
+const SCI_IRQ: u16 = 9;
 
 const OEM_ID: &[u8; 6] = b"DRAFTR";
 const OEM_TABLE_ID: &[u8; 8] = b"MICROVM ";
@@ -43,36 +50,52 @@ fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
     t
 }
 
-/// A Generic Address Structure for a byte-wide I/O port.
-fn gas_io(port: u16) -> [u8; 12] {
+/// A Generic Address Structure for an I/O port register `bits` wide.
+fn gas_io(port: u16, bits: u8) -> [u8; 12] {
     let mut g = [0u8; 12];
     g[0] = 1; // system I/O space
-    g[1] = 8; // bit width
-    g[3] = 1; // byte access
+    g[1] = bits;
+    g[3] = if bits > 16 { 3 } else { 2 }; // dword / word access
     g[4..12].copy_from_slice(&u64::from(port).to_le_bytes());
     g
 }
 
-fn fadt(dsdt: u64) -> Vec<u8> {
+fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     let mut b = vec![0u8; 276 - 36];
     let at = |off: usize| off - 36;
+    b[at(36)..at(40)].copy_from_slice(&(facs as u32).to_le_bytes());
     b[at(40)..at(44)].copy_from_slice(&(dsdt as u32).to_le_bytes());
+    b[at(46)..at(48)].copy_from_slice(&SCI_IRQ.to_le_bytes());
+    // SMI_CMD stays 0: the platform is always in ACPI mode.
+    b[at(56)..at(60)].copy_from_slice(&u32::from(PM1_PORT).to_le_bytes());
+    b[at(64)..at(68)].copy_from_slice(&u32::from(PM1_PORT + PM1_CNT_OFFSET as u16).to_le_bytes());
+    b[at(88)] = 4; // PM1_EVT_LEN
+    b[at(89)] = 2; // PM1_CNT_LEN
     // IAPC_BOOT_ARCH: 8042 present, no VGA, no CMOS RTC.
     b[at(109)..at(111)].copy_from_slice(&((1u16 << 1) | (1 << 2) | (1 << 5)).to_le_bytes());
-    // Flags: power and sleep buttons are not fixed features; hardware-reduced ACPI.
-    let flags: u32 = (1 << 4) | (1 << 5) | (1 << 20);
+    // Flags: WBINVD works; power and sleep buttons are not fixed features.
+    let flags: u32 = 1 | (1 << 4) | (1 << 5);
     b[at(112)..at(116)].copy_from_slice(&flags.to_le_bytes());
+    b[at(132)..at(140)].copy_from_slice(&facs.to_le_bytes());
     b[at(140)..at(148)].copy_from_slice(&dsdt.to_le_bytes());
-    b[at(244)..at(256)].copy_from_slice(&gas_io(SLEEP_CONTROL_PORT));
-    b[at(256)..at(268)].copy_from_slice(&gas_io(SLEEP_STATUS_PORT));
+    b[at(148)..at(160)].copy_from_slice(&gas_io(PM1_PORT, 32));
+    b[at(172)..at(184)].copy_from_slice(&gas_io(PM1_PORT + PM1_CNT_OFFSET as u16, 16));
     b[at(268)..at(276)].copy_from_slice(b"DRAFTER\0");
     sdt(b"FACP", 6, &b)
+}
+
+fn facs() -> Vec<u8> {
+    let mut f = vec![0u8; 64];
+    f[..4].copy_from_slice(b"FACS");
+    f[4..8].copy_from_slice(&64u32.to_le_bytes());
+    f[32] = 2; // version
+    f
 }
 
 fn dsdt() -> Vec<u8> {
     // Name (_S5_, Package (2) { 5, 0 })
     let aml = [
-        0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, S5_SLP_TYP, 0x00,
+        0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, S5_SLP_TYP as u8, 0x00,
     ];
     sdt(b"DSDT", 2, &aml)
 }
@@ -80,7 +103,7 @@ fn dsdt() -> Vec<u8> {
 fn madt(num_cpus: u8) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(&(APIC_ADDR as u32).to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes()); // no dual 8259 setup to honour
+    b.extend_from_slice(&1u32.to_le_bytes()); // PC-AT compatible dual 8259s
     for cpu in 0..num_cpus {
         b.extend_from_slice(&[0, 8, cpu, cpu]);
         b.extend_from_slice(&1u32.to_le_bytes()); // enabled
@@ -95,10 +118,11 @@ fn madt(num_cpus: u8) -> Vec<u8> {
 /// to write there.
 pub fn build(num_cpus: u8) -> Vec<u8> {
     let align = |v: usize| (v + 15) & !15;
-    let dsdt_off = 64;
+    let facs_off = 64;
+    let dsdt_off = facs_off + 64;
     let dsdt = dsdt();
     let fadt_off = align(dsdt_off + dsdt.len());
-    let fadt = fadt(RSDP_ADDR + dsdt_off as u64);
+    let fadt = fadt(RSDP_ADDR + dsdt_off as u64, RSDP_ADDR + facs_off as u64);
     let madt_off = align(fadt_off + fadt.len());
     let madt = madt(num_cpus);
     let xsdt_off = align(madt_off + madt.len());
@@ -121,6 +145,7 @@ pub fn build(num_cpus: u8) -> Vec<u8> {
 
     let mut out = vec![0u8; xsdt_off + xsdt.len()];
     out[..36].copy_from_slice(&rsdp);
+    out[facs_off..facs_off + 64].copy_from_slice(&facs());
     out[dsdt_off..dsdt_off + dsdt.len()].copy_from_slice(&dsdt);
     out[fadt_off..fadt_off + fadt.len()].copy_from_slice(&fadt);
     out[madt_off..madt_off + madt.len()].copy_from_slice(&madt);
@@ -133,7 +158,7 @@ pub fn setup(mem: &GuestMemory, num_cpus: u8) -> Result<(), vm_memory::GuestMemo
     mem.write_slice(&build(num_cpus), GuestAddress(RSDP_ADDR))
 }
 
-/// The sleep control/status registers: an S5 request powers the VM off.
+/// The PM1 event and control registers: an S5 request powers the VM off.
 pub struct SleepControl<F: FnMut() + Send> {
     on_poweroff: F,
 }
@@ -151,13 +176,12 @@ impl<F: FnMut() + Send> BusDevice for SleepControl<F> {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset != 0 {
+        if offset != PM1_CNT_OFFSET || data.len() < 2 {
             return;
         }
-        if let Some(v) = data.first() {
-            if v & SLP_EN != 0 && (v >> 2) & 0x7 == S5_SLP_TYP {
-                (self.on_poweroff)();
-            }
+        let v = u16::from_le_bytes([data[0], data[1]]);
+        if v & SLP_EN != 0 && (v >> 10) & 0x7 == S5_SLP_TYP {
+            (self.on_poweroff)();
         }
     }
 }
@@ -195,7 +219,11 @@ mod tests {
         let madt = table_at(&all, u64_at(xsdt, 44));
         assert_eq!((&fadt[..4], fadt.len()), (&b"FACP"[..], 276));
         assert_eq!(sum(fadt), 0);
-        assert_ne!(u32::from_le_bytes([fadt[112], fadt[113], fadt[114], fadt[115]]) & (1 << 20), 0);
+        // Not hardware-reduced (legacy IRQs must stay mapped), PM1 control present.
+        assert_eq!(u32::from_le_bytes([fadt[112], fadt[113], fadt[114], fadt[115]]) & (1 << 20), 0);
+        assert_eq!(u32::from_le_bytes([fadt[64], fadt[65], fadt[66], fadt[67]]), 0x604);
+        let facs = u64_at(fadt, 132);
+        assert_eq!(&all[(facs - RSDP_ADDR) as usize..][..4], b"FACS");
         let dsdt = table_at(&all, u64_at(fadt, 140));
         assert_eq!(&dsdt[..4], b"DSDT");
         assert_eq!(sum(dsdt), 0);
@@ -212,9 +240,10 @@ mod tests {
         let mut hits = 0;
         {
             let mut s = SleepControl::new(|| hits += 1);
-            s.write(0, &[(S5_SLP_TYP << 2)]); // no SLP_EN
-            s.write(0, &[(3 << 2) | SLP_EN]); // S3
-            s.write(0, &[(S5_SLP_TYP << 2) | SLP_EN]);
+            s.write(4, &(S5_SLP_TYP << 10).to_le_bytes()); // no SLP_EN
+            s.write(4, &((3 << 10) | SLP_EN).to_le_bytes()); // S3
+            s.write(0, &((S5_SLP_TYP << 10) | SLP_EN).to_le_bytes()); // status, not control
+            s.write(4, &((S5_SLP_TYP << 10) | SLP_EN).to_le_bytes());
         }
         assert_eq!(hits, 1);
     }

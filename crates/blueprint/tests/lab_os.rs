@@ -1,0 +1,254 @@
+//! Lab test (issue 5, "Done when" 4): the `os` blueprint plus an `oci` disk
+//! holding a Redis image boot under our VMM; liveness arrives, the agent's
+//! hooks run, and Redis answers PING from the host through the tap.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use drafter_blueprint::oci::{convert, ImageSource, OciOptions};
+use drafter_blueprint::os::{build, find_guest_dir, OsOptions};
+use drafter_guest::{AgentServer, LivenessServer};
+use drafter_vmm::config::{DriveConfig, NetConfig, VsockConfig};
+use drafter_vmm::{BuildOptions, VmConfig, Vmm};
+use serde_json::json;
+
+const SLOW: Duration = Duration::from_secs(600);
+
+/// `<target>/<profile>` of this test binary.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// drafter-agent / drafter-liveness: a static release build if present,
+/// else the ones cargo built next to this test (same glibc as the guest).
+fn guest_binary(name: &str) -> PathBuf {
+    let profile = profile_dir();
+    let target = profile.parent().unwrap();
+    let candidates = [
+        target.join("x86_64-unknown-linux-gnu/release").join(name),
+        profile.join(name),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not built: run `cargo build -p drafter-guest` first"))
+        .clone()
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A one-layer image of the host's Debian `redis-server` and its libraries.
+fn redis_layout(dir: &Path) {
+    let server = fs::canonicalize("/usr/bin/redis-server").expect("redis-server must be installed");
+    let ldd = Command::new("ldd").arg(&server).output().unwrap();
+    let mut files: Vec<(String, PathBuf)> = vec![("usr/bin/redis-server".into(), server)];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split("=>")
+            .last()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
+        if path.starts_with('/') {
+            let name = Path::new(path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            files.push((
+                format!("lib/x86_64-linux-gnu/{name}"),
+                fs::canonicalize(path).unwrap(),
+            ));
+        }
+    }
+    files.push((
+        "lib64/ld-linux-x86-64.so.2".into(),
+        fs::canonicalize("/lib64/ld-linux-x86-64.so.2").unwrap(),
+    ));
+    let mut b = tar::Builder::new(Vec::new());
+    for d in ["tmp/", "data/", "etc/"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o1777);
+        h.set_size(0);
+        b.append_data(&mut h, d, &[][..]).unwrap();
+    }
+    let mut add = |path: &str, data: &[u8], mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    for (path, src) in &files {
+        add(path, &fs::read(src).unwrap(), 0o755);
+    }
+    add(
+        "etc/passwd",
+        b"root:x:0:0:root:/:/bin/false\nredis:x:999:999::/data:/bin/false\n",
+        0o644,
+    );
+    add("etc/group", b"root:x:0:\nredis:x:999:\n", 0o644);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&b.into_inner().unwrap()).unwrap();
+    let config = json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {
+            "Entrypoint": ["/usr/bin/redis-server"],
+            "Cmd": ["--protected-mode", "no", "--bind", "0.0.0.0", "--save", "", "--dir", "/data"],
+            "User": "redis",
+            "WorkingDir": "/data",
+        },
+    });
+    common::TestImage {
+        layers: vec![(gz.finish().unwrap(), common::GZ_LAYER.into())],
+        config: serde_json::to_vec(&config).unwrap(),
+    }
+    .write_layout(dir);
+}
+
+struct Lines(Sender<String>, Vec<u8>);
+
+impl Write for Lines {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        for &b in data {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.1).trim_end().to_owned();
+                eprintln!("guest| {line}");
+                let _ = self.0.send(line);
+                self.1.clear();
+            } else {
+                self.1.push(b);
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh").arg("-c").arg(cmd).output().unwrap()
+}
+
+#[test]
+#[ignore = "lab"]
+fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
+    let dir = profile_dir().join(format!("lab-os-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let guest = find_guest_dir().expect("guest kernel artifacts");
+    build(&OsOptions {
+        out_dir: dir.join("blueprint"),
+        guest_dir: Some(guest),
+        cache_dir: repo_root().join("target/blueprint"),
+        agent_bin: guest_binary("drafter-agent"),
+        liveness_bin: guest_binary("drafter-liveness"),
+        mirror: "http://deb.debian.org/debian".into(),
+        suite: "bookworm".into(),
+        before_suspend_cmd: "echo suspend-$(hostname) > /run/hook-state; cat /run/hook-state"
+            .into(),
+        after_resume_cmd: "echo resumed-after-$(cat /run/hook-state)".into(),
+        headroom: 64 << 20,
+    })
+    .unwrap();
+    redis_layout(&dir.join("redis-layout"));
+    convert(&OciOptions {
+        source: ImageSource::Layout(dir.join("redis-layout")),
+        output: dir.join("blueprint/oci.ext4"),
+        arch: "amd64".into(),
+        plain_http: false,
+        headroom: 16 << 20,
+    })
+    .unwrap();
+
+    let ns = format!("drafter-os-{}", std::process::id());
+    let ok = |cmd: &str| assert!(sh(cmd).status.success(), "{cmd}");
+    ok(&format!("ip netns add {ns}"));
+    ok(&format!(
+        "ip -n {ns} tuntap add dev tap0 mode tap && ip -n {ns} addr add 172.16.0.1/30 dev tap0 && ip -n {ns} link set tap0 up && ip -n {ns} link set lo up"
+    ));
+
+    let uds = dir.join("vsock.sock");
+    let liveness = LivenessServer::listen(&uds, 25).unwrap();
+    let mut agent = AgentServer::listen(&uds, 26).unwrap();
+    let bp = dir.join("blueprint");
+    let mut config = VmConfig::new(bp.join("vmlinux"));
+    config.initramfs = Some(bp.join("initramfs"));
+    config.memory_mib = 512;
+    config.vcpus = 2;
+    config.boot_args =
+        "console=ttyS0 reboot=k panic=1 pci=off quiet loglevel=0 systemd.show_status=0".into();
+    config.drives = vec![
+        DriveConfig {
+            name: "disk".into(),
+            path: bp.join("rootfs.ext4"),
+            read_only: false,
+        },
+        DriveConfig {
+            name: "oci".into(),
+            path: bp.join("oci.ext4"),
+            read_only: false,
+        },
+    ];
+    config.net = Some(NetConfig {
+        tap: "tap0".into(),
+        mac: Some("02:0e:d9:fd:68:3d".into()),
+        netns: Some(ns.clone()),
+    });
+    config.vsock = Some(VsockConfig {
+        cid: 3,
+        uds_path: uds.clone(),
+    });
+    let (tx, _console): (Sender<String>, Receiver<String>) = channel();
+    let mut vmm = Vmm::boot(
+        config,
+        BuildOptions {
+            console: Some(Box::new(Lines(tx, Vec::new()))),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("boot: {e}"));
+
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        liveness.wait(SLOW).unwrap();
+        let before = agent.before_suspend(SLOW).unwrap();
+        assert_eq!(before.stdout.trim(), "suspend-drafterhost");
+        vmm.pause().unwrap();
+        vmm.resume().unwrap();
+        let after = agent.after_resume(SLOW).unwrap();
+        assert_eq!(after.stdout.trim(), "resumed-after-suspend-drafterhost");
+
+        let deadline = Instant::now() + SLOW;
+        loop {
+            let out = sh(&format!(
+                "printf 'PING\\r\\n' | ip netns exec {ns} timeout 5 busybox nc 172.16.0.2 6379"
+            ));
+            let reply = String::from_utf8_lossy(&out.stdout).into_owned();
+            if reply.contains("+PONG") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis never answered PING: {reply:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }));
+    vmm.stop();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    let _ = fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

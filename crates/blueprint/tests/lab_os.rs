@@ -141,16 +141,21 @@ fn sh(cmd: &str) -> std::process::Output {
     Command::new("sh").arg("-c").arg(cmd).output().unwrap()
 }
 
-#[test]
-#[ignore = "lab"]
-fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
-    let dir = profile_dir().join(format!("lab-os-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    let guest = find_guest_dir().expect("guest kernel artifacts");
+/// The os blueprint, built once into `target/blueprint/lab-os` and reused
+/// while newer than this test binary (staging it under TCG is slow).
+fn os_blueprint() -> PathBuf {
+    let out = repo_root().join("target/blueprint/lab-os");
+    let rootfs = out.join("rootfs.ext4");
+    let built = fs::metadata(&rootfs).and_then(|m| m.modified()).ok();
+    let exe = fs::metadata(std::env::current_exe().unwrap())
+        .and_then(|m| m.modified())
+        .ok();
+    if built.is_some() && built >= exe {
+        return out;
+    }
     build(&OsOptions {
-        out_dir: dir.join("blueprint"),
-        guest_dir: Some(guest),
+        out_dir: out.clone(),
+        guest_dir: Some(find_guest_dir().expect("guest kernel artifacts")),
         cache_dir: repo_root().join("target/blueprint"),
         agent_bin: guest_binary("drafter-agent"),
         liveness_bin: guest_binary("drafter-liveness"),
@@ -162,10 +167,30 @@ fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
         headroom: 64 << 20,
     })
     .unwrap();
+    out
+}
+
+#[test]
+#[ignore = "lab"]
+fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
+    // /tmp is a tmpfs in the lab: far faster for the VM's disks than 9p.
+    let dir = std::env::temp_dir().join(format!("lab-os-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let bp = os_blueprint();
+    // The guest writes to its root disk: give it a private copy.
+    let rootfs = dir.join("rootfs.ext4");
+    let copied = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(bp.join("rootfs.ext4"))
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(copied.success());
     redis_layout(&dir.join("redis-layout"));
     convert(&OciOptions {
         source: ImageSource::Layout(dir.join("redis-layout")),
-        output: dir.join("blueprint/oci.ext4"),
+        output: dir.join("oci.ext4"),
         arch: "amd64".into(),
         plain_http: false,
         headroom: 16 << 20,
@@ -182,7 +207,6 @@ fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
     let uds = dir.join("vsock.sock");
     let liveness = LivenessServer::listen(&uds, 25).unwrap();
     let mut agent = AgentServer::listen(&uds, 26).unwrap();
-    let bp = dir.join("blueprint");
     let mut config = VmConfig::new(bp.join("vmlinux"));
     config.initramfs = Some(bp.join("initramfs"));
     config.memory_mib = 512;
@@ -192,12 +216,12 @@ fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
     config.drives = vec![
         DriveConfig {
             name: "disk".into(),
-            path: bp.join("rootfs.ext4"),
+            path: rootfs.clone(),
             read_only: false,
         },
         DriveConfig {
             name: "oci".into(),
-            path: bp.join("oci.ext4"),
+            path: dir.join("oci.ext4"),
             read_only: false,
         },
     ];

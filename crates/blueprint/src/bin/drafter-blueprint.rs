@@ -35,10 +35,11 @@ enum Command {
         /// Cache for the debootstrap result.
         #[arg(long, default_value = "target/blueprint")]
         cache_dir: PathBuf,
-        /// Static drafter-agent binary (default: next to this program).
+        /// Static drafter-agent binary (default: next to this program, else
+        /// built with cargo from this workspace).
         #[arg(long)]
         agent_bin: Option<PathBuf>,
-        /// Static drafter-liveness binary (default: next to this program).
+        /// Static drafter-liveness binary (default: like --agent-bin).
         #[arg(long)]
         liveness_bin: Option<PathBuf>,
         /// Debian mirror.
@@ -85,6 +86,21 @@ fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// The guest binaries: as given, else next to this program, else built.
+fn guest_binaries(
+    agent: Option<PathBuf>,
+    liveness: Option<PathBuf>,
+) -> drafter_blueprint::Result<(PathBuf, PathBuf)> {
+    let explicit = agent.is_some() || liveness.is_some();
+    let agent = agent.unwrap_or_else(|| sibling("drafter-agent"));
+    let liveness = liveness.unwrap_or_else(|| sibling("drafter-liveness"));
+    if explicit || (agent.is_file() && liveness.is_file()) {
+        // Explicit paths are checked (with a clear message) by the build.
+        return Ok((agent, liveness));
+    }
+    os::build_guest_binaries()
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -104,17 +120,19 @@ fn main() -> ExitCode {
             before_suspend_cmd,
             after_resume_cmd,
             headroom_mib,
-        } => os::build(&OsOptions {
-            out_dir,
-            guest_dir,
-            cache_dir,
-            agent_bin: agent_bin.unwrap_or_else(|| sibling("drafter-agent")),
-            liveness_bin: liveness_bin.unwrap_or_else(|| sibling("drafter-liveness")),
-            mirror,
-            suite,
-            before_suspend_cmd,
-            after_resume_cmd,
-            headroom: headroom_mib * 1024 * 1024,
+        } => guest_binaries(agent_bin, liveness_bin).and_then(|(agent_bin, liveness_bin)| {
+            os::build(&OsOptions {
+                out_dir,
+                guest_dir,
+                cache_dir,
+                agent_bin,
+                liveness_bin,
+                mirror,
+                suite,
+                before_suspend_cmd,
+                after_resume_cmd,
+                headroom: headroom_mib * 1024 * 1024,
+            })
         }),
         Command::Oci {
             image,

@@ -109,6 +109,64 @@ pub fn find_guest_dir() -> Result<PathBuf> {
     }
 }
 
+/// Builds `drafter-agent` and `drafter-liveness` statically with cargo (run
+/// inside the drafter workspace) and returns their paths.
+pub fn build_guest_binaries() -> Result<(PathBuf, PathBuf)> {
+    let tool = || "cargo build -p drafter-guest".to_owned();
+    let spinner = Progress::spinner("building static drafter-agent and drafter-liveness");
+    let out = Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "-p",
+            "drafter-guest",
+            "--bins",
+            "--message-format=json-render-diagnostics",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .output()
+        .map_err(|e| BlueprintError::Tool {
+            tool: tool(),
+            message: e.to_string(),
+        });
+    spinner.finish();
+    let out = out?;
+    if !out.status.success() {
+        return Err(BlueprintError::Tool {
+            tool: tool(),
+            message: format!(
+                "{}; pass --agent-bin and --liveness-bin instead",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    let mut agent = None;
+    let mut liveness = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = msg["target"]["name"].as_str().unwrap_or_default();
+        let Some(exe) = msg["executable"].as_str() else {
+            continue;
+        };
+        match name {
+            "drafter-agent" => agent = Some(PathBuf::from(exe)),
+            "drafter-liveness" => liveness = Some(PathBuf::from(exe)),
+            _ => {}
+        }
+    }
+    match (agent, liveness) {
+        (Some(a), Some(l)) => Ok((a, l)),
+        _ => Err(BlueprintError::Tool {
+            tool: tool(),
+            message: "cargo did not report both binaries".into(),
+        }),
+    }
+}
+
 /// Writes the initramfs: busybox, the modules in load order, and `/init`.
 pub fn write_initramfs(guest: &Path, output: &Path) -> Result<()> {
     let mut w = CpioWriter::new();

@@ -112,21 +112,29 @@ pub fn initramfs(body: &str) -> Vec<u8> {
         let bytes = std::fs::read(g.join("modules").join(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
         c.file(&format!("lib/modules/{m}"), 0o644, &bytes);
     }
-    let init = format!(
+    let init = init_script(&order, body);
+    c.file("init", 0o755, init.as_bytes());
+    c.finish()
+}
+
+/// The `/init` script: basics, modules (virtio_mmio with its command-line
+/// parameters, which only modprobe would pass), marker, `body`, poweroff.
+pub fn init_script(order: &str, body: &str) -> String {
+    format!(
         "#!/bin/sh\n\
          /bin/busybox --install -s /bin\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev 2>/dev/null\n\
-         for m in {mods}; do insmod /lib/modules/$m; done\n\
+         for m in {mods}; do a=; if [ $m = virtio_mmio.ko ]; then \
+         for w in $(cat /proc/cmdline); do case $w in virtio_mmio.*) a=\"$a ${{w#virtio_mmio.}}\";; esac; done; fi; \
+         insmod /lib/modules/$m $a; done\n\
          echo {MARKER}\n\
          {body}\n\
          sleep 1\n\
          poweroff -f\n",
         mods = order.split_whitespace().collect::<Vec<_>>().join(" ")
-    );
-    c.file("init", 0o755, init.as_bytes());
-    c.finish()
+    )
 }
 
 /// Writes an initramfs for `body` into `dir` and returns its path.
@@ -216,6 +224,17 @@ pub fn vmm_binary() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn init_script_is_valid_shell() {
+        let script = init_script("virtio.ko\nvirtio_mmio.ko\n", "echo hi");
+        let ok = std::process::Command::new("sh")
+            .args(["-n", "-c", &script])
+            .status()
+            .map(|s| s.success());
+        assert_eq!(ok.ok(), Some(true), "{script}");
+        assert!(script.contains("${w#virtio_mmio.}"));
+    }
 
     #[test]
     fn cpio_entries_are_aligned_and_terminated() {

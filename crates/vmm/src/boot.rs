@@ -220,13 +220,15 @@ fn write_pvh_info(
 }
 
 /// Loads `kernel` (and `initramfs`) into `mem` with `cmdline` and writes every
-/// boot structure for `num_cpus` vCPUs. Returns the boot vCPU's entry point.
+/// boot structure for `num_cpus` vCPUs and the virtio-mmio devices `(base, gsi)`
+/// (announced through ACPI). Returns the boot vCPU's entry point.
 pub fn load(
     mem: &GuestMemory,
     kernel: &Path,
     initramfs: Option<&Path>,
     cmdline: &Cmdline,
     num_cpus: u8,
+    virtio: &[(u64, u32)],
 ) -> Result<EntryPoint, BootError> {
     let (entry, kernel_end, header) = load_kernel(mem, kernel)?;
     let initrd = initramfs
@@ -244,7 +246,7 @@ pub fn load(
         EntryMode::Pvh => write_pvh_info(mem, initrd)?,
     }
     mptable::setup(mem, num_cpus).map_err(setup_err)?;
-    acpi::setup(mem, num_cpus).map_err(setup_err)?;
+    acpi::setup(mem, num_cpus, virtio).map_err(setup_err)?;
     regs::write_boot_tables(mem, entry.mode).map_err(setup_err)?;
     Ok(entry)
 }

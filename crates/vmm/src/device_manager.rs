@@ -1,7 +1,8 @@
 //! Wires the device models into the VM: COM1 and i8042 on the port-I/O bus,
 //! virtio devices on the MMIO bus (4 KiB windows from `VIRTIO_MMIO_START`, GSIs
-//! from 5), their queue EventFds as ioeventfds and interrupts as irqfds, and the
-//! `virtio_mmio.device=` announcements for the kernel command line.
+//! from 5), their queue EventFds as ioeventfds and interrupts as irqfds; the
+//! `(base, gsi)` list goes into the ACPI DSDT (kernels may lack
+//! `virtio_mmio.device=` command-line support).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,7 +94,7 @@ impl BusDevice for MmioTransport {
 pub struct DeviceManager {
     serial: Arc<Mutex<SerialDevice>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
-    announcements: Vec<String>,
+    mmio_devices: Vec<(u64, u32)>,
     reset_wake: EventFd,
     reset_stop: Arc<AtomicBool>,
     reset_thread: Option<JoinHandle<()>>,
@@ -190,7 +191,7 @@ impl DeviceManager {
             }
         }
         let mut virtio = Vec::new();
-        let mut announcements = Vec::new();
+        let mut mmio_devices = Vec::new();
         for (i, dev) in devices.into_iter().enumerate() {
             let base = VIRTIO_MMIO_START + i as u64 * MMIO_WINDOW_SIZE;
             let gsi = FIRST_VIRTIO_GSI + i as u32;
@@ -212,21 +213,21 @@ impl DeviceManager {
             let t = Arc::new(Mutex::new(t));
             mmio.insert(base, MMIO_WINDOW_SIZE, t.clone()).map_err(err)?;
             virtio.push(t);
-            announcements.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+            mmio_devices.push((base, gsi));
         }
         Ok(DeviceManager {
             serial,
             virtio,
-            announcements,
+            mmio_devices,
             reset_wake,
             reset_stop,
             reset_thread: Some(reset_thread),
         })
     }
 
-    /// `virtio_mmio.device=` parameters announcing the virtio devices.
-    pub fn cmdline_announcements(&self) -> &[String] {
-        &self.announcements
+    /// `(MMIO base, GSI)` of every virtio device, in guest order.
+    pub fn mmio_devices(&self) -> &[(u64, u32)] {
+        &self.mmio_devices
     }
 
     /// COM1 (to feed input).
@@ -266,37 +267,5 @@ impl Drop for DeviceManager {
         if let Some(t) = self.reset_thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// Inserts `extra` parameters into `boot_args`, before any `--` init arguments.
-pub fn with_announcements(boot_args: &str, extra: &[String]) -> String {
-    if extra.is_empty() {
-        return boot_args.to_string();
-    }
-    let extra = extra.join(" ");
-    match boot_args.find(" -- ") {
-        Some(i) => format!("{} {extra}{}", &boot_args[..i], &boot_args[i..]),
-        None if boot_args.trim().is_empty() => extra,
-        None => format!("{boot_args} {extra}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn announcements_go_before_init_arguments() {
-        let a = vec!["virtio_mmio.device=4K@0xd0000000:5".to_string()];
-        assert_eq!(
-            with_announcements("console=ttyS0 -- -x", &a),
-            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 -- -x"
-        );
-        assert_eq!(
-            with_announcements("console=ttyS0", &a),
-            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
-        );
-        assert_eq!(with_announcements("a", &[]), "a");
     }
 }

@@ -14,7 +14,7 @@ use crate::arch::x86_64::cpuid;
 use crate::boot::{self, BootError};
 use crate::bus::Bus;
 use crate::config::VmConfig;
-use crate::device_manager::{with_announcements, ConsoleOut, DeviceManager, DevicesState};
+use crate::device_manager::{ConsoleOut, DeviceManager, DevicesState};
 use crate::dirty::{merge, DirtyPages, RegionDirty};
 use crate::memory::{self, GuestMemory, Memory, MemoryBackend, MemoryError, PageProvider};
 use crate::persist::{self, StateFileError};
@@ -250,8 +250,7 @@ impl Vmm {
         let memory = memory::create(config.memory_mib << 20, backend)?;
         let console = console_for(&config, opts.console);
         let p = platform(memory, &config, console, None)?;
-        let args = with_announcements(&config.boot_args, p.devices.cmdline_announcements());
-        let cmdline = boot::cmdline(&args)?;
+        let cmdline = boot::cmdline(&config.boot_args)?;
         let entry = match &opts.flat_program {
             Some(code) => boot::load_flat(&p.memory.guest, code, config.vcpus)?,
             None => boot::load(
@@ -260,6 +259,7 @@ impl Vmm {
                 config.initramfs.as_deref(),
                 &cmdline,
                 config.vcpus,
+                p.devices.mmio_devices(),
             )?,
         };
         let supported = p.vm.supported_cpuid()?;

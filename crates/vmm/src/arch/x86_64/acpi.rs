@@ -92,11 +92,56 @@ fn facs() -> Vec<u8> {
     f
 }
 
-fn dsdt() -> Vec<u8> {
+/// AML PkgLength for `content` bytes that follow it (the encoding counts itself).
+fn pkg_length(content: usize) -> Vec<u8> {
+    if content + 1 < 64 {
+        vec![(content + 1) as u8]
+    } else {
+        let len = content + 2;
+        vec![0x40 | (len & 0x0f) as u8, (len >> 4) as u8]
+    }
+}
+
+/// `Device (Vnnn) { _HID "LNRO0005", _UID n, _CRS { Memory32Fixed, Interrupt } }`:
+/// how Linux discovers a virtio-mmio device through ACPI.
+fn virtio_device(index: usize, base: u64, gsi: u32) -> Vec<u8> {
+    let mut crs = Vec::new();
+    crs.extend_from_slice(&[0x86, 0x09, 0x00, 0x01]); // Memory32Fixed, read-write
+    crs.extend_from_slice(&(base as u32).to_le_bytes());
+    crs.extend_from_slice(&0x1000u32.to_le_bytes());
+    crs.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]); // Interrupt: consumer, edge, high
+    crs.extend_from_slice(&gsi.to_le_bytes());
+    crs.extend_from_slice(&[0x79, 0x00]); // end tag
+    let mut body = Vec::new();
+    body.extend_from_slice(format!("V{index:03}").as_bytes());
+    body.extend_from_slice(b"\x08_HID\x0dLNRO0005\x00");
+    body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x0a, index as u8]);
+    body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S', 0x11]);
+    let mut buf = vec![0x0a, crs.len() as u8];
+    buf.extend_from_slice(&crs);
+    body.extend_from_slice(&pkg_length(buf.len()));
+    body.extend_from_slice(&buf);
+    let mut dev = vec![0x5b, 0x82];
+    dev.extend_from_slice(&pkg_length(body.len()));
+    dev.extend_from_slice(&body);
+    dev
+}
+
+fn dsdt(virtio: &[(u64, u32)]) -> Vec<u8> {
     // Name (_S5_, Package (2) { 5, 0 })
-    let aml = [
+    let mut aml = vec![
         0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, S5_SLP_TYP as u8, 0x00,
     ];
+    if !virtio.is_empty() {
+        // Scope (\_SB) { devices }
+        let mut sb = b"\\_SB_".to_vec();
+        for (i, (base, gsi)) in virtio.iter().enumerate() {
+            sb.extend_from_slice(&virtio_device(i, *base, *gsi));
+        }
+        aml.push(0x10);
+        aml.extend_from_slice(&pkg_length(sb.len()));
+        aml.extend_from_slice(&sb);
+    }
     sdt(b"DSDT", 2, &aml)
 }
 
@@ -114,13 +159,13 @@ fn madt(num_cpus: u8) -> Vec<u8> {
     sdt(b"APIC", 5, &b)
 }
 
-/// Builds all tables for `num_cpus` laid out from [`RSDP_ADDR`]; returns the bytes
-/// to write there.
-pub fn build(num_cpus: u8) -> Vec<u8> {
+/// Builds all tables for `num_cpus` and the virtio-mmio devices `(base, gsi)`,
+/// laid out from [`RSDP_ADDR`]; returns the bytes to write there.
+pub fn build(num_cpus: u8, virtio: &[(u64, u32)]) -> Vec<u8> {
     let align = |v: usize| (v + 15) & !15;
     let facs_off = 64;
     let dsdt_off = facs_off + 64;
-    let dsdt = dsdt();
+    let dsdt = dsdt(virtio);
     let fadt_off = align(dsdt_off + dsdt.len());
     let fadt = fadt(RSDP_ADDR + dsdt_off as u64, RSDP_ADDR + facs_off as u64);
     let madt_off = align(fadt_off + fadt.len());
@@ -153,9 +198,14 @@ pub fn build(num_cpus: u8) -> Vec<u8> {
     out
 }
 
-/// Writes the ACPI tables for `num_cpus` into guest memory.
-pub fn setup(mem: &GuestMemory, num_cpus: u8) -> Result<(), vm_memory::GuestMemoryError> {
-    mem.write_slice(&build(num_cpus), GuestAddress(RSDP_ADDR))
+/// Writes the ACPI tables for `num_cpus` and the virtio-mmio devices `(base, gsi)`
+/// into guest memory.
+pub fn setup(
+    mem: &GuestMemory,
+    num_cpus: u8,
+    virtio: &[(u64, u32)],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    mem.write_slice(&build(num_cpus, virtio), GuestAddress(RSDP_ADDR))
 }
 
 /// The PM1 event and control registers: an S5 request powers the VM off.
@@ -208,7 +258,7 @@ mod tests {
 
     #[test]
     fn tables_chain_and_checksum() {
-        let all = build(2);
+        let all = build(2, &[(0xd000_0000, 5), (0xd000_1000, 6)]);
         assert_eq!(&all[..8], b"RSD PTR ");
         assert_eq!(sum(&all[..20]), 0);
         assert_eq!(sum(&all[..36]), 0);
@@ -226,6 +276,9 @@ mod tests {
         assert_eq!(&all[(facs - RSDP_ADDR) as usize..][..4], b"FACS");
         let dsdt = table_at(&all, u64_at(fadt, 140));
         assert_eq!(&dsdt[..4], b"DSDT");
+        let text = String::from_utf8_lossy(dsdt);
+        assert_eq!(text.matches("LNRO0005").count(), 2);
+        assert!(text.contains("V001"));
         assert_eq!(sum(dsdt), 0);
         assert_eq!(&madt[..4], b"APIC");
         assert_eq!(sum(madt), 0);
@@ -233,6 +286,14 @@ mod tests {
         assert_eq!(&madt[44..48], &[0, 8, 0, 0]);
         assert_eq!(&madt[52..56], &[0, 8, 1, 1]);
         assert_eq!(&madt[60..62], &[1, 12]);
+    }
+
+    #[test]
+    fn pkg_length_counts_itself() {
+        assert_eq!(pkg_length(10), vec![11]);
+        assert_eq!(pkg_length(62), vec![63]);
+        // 63 content bytes need two length bytes: 65 = 0x41.
+        assert_eq!(pkg_length(63), vec![0x41, 0x04]);
     }
 
     #[test]

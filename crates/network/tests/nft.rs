@@ -79,3 +79,28 @@ fn table_replacement_is_atomic_and_idempotent() {
     assert!(ns.0.run(nft::list_tables).unwrap().is_empty());
     assert_eq!(ruleset(&name).trim(), "");
 }
+
+#[test]
+fn large_tables_apply_in_one_batch() {
+    let ns = Private(NetNs::create(&format!("{}y", unique('n'))).unwrap());
+    let name = ns.0.name().to_string();
+    // 2000 rules: far more acknowledgements than a default socket buffer holds.
+    let rules: Vec<Rule> = (0..2000u16)
+        .map(|i| {
+            Rule::new(
+                Family::V4,
+                vec![
+                    Match::Iif(format!("x{i}")),
+                    Match::Saddr("10.9.0.0/16".parse().unwrap()),
+                ],
+                Action::Drop,
+            )
+        })
+        .collect();
+    let table = Table::inet("drafter_big");
+    ns.0.run(|| table.replace(&[Chain::new(Hook::Forward, rules.clone())]))
+        .unwrap();
+    let listed = ruleset(&name);
+    assert_eq!(listed.matches(" drop").count(), 2000);
+    assert!(listed.contains("iifname \"x1999\" ip saddr 10.9.0.0/16 drop"));
+}

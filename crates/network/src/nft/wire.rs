@@ -362,6 +362,47 @@ fn frame(
     buf.extend_from_slice(attrs);
 }
 
+/// A batch is sent as one datagram and every message of it is acknowledged, all answers
+/// delivered at once: size both socket buffers for that (as nft does), so large tables hit
+/// neither EMSGSIZE nor ENOBUFS.
+fn reserve_buffers(socket: &Socket, batch_bytes: usize, messages: usize) -> Result<()> {
+    set_buffer(
+        socket,
+        [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF],
+        batch_bytes.saturating_mul(2),
+    )?;
+    set_buffer(
+        socket,
+        [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF],
+        messages.saturating_mul(4096),
+    )
+}
+
+fn set_buffer(socket: &Socket, opts: [libc::c_int; 2], bytes: usize) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let bytes = libc::c_int::try_from(bytes.max(1 << 18)).unwrap_or(libc::c_int::MAX);
+    for opt in opts {
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&bytes`, a valid c_int
+        // that outlives the call; the fd is an open socket owned by `socket`.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    Err(NetworkError::io(
+        "size a netlink socket buffer",
+        std::io::Error::last_os_error(),
+    ))
+}
+
 fn open_socket() -> Result<Socket> {
     let op = "open nftables netlink socket";
     let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| NetworkError::io(op, e))?;
@@ -477,6 +518,7 @@ pub(super) fn transaction(msgs: &[Msg]) -> Result<()> {
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
+    reserve_buffers(&socket, buf.len(), msgs.len())?;
     socket
         .send(&buf, 0)
         .map_err(|e| NetworkError::Nftables(format!("sending the batch: {e}")))?;

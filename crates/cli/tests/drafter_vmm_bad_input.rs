@@ -37,8 +37,14 @@ fn a_non_kernel_file_is_refused() {
     let d = scratch("kernel");
     let k = d.join("notakernel");
     std::fs::write(&k, vec![0x42u8; 64 << 10]).unwrap_or_else(|e| panic!("{e}"));
-    refuses(&["--kernel", s(&k), "--memory-mib", "32"], "is not a Linux kernel");
-    refuses(&["--kernel", s(&d.join("missing")), "--memory-mib", "32"], "cannot read kernel");
+    refuses(
+        &["--kernel", s(&k), "--memory-mib", "32"],
+        "is not a Linux kernel",
+    );
+    refuses(
+        &["--kernel", s(&d.join("missing")), "--memory-mib", "32"],
+        "cannot read kernel",
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -48,8 +54,14 @@ fn a_missing_drive_is_refused() {
     let k = d.join("k");
     std::fs::write(&k, b"x").unwrap_or_else(|e| panic!("{e}"));
     let drive = format!("root:{}", s(&d.join("nope.img")));
-    refuses(&["--kernel", s(&k), "--memory-mib", "32", "--drive", &drive], "drive 'root'");
-    refuses(&["--kernel", s(&k), "--drive", "no-path"], "expected NAME:PATH");
+    refuses(
+        &["--kernel", s(&k), "--memory-mib", "32", "--drive", &drive],
+        "drive 'root'",
+    );
+    refuses(
+        &["--kernel", s(&k), "--drive", "no-path"],
+        "expected NAME:PATH",
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -12,8 +12,8 @@ use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::*;
-use crate::arch::x86_64::{acpi, mptable};
 use crate::arch::x86_64::regs::{self, EntryMode};
+use crate::arch::x86_64::{acpi, mptable};
 use crate::memory::GuestMemory;
 
 /// The kernel could not be loaded.
@@ -84,7 +84,10 @@ fn ram_map(mem: &GuestMemory) -> Vec<(u64, u64)> {
     map
 }
 
-fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<(EntryPoint, u64, Option<loader::bootparam::setup_header>), BootError> {
+fn load_kernel(
+    mem: &GuestMemory,
+    path: &Path,
+) -> Result<(EntryPoint, u64, Option<loader::bootparam::setup_header>), BootError> {
     let mut f = File::open(path).map_err(|err| BootError::Read {
         what: "kernel",
         path: path.to_path_buf(),
@@ -124,7 +127,11 @@ fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<(EntryPoint, u64, Optio
     }
 }
 
-fn load_initramfs(mem: &GuestMemory, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
+fn load_initramfs(
+    mem: &GuestMemory,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
     let read_err = |err| BootError::Read {
         what: "initramfs",
         path: path.to_path_buf(),
@@ -181,10 +188,7 @@ fn write_zero_page(
         .map_err(setup_err)
 }
 
-fn write_pvh_info(
-    mem: &GuestMemory,
-    initrd: Option<(u64, u64)>,
-) -> Result<(), BootError> {
+fn write_pvh_info(mem: &GuestMemory, initrd: Option<(u64, u64)>) -> Result<(), BootError> {
     let map = ram_map(mem);
     let mut memmap = Vec::new();
     for (addr, size) in &map {
@@ -209,7 +213,14 @@ fn write_pvh_info(
     info.extend_from_slice(&1u32.to_le_bytes()); // version
     info.extend_from_slice(&0u32.to_le_bytes()); // flags
     info.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes());
-    info.extend_from_slice(&(if initrd.is_some() { PVH_MODLIST_START } else { 0 }).to_le_bytes());
+    info.extend_from_slice(
+        &(if initrd.is_some() {
+            PVH_MODLIST_START
+        } else {
+            0
+        })
+        .to_le_bytes(),
+    );
     info.extend_from_slice(&CMDLINE_START.to_le_bytes());
     info.extend_from_slice(&acpi::RSDP_ADDR.to_le_bytes());
     info.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());

@@ -15,6 +15,15 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// The VM's two address spaces.
+#[derive(Default)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
 /// A device shared between the bus and its owner.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
@@ -120,7 +129,8 @@ mod tests {
     fn dispatches_by_range_with_relative_offsets() {
         let mut bus = Bus::new();
         let a = Arc::new(Mutex::new(Reg(vec![])));
-        bus.insert(0x3f8, 8, a.clone()).unwrap_or_else(|e| panic!("{e}"));
+        bus.insert(0x3f8, 8, a.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fa, &mut b));
         assert_eq!(b[0], 2);
@@ -131,7 +141,10 @@ mod tests {
         // An access straddling the end is refused.
         let mut two = [0u8; 2];
         assert!(!bus.read(0x3ff, &mut two));
-        assert_eq!(a.lock().map(|r| r.0.clone()).unwrap_or_default(), vec![(7, vec![7])]);
+        assert_eq!(
+            a.lock().map(|r| r.0.clone()).unwrap_or_default(),
+            vec![(7, vec![7])]
+        );
     }
 
     #[test]

@@ -152,8 +152,9 @@ mod tests {
 
     #[test]
     fn json_defaults_and_unknown_fields() {
-        let c: VmConfig = serde_json::from_str(r#"{"kernel":"/k","drives":[{"name":"root","path":"/d"}]}"#)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let c: VmConfig =
+            serde_json::from_str(r#"{"kernel":"/k","drives":[{"name":"root","path":"/d"}]}"#)
+                .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.memory_mib, 128);
         assert!(!c.drives[0].read_only);

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{SleepControl, PM1_LEN, PM1_PORT};
 use crate::arch::x86_64::layout::{FIRST_VIRTIO_GSI, LAST_GSI, VIRTIO_MMIO_START};
-use crate::bus::{Bus, BusDevice};
+use crate::bus::{BusDevice, Buses};
 use crate::config::{parse_mac, VmConfig};
 use crate::devices::legacy::{
     SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PIO_BASE, COM1_PIO_SIZE, I8042, I8042_PIO_BASE,
@@ -138,8 +138,7 @@ impl DeviceManager {
         console: ConsoleOut,
         exits: Sender<ExitStatus>,
         saved: Option<&DevicesState>,
-        pio: &mut Bus,
-        mmio: &mut Bus,
+        buses: &mut Buses,
     ) -> Result<DeviceManager, DeviceSetupError> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(err)?;
         vm.register_irqfd(&irq, COM1_IRQ).map_err(err)?;
@@ -148,18 +147,26 @@ impl DeviceManager {
             None => SerialDevice::new(irq, console).map_err(err)?,
         };
         let serial = Arc::new(Mutex::new(serial));
-        pio.insert(u64::from(COM1_PIO_BASE), u64::from(COM1_PIO_SIZE), serial.clone())
+        buses
+            .pio
+            .insert(
+                u64::from(COM1_PIO_BASE),
+                u64::from(COM1_PIO_SIZE),
+                serial.clone(),
+            )
             .map_err(err)?;
 
         let reset_evt = EventFd::new(0).map_err(err)?;
         let reset_wake = reset_evt.try_clone().map_err(err)?;
         let i8042 = I8042::new(reset_evt.try_clone().map_err(err)?);
-        pio.insert(
-            u64::from(I8042_PIO_BASE),
-            u64::from(I8042_PIO_SIZE),
-            Arc::new(Mutex::new(i8042)),
-        )
-        .map_err(err)?;
+        buses
+            .pio
+            .insert(
+                u64::from(I8042_PIO_BASE),
+                u64::from(I8042_PIO_SIZE),
+                Arc::new(Mutex::new(i8042)),
+            )
+            .map_err(err)?;
         let reset_stop = Arc::new(AtomicBool::new(false));
         let reset_exits = exits.clone();
         let stop = reset_stop.clone();
@@ -177,7 +184,9 @@ impl DeviceManager {
         let sleep = SleepControl::new(move || {
             let _ = lock(&poweroff).send(ExitStatus::Poweroff);
         });
-        pio.insert(u64::from(PM1_PORT), PM1_LEN, Arc::new(Mutex::new(sleep)))
+        buses
+            .pio
+            .insert(u64::from(PM1_PORT), PM1_LEN, Arc::new(Mutex::new(sleep)))
             .map_err(err)?;
 
         let devices = models(config)?;
@@ -211,7 +220,10 @@ impl DeviceManager {
                     .map_err(err)?;
             }
             let t = Arc::new(Mutex::new(t));
-            mmio.insert(base, MMIO_WINDOW_SIZE, t.clone()).map_err(err)?;
+            buses
+                .mmio
+                .insert(base, MMIO_WINDOW_SIZE, t.clone())
+                .map_err(err)?;
             virtio.push(t);
             mmio_devices.push((base, gsi));
         }

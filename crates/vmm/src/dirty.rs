@@ -74,8 +74,9 @@ impl DirtyPages {
                     }
                     let off = page * PAGE_SIZE;
                     match out.last_mut() {
-                        Some(last) if last.guest_addr + last.len == r.guest_addr + off
-                            && last.file_offset + last.len == r.file_offset + off =>
+                        Some(last)
+                            if last.guest_addr + last.len == r.guest_addr + off
+                                && last.file_offset + last.len == r.file_offset + off =>
                         {
                             last.len += PAGE_SIZE
                         }
@@ -115,7 +116,10 @@ mod tests {
         };
         assert_eq!(d.count(), 6);
         let r = d.ranges();
-        let got: Vec<(u64, u64)> = r.iter().map(|x| (x.guest_addr / PAGE_SIZE, x.len / PAGE_SIZE)).collect();
+        let got: Vec<(u64, u64)> = r
+            .iter()
+            .map(|x| (x.guest_addr / PAGE_SIZE, x.len / PAGE_SIZE))
+            .collect();
         assert_eq!(got, vec![(0, 1), (5, 3), (64, 1), (127, 1)]);
         assert!(d.is_dirty(6 * PAGE_SIZE + 5));
         assert!(!d.is_dirty(4 * PAGE_SIZE));

@@ -132,7 +132,10 @@ fn region(
     file: Option<(&File, u64)>,
 ) -> Result<GuestRegionMmap<AtomicBitmap>, MemoryError> {
     let size_usize = size as usize;
-    let bitmap = AtomicBitmap::new(size_usize, const { std::num::NonZeroUsize::new(PAGE_SIZE as usize).unwrap() });
+    let bitmap = AtomicBitmap::new(
+        size_usize,
+        const { std::num::NonZeroUsize::new(PAGE_SIZE as usize).unwrap() },
+    );
     let mut b = MmapRegionBuilder::new_with_bitmap(size_usize, bitmap)
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(flags);
@@ -156,10 +159,16 @@ pub fn create(mem_size: u64, backend: MemoryBackend) -> Result<Memory, MemoryErr
     let mut shared_file = None;
     let mut provider = None;
     let (file, flags) = match backend {
-        MemoryBackend::Anonymous => (None, libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE),
+        MemoryBackend::Anonymous => (
+            None,
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        ),
         MemoryBackend::Userfault(p) => {
             provider = Some(p);
-            (None, libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            (
+                None,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
         }
         MemoryBackend::SharedFile(path) => {
             let f = OpenOptions::new()
@@ -198,7 +207,12 @@ pub fn create(mem_size: u64, backend: MemoryBackend) -> Result<Memory, MemoryErr
     let mut regions = Vec::new();
     let mut file_off = 0u64;
     for (base, size) in ranges {
-        regions.push(region(base, size, flags, file.as_ref().map(|f| (f, file_off)))?);
+        regions.push(region(
+            base,
+            size,
+            flags,
+            file.as_ref().map(|f| (f, file_off)),
+        )?);
         file_off += size;
     }
     let guest = GuestMemory::from_regions(regions).map_err(|e| MemoryError::Mmap(e.to_string()))?;
@@ -242,7 +256,6 @@ pub fn dump(mem: &GuestMemory, path: &Path) -> Result<(), MemoryError> {
     }
     f.sync_all().map_err(file_err(path))
 }
-
 
 #[cfg(test)]
 mod tests {

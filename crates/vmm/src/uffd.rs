@@ -200,8 +200,11 @@ mod tests {
     #[test]
     fn missing_pages_come_from_the_provider() {
         let seen = Arc::new(AtomicU64::new(0));
-        let m = create(64 << 12, MemoryBackend::Userfault(Box::new(Pattern(seen.clone()))))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let m = create(
+            64 << 12,
+            MemoryBackend::Userfault(Box::new(Pattern(seen.clone()))),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let mut b = [0u8; 2];
         m.guest
             .read_slice(&mut b, GuestAddress(5 * PAGE_SIZE + 10))

@@ -93,7 +93,9 @@ impl VcpuHandle {
     }
 
     fn send(&self, c: Command) -> Result<(), VcpuThreadError> {
-        self.cmd.send(c).map_err(|_| VcpuThreadError::Gone(self.index))?;
+        self.cmd
+            .send(c)
+            .map_err(|_| VcpuThreadError::Gone(self.index))?;
         if let Some(t) = &self.thread {
             // A vCPU in KVM_RUN returns at once; one waiting for commands ignores it.
             let _ = t.kill(self.signal);
@@ -102,7 +104,9 @@ impl VcpuHandle {
     }
 
     fn recv(&self) -> Result<Response, VcpuThreadError> {
-        self.resp.recv().map_err(|_| VcpuThreadError::Gone(self.index))
+        self.resp
+            .recv()
+            .map_err(|_| VcpuThreadError::Gone(self.index))
     }
 
     /// Asks the vCPU to pause (use [`VcpuHandle::wait_paused`] to wait for it).

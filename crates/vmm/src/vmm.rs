@@ -216,8 +216,7 @@ fn platform(
     let mut vm = Vm::new()?;
     vm.register_memory(&memory.guest)?;
     let (exits_tx, exits_rx) = channel();
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
+    let mut buses = crate::bus::Buses::default();
     let devices = DeviceManager::build(
         &vm,
         &memory.guest,
@@ -225,15 +224,14 @@ fn platform(
         console,
         exits_tx.clone(),
         saved,
-        &mut pio,
-        &mut mmio,
+        &mut buses,
     )?;
     Ok(Platform {
         vm,
         memory,
         devices,
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
+        pio: Arc::new(buses.pio),
+        mmio: Arc::new(buses.mmio),
         exits_tx,
         exits_rx,
     })
@@ -263,7 +261,9 @@ impl Vmm {
             )?,
         };
         let supported = p.vm.supported_cpuid()?;
-        let tsc_deadline = p.vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        let tsc_deadline =
+            p.vm.kvm()
+                .check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let mut vcpus = Vec::new();
         for i in 0..config.vcpus {
             let mut v = Vcpu::new(&p.vm, i)?;
@@ -314,7 +314,12 @@ impl Vmm {
         Self::assemble(snap.config, p, vcpus, true)
     }
 
-    fn assemble(config: VmConfig, p: Platform, vcpus: Vec<Vcpu>, paused: bool) -> Result<Vmm, Error> {
+    fn assemble(
+        config: VmConfig,
+        p: Platform,
+        vcpus: Vec<Vcpu>,
+        paused: bool,
+    ) -> Result<Vmm, Error> {
         let msr_indices = Arc::new(p.vm.msr_index_list()?);
         let mut handles = Vec::new();
         for v in vcpus {

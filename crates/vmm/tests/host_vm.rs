@@ -144,9 +144,16 @@ fn dirty_pages_report_guest_writes_then_go_quiet() {
     for i in 0..16 {
         assert!(d.is_dirty(0x30_0000 + i * 0x1000), "page {i} not reported");
     }
-    assert!(!d.is_dirty(0x31_0000), "page after the written ones reported");
+    assert!(
+        !d.is_dirty(0x31_0000),
+        "page after the written ones reported"
+    );
     let again = vmm.dirty_pages().unwrap_or_else(|e| panic!("{e}"));
-    assert!(again.count() <= 2, "idle guest dirtied {} pages", again.count());
+    assert!(
+        again.count() <= 2,
+        "idle guest dirtied {} pages",
+        again.count()
+    );
 }
 
 #[test]
@@ -159,7 +166,13 @@ fn vmm_writes_show_up_in_dirty_pages() {
         .unwrap_or_else(|e| panic!("{e}"));
     let d = vmm.dirty_pages().unwrap_or_else(|e| panic!("{e}"));
     assert!(d.is_dirty(0x50_0000));
-    assert_eq!(d.ranges().iter().filter(|r| r.guest_addr == 0x50_0000).count(), 1);
+    assert_eq!(
+        d.ranges()
+            .iter()
+            .filter(|r| r.guest_addr == 0x50_0000)
+            .count(),
+        1
+    );
 }
 
 #[test]
@@ -231,7 +244,10 @@ fn shared_memory_suspends_in_place() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-struct Counting(FilePageProvider, std::sync::Arc<std::sync::atomic::AtomicU64>);
+struct Counting(
+    FilePageProvider,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+);
 impl PageProvider for Counting {
     fn fill(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

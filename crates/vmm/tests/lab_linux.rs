@@ -51,7 +51,10 @@ fn counter_body() -> &'static str {
 
 /// Parses `COUNT <n> <uptime> <disk>`.
 fn parse_count(line: &str) -> (u64, f64, String) {
-    let mut w = line.split_whitespace().skip_while(|w| *w != "COUNT").skip(1);
+    let mut w = line
+        .split_whitespace()
+        .skip_while(|w| *w != "COUNT")
+        .skip(1);
     let n = w.next().and_then(|x| x.parse().ok()).unwrap_or(0);
     let up = w.next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
     (n, up, w.next().unwrap_or_default().to_string())
@@ -71,7 +74,8 @@ fn lab_boots_with_1_and_2_vcpus_poweroff_and_reboot() {
             let dir = dir.join(format!("v{n}"));
             std::thread::spawn(move || {
                 std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-                let body = format!("echo CPUS=$(grep -c ^processor /proc/cpuinfo); sleep 1; {how} -f");
+                let body =
+                    format!("echo CPUS=$(grep -c ^processor /proc/cpuinfo); sleep 1; {how} -f");
                 let init = write_initramfs(&dir, &body);
                 let (mut vmm, mut console) = boot(config(&init, n));
                 console.wait_for(MARKER, BOOT);
@@ -91,7 +95,9 @@ fn lab_boots_with_1_and_2_vcpus_poweroff_and_reboot() {
 #[ignore = "lab"]
 fn lab_virtio_blk_reads_writes_and_honours_read_only() {
     let dir = scratch("blk");
-    let vda: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let vda: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let vda_sum = format!("{:x}", sha2::Sha256::digest(&vda));
     std::fs::write(dir.join("vda"), &vda).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(dir.join("vdb"), vec![0u8; 1 << 20]).unwrap_or_else(|e| panic!("{e}"));
@@ -110,7 +116,10 @@ fn lab_virtio_blk_reads_writes_and_honours_read_only() {
     }
     let (mut vmm, mut console) = boot(c);
     let line = console.wait_for("VDA ", BOOT);
-    assert!(line.contains(&vda_sum), "guest read {line}, host has {vda_sum}");
+    assert!(
+        line.contains(&vda_sum),
+        "guest read {line}, host has {vda_sum}"
+    );
     console.wait_for("VDB-WRITTEN", BOOT);
     let ro = console.wait_for("RO-", BOOT);
     assert!(ro.contains("RO-REFUSED"), "{ro}");
@@ -119,7 +128,10 @@ fn lab_virtio_blk_reads_writes_and_honours_read_only() {
     let vdb = std::fs::read(dir.join("vdb")).unwrap_or_default();
     let want: Vec<u8> = b"DRAFTER\n".iter().copied().cycle().take(1 << 20).collect();
     assert!(vdb == want, "vdb does not hold the guest's pattern");
-    assert!(std::fs::read(dir.join("vdc")).unwrap_or_default().iter().all(|b| *b == 7));
+    assert!(std::fs::read(dir.join("vdc"))
+        .unwrap_or_default()
+        .iter()
+        .all(|b| *b == 7));
     assert_eq!(std::fs::read(dir.join("vda")).unwrap_or_default(), vda);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -130,7 +142,11 @@ fn lab_virtio_net_pings_the_tap() {
     let dir = scratch("net");
     let ns = format!("drafter-vmm-{}", std::process::id());
     let sh = |cmd: &str| {
-        let ok = Command::new("sh").arg("-c").arg(cmd).status().map(|s| s.success());
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .status()
+            .map(|s| s.success());
         assert_eq!(ok.ok(), Some(true), "{cmd}");
     };
     sh(&format!("ip netns add {ns}"));
@@ -273,7 +289,8 @@ fn lab_shared_memory_suspend_in_place_survives_kill() {
     let mut c = config(&init, 1);
     c.drives.push(disk_with_marker(&dir));
     let cfg = dir.join("vm.json");
-    std::fs::write(&cfg, serde_json::to_vec(&c).unwrap_or_default()).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&cfg, serde_json::to_vec(&c).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
     let (mem, state, sock) = (dir.join("mem"), dir.join("state"), dir.join("ctl"));
     let p = VmmProcess::spawn(&[
         "--config".as_ref(),
@@ -291,7 +308,10 @@ fn lab_shared_memory_suspend_in_place_survives_kill() {
     let ctl = UnixStream::connect(&sock).unwrap_or_else(|e| panic!("control socket: {e}"));
     let mut w = ctl.try_clone().unwrap_or_else(|e| panic!("{e}"));
     let mut r = BufReader::new(ctl);
-    for cmd in ["pause".to_string(), format!("snapshot {} {}", state.display(), mem.display())] {
+    for cmd in [
+        "pause".to_string(),
+        format!("snapshot {} {}", state.display(), mem.display()),
+    ] {
         writeln!(w, "{cmd}").unwrap_or_else(|e| panic!("{e}"));
         let mut reply = String::new();
         r.read_line(&mut reply).unwrap_or_else(|e| panic!("{e}"));
@@ -328,8 +348,12 @@ fn lab_userfaultfd_restore_serves_every_page_from_the_handler() {
     let file = std::fs::File::open(&mem).unwrap_or_else(|e| panic!("{e}"));
     let provider = CountingPages(FilePageProvider::new(file), faults.clone());
     let (console, out) = Console::new();
-    let mut vmm = Vmm::restore(&state, RestoreMemory::Userfault(Box::new(provider)), Some(out))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut vmm = Vmm::restore(
+        &state,
+        RestoreMemory::Userfault(Box::new(provider)),
+        Some(out),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     vmm.resume().unwrap_or_else(|e| panic!("{e}"));
     let mut console = console;
     let mut prev = last;
@@ -339,7 +363,11 @@ fn lab_userfaultfd_restore_serves_every_page_from_the_handler() {
         prev = (n, up);
     }
     vmm.stop();
-    assert!(faults.load(Ordering::SeqCst) > 10, "handler saw {} faults", faults.load(Ordering::SeqCst));
+    assert!(
+        faults.load(Ordering::SeqCst) > 10,
+        "handler saw {} faults",
+        faults.load(Ordering::SeqCst)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -366,16 +394,26 @@ fn lab_dirty_pages_cover_guest_writes_and_quiet_down() {
     for r in vmm.guest_memory().iter() {
         let base = r.start_addr().0;
         for off in (0..r.len()).step_by(4096) {
-            let _ = vmm.guest_memory().read_slice(&mut page, GuestAddress(base + off));
+            let _ = vmm
+                .guest_memory()
+                .read_slice(&mut page, GuestAddress(base + off));
             if page.starts_with(b"DRAFTERPAGE-") {
                 found += 1;
-                assert!(dirty.is_dirty(base + off), "pattern page at {:#x} not reported", base + off);
+                assert!(
+                    dirty.is_dirty(base + off),
+                    "pattern page at {:#x} not reported",
+                    base + off
+                );
             }
         }
     }
     assert!(found >= 64, "only {found} pattern pages in guest memory");
     assert!(dirty.count() >= 64);
-    assert!(quiet.count() < 64, "idle guest dirtied {} pages", quiet.count());
+    assert!(
+        quiet.count() < 64,
+        "idle guest dirtied {} pages",
+        quiet.count()
+    );
     drop(vmm);
     let _ = std::fs::remove_dir_all(&dir);
 }

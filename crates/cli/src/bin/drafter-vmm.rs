@@ -96,7 +96,9 @@ struct Args {
 fn parse_drive(s: &str) -> Result<DriveConfig, String> {
     let mut parts = s.splitn(2, ':');
     let name = parts.next().unwrap_or_default();
-    let rest = parts.next().ok_or_else(|| format!("drive '{s}': expected NAME:PATH[:ro]"))?;
+    let rest = parts
+        .next()
+        .ok_or_else(|| format!("drive '{s}': expected NAME:PATH[:ro]"))?;
     let (path, read_only) = match rest.strip_suffix(":ro") {
         Some(p) => (p, true),
         None => (rest, false),
@@ -181,7 +183,9 @@ fn serve_control(listener: UnixListener, events: Sender<Event>) {
 }
 
 fn handle_conn(conn: UnixStream, events: &Sender<Event>) {
-    let Ok(mut out) = conn.try_clone() else { return };
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
     for line in BufReader::new(conn).lines() {
         let Ok(line) = line else { return };
         let (tx, rx) = channel();

@@ -92,11 +92,7 @@ thread_local! {
     static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-extern "C" fn handle_kick(
-    _num: libc::c_int,
-    _info: *mut libc::siginfo_t,
-    _ctx: *mut libc::c_void,
-) {
+extern "C" fn handle_kick(_num: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // `try_with` and `Cell::get` are async-signal-safe for a const-initialised
     // thread local: no allocation, no locks.
     let _ = IMMEDIATE_EXIT.try_with(|p| {
@@ -162,9 +158,12 @@ impl Vcpu {
         let mut entries = supported.as_slice().to_vec();
         cpuid::normalize(&mut entries, self.index, count, tsc_deadline);
         self.set_cpuid(&entries)?;
-        let msrs = Msrs::from_entries(&regs::boot_msrs()).map_err(|_| VcpuError::TooLarge("MSR"))?;
+        let msrs =
+            Msrs::from_entries(&regs::boot_msrs()).map_err(|_| VcpuError::TooLarge("MSR"))?;
         self.fd.set_msrs(&msrs).map_err(ioctl("SET_MSRS"))?;
-        self.fd.set_fpu(&regs::boot_fpu()).map_err(ioctl("SET_FPU"))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(ioctl("SET_FPU"))?;
         let mut lapic = self.fd.get_lapic().map_err(ioctl("GET_LAPIC"))?;
         regs::set_lint(&mut lapic);
         self.fd.set_lapic(&lapic).map_err(ioctl("SET_LAPIC"))?;
@@ -204,8 +203,7 @@ impl Vcpu {
                     ..Default::default()
                 })
                 .collect();
-            let mut msrs =
-                Msrs::from_entries(&entries).map_err(|_| VcpuError::TooLarge("MSR"))?;
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::TooLarge("MSR"))?;
             let n = self.fd.get_msrs(&mut msrs).map_err(ioctl("GET_MSRS"))?;
             out.extend_from_slice(&msrs.as_slice()[..n]);
             // KVM stops at the first MSR it cannot read: skip that one.
@@ -228,7 +226,10 @@ impl Vcpu {
         let tsc_khz = self.fd.get_tsc_khz().ok();
         let cpuid = self.cpuid.clone();
         let msrs = self.get_msrs(msr_indices)?;
-        let events = self.fd.get_vcpu_events().map_err(ioctl("GET_VCPU_EVENTS"))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(ioctl("GET_VCPU_EVENTS"))?;
         Ok(VcpuState {
             cpuid,
             msrs,
@@ -321,9 +322,9 @@ impl Vcpu {
                 KVM_SYSTEM_EVENT_RESET => RunOutcome::Reset,
                 other => RunOutcome::Failed(format!("unexpected system event {other}")),
             },
-            Ok(VcpuExit::FailEntry(reason, cpu)) => RunOutcome::Failed(format!(
-                "VM entry failed on CPU {cpu}: reason {reason:#x}"
-            )),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                RunOutcome::Failed(format!("VM entry failed on CPU {cpu}: reason {reason:#x}"))
+            }
             Ok(VcpuExit::InternalError) => {
                 RunOutcome::Failed("KVM internal error (emulation failure)".into())
             }

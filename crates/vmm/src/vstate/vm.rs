@@ -3,8 +3,8 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    CpuId, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    CpuId, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -180,11 +180,10 @@ impl Vm {
             Some(d) => self
                 .fd
                 .register_ioevent(evt, &IoEventAddress::Mmio(addr), d),
-            None => self.fd.register_ioevent(
-                evt,
-                &IoEventAddress::Mmio(addr),
-                kvm_ioctls::NoDatamatch,
-            ),
+            None => {
+                self.fd
+                    .register_ioevent(evt, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
+            }
         };
         res.map_err(ioctl("IOEVENTFD"))
     }
@@ -227,9 +226,7 @@ impl Vm {
 
     /// Restores state saved by [`Vm::save_state`] (before any vCPU runs).
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
-        self.fd
-            .set_pit2(&state.pit)
-            .map_err(ioctl("SET_PIT2"))?;
+        self.fd.set_pit2(&state.pit).map_err(ioctl("SET_PIT2"))?;
         let mut clock = state.clock;
         clock.flags &= !KVM_CLOCK_TSC_STABLE;
         self.fd.set_clock(&clock).map_err(ioctl("SET_CLOCK"))?;

@@ -17,7 +17,10 @@ pub struct Cpio {
 impl Cpio {
     /// An empty archive.
     pub fn new() -> Self {
-        Cpio { out: Vec::new(), ino: 1 }
+        Cpio {
+            out: Vec::new(),
+            ino: 1,
+        }
     }
 
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
@@ -97,11 +100,24 @@ pub const MARKER: &str = "DRAFTER-GUEST-UP";
 /// and vsock modules, prints [`MARKER`], runs `body`, then powers off.
 pub fn initramfs(body: &str) -> Vec<u8> {
     let g = guest_dir();
-    let busybox = std::fs::read(g.join("busybox"))
-        .unwrap_or_else(|e| panic!("busybox in {}: {e} (run `cargo xtask guest-kernel`)", g.display()));
+    let busybox = std::fs::read(g.join("busybox")).unwrap_or_else(|e| {
+        panic!(
+            "busybox in {}: {e} (run `cargo xtask guest-kernel`)",
+            g.display()
+        )
+    });
     let order = std::fs::read_to_string(g.join("modules/order")).unwrap_or_default();
     let mut c = Cpio::new();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "mnt"] {
+    for d in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "lib",
+        "lib/modules",
+        "mnt",
+    ] {
         c.dir(d);
     }
     c.chardev("dev/console", 5, 1);
@@ -168,7 +184,9 @@ impl Write for LineWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         for b in data {
             if *b == b'\n' {
-                let line = String::from_utf8_lossy(&self.buf).trim_end_matches('\r').to_string();
+                let line = String::from_utf8_lossy(&self.buf)
+                    .trim_end_matches('\r')
+                    .to_string();
                 eprintln!("guest| {line}");
                 let _ = self.tx.send(line);
                 self.buf.clear();
@@ -188,8 +206,14 @@ impl Console {
     pub fn new() -> (Console, Box<dyn Write + Send>) {
         let (tx, rx) = channel();
         (
-            Console { rx, seen: Vec::new() },
-            Box::new(LineWriter { tx, buf: Vec::new() }),
+            Console {
+                rx,
+                seen: Vec::new(),
+            },
+            Box::new(LineWriter {
+                tx,
+                buf: Vec::new(),
+            }),
         )
     }
 
@@ -217,7 +241,11 @@ impl Console {
 /// The `drafter-vmm` binary next to the test executable.
 pub fn vmm_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().and_then(|d| d.parent()).map(Path::to_path_buf).unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     dir.join("drafter-vmm")
 }
 

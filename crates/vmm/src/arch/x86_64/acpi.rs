@@ -71,7 +71,7 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     b[at(64)..at(68)].copy_from_slice(&u32::from(PM1_PORT + PM1_CNT_OFFSET as u16).to_le_bytes());
     b[at(88)] = 4; // PM1_EVT_LEN
     b[at(89)] = 2; // PM1_CNT_LEN
-    // IAPC_BOOT_ARCH: 8042 present, no VGA, no CMOS RTC.
+                   // IAPC_BOOT_ARCH: 8042 present, no VGA, no CMOS RTC.
     b[at(109)..at(111)].copy_from_slice(&((1u16 << 1) | (1 << 2) | (1 << 5)).to_le_bytes());
     // Flags: WBINVD works; power and sleep buttons are not fixed features.
     let flags: u32 = 1 | (1 << 4) | (1 << 5);
@@ -130,7 +130,17 @@ fn virtio_device(index: usize, base: u64, gsi: u32) -> Vec<u8> {
 fn dsdt(virtio: &[(u64, u32)]) -> Vec<u8> {
     // Name (_S5_, Package (2) { 5, 0 })
     let mut aml = vec![
-        0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, S5_SLP_TYP as u8, 0x00,
+        0x08,
+        b'_',
+        b'S',
+        b'5',
+        b'_',
+        0x12,
+        0x05,
+        0x02,
+        0x0a,
+        S5_SLP_TYP as u8,
+        0x00,
     ];
     if !virtio.is_empty() {
         // Scope (\_SB) { devices }
@@ -270,8 +280,14 @@ mod tests {
         assert_eq!((&fadt[..4], fadt.len()), (&b"FACP"[..], 276));
         assert_eq!(sum(fadt), 0);
         // Not hardware-reduced (legacy IRQs must stay mapped), PM1 control present.
-        assert_eq!(u32::from_le_bytes([fadt[112], fadt[113], fadt[114], fadt[115]]) & (1 << 20), 0);
-        assert_eq!(u32::from_le_bytes([fadt[64], fadt[65], fadt[66], fadt[67]]), 0x604);
+        assert_eq!(
+            u32::from_le_bytes([fadt[112], fadt[113], fadt[114], fadt[115]]) & (1 << 20),
+            0
+        );
+        assert_eq!(
+            u32::from_le_bytes([fadt[64], fadt[65], fadt[66], fadt[67]]),
+            0x604
+        );
         let facs = u64_at(fadt, 132);
         assert_eq!(&all[(facs - RSDP_ADDR) as usize..][..4], b"FACS");
         let dsdt = table_at(&all, u64_at(fadt, 140));

@@ -80,12 +80,18 @@ fn redis_layout(dir: &Path) {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Directory);
         h.set_mode(0o1777);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         h.set_size(0);
         b.append_data(&mut h, d, &[][..]).unwrap();
     }
     let mut add = |path: &str, data: &[u8], mode: u32| {
         let mut h = tar::Header::new_gnu();
         h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         h.set_size(data.len() as u64);
         b.append_data(&mut h, path, data).unwrap();
     };
@@ -212,7 +218,7 @@ fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
     config.memory_mib = 512;
     config.vcpus = 2;
     config.boot_args =
-        "console=ttyS0 reboot=k panic=1 pci=off quiet loglevel=0 systemd.show_status=0".into();
+        "console=ttyS0 reboot=k panic=1 pci=off loglevel=4 systemd.show_status=0".into();
     config.drives = vec![
         DriveConfig {
             name: "disk".into(),

@@ -251,7 +251,7 @@ pub fn vmm_binary() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{init_script, Cpio};
 
     #[test]
     fn init_script_is_valid_shell() {

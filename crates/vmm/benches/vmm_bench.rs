@@ -4,6 +4,7 @@
 //! Prints medians and ratios; asserts nothing.
 
 #[path = "../tests/support/mod.rs"]
+#[allow(unused_imports)]
 mod support;
 
 use std::io::{BufRead, BufReader};

@@ -14,6 +14,12 @@
 //! 5. Forward MMIO exits in the window to `transport.read(offset, data)` /
 //!    `transport.write(offset, data)`, `offset` relative to the base.
 //!
+//! Caveat found in the lab: the Debian 6.1 cloud kernel is built with
+//! `# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set` (virtio_mmio logs
+//! "unknown parameter 'device' ignored"), so with that kernel the devices must be
+//! described another way (ACPI DSDT entries with _HID `LNRO0005`, which
+//! virtio_mmio matches); the transport itself does not change.
+//!
 //! # Snapshot and restore
 //! With vCPUs paused, `transport.save()` stops the device's I/O thread and returns
 //! a serializable [`virtio::MmioState`]; `transport.resume()` continues. To restore,

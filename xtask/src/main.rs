@@ -63,7 +63,8 @@ enum Cmd {
     },
     /// Fetch (once) the guest kernel, modules and busybox; print their folder.
     GuestKernel,
-    /// The main job on a fresh machine: build everything, then a lab smoke run.
+    /// The main job on a fresh machine: build everything, then in the lab a
+    /// Linux guest booted, snapshotted and restored under our VMM.
     Demo {
         #[command(flatten)]
         lab: LabArgs,
@@ -137,7 +138,10 @@ fn run(cli: Cli) -> Result<i32> {
             &lab.options(),
         ),
         Cmd::Demo { lab } => demo(&lab.options()),
-        Cmd::LabTest { lab, filter } => testrun::run_lab_tests(&lab.options(), filter.as_deref()),
+        Cmd::LabTest { lab, filter } => {
+            let filters: Vec<&str> = filter.as_deref().into_iter().collect();
+            testrun::run_lab_tests(&lab.options(), &filters)
+        }
         Cmd::BenchQemu { lab, runs } => bench::qemu_baseline(&lab.options(), runs),
         Cmd::QemuBaselineInner {
             kernel,
@@ -151,8 +155,9 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-/// Builds the workspace and the guest artifacts, then proves the lab runs
-/// real KVM guests.
+/// Builds the workspace and the guest artifacts, then, in the lab: real KVM,
+/// and a Linux guest under our VMM snapshotted mid-workload and restored in
+/// new processes (twice) where its counter carries on.
 fn demo(opts: &lab::LabOptions) -> Result<i32> {
     let status = std::process::Command::new(env!("CARGO"))
         .args(["build", "--workspace", "--release"])
@@ -162,5 +167,11 @@ fn demo(opts: &lab::LabOptions) -> Result<i32> {
         anyhow::bail!("build failed");
     }
     eprintln!("demo: guest artifacts in {}", guest::ensure()?.display());
-    testrun::run_lab_tests(opts, Some("lab_long_mode_guest_on_real_kvm"))
+    testrun::run_lab_tests(
+        opts,
+        &[
+            "lab_long_mode_guest_on_real_kvm",
+            "lab_snapshot_restores_in_a_new_process_twice",
+        ],
+    )
 }

@@ -39,7 +39,7 @@ struct LabBinary {
 }
 
 /// Builds all test targets and lists the binaries holding `lab_` tests.
-fn lab_binaries(filter: Option<&str>) -> Result<Vec<LabBinary>> {
+fn lab_binaries(filters: &[&str]) -> Result<Vec<LabBinary>> {
     let out = Command::new(env!("CARGO"))
         .args(["test", "--workspace", "--no-run", "--message-format=json"])
         .current_dir(workspace_root())
@@ -75,7 +75,7 @@ fn lab_binaries(filter: Option<&str>) -> Result<Vec<LabBinary>> {
                     .next()
                     .is_some_and(|n| n.starts_with("lab_"))
             })
-            .filter(|name| filter.is_none_or(|f| name.contains(f)))
+            .filter(|name| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
             .map(str::to_string)
             .collect();
         if !tests.is_empty() {
@@ -93,10 +93,10 @@ fn lab_binaries(filter: Option<&str>) -> Result<Vec<LabBinary>> {
     Ok(found)
 }
 
-/// Runs the `lab_` tests (optionally only those whose name contains `filter`)
+/// Runs the `lab_` tests (all, or those whose name contains one of `filters`)
 /// in one lab boot. Returns the number of failed binaries.
-pub fn run_lab_tests(opts: &LabOptions, filter: Option<&str>) -> Result<i32> {
-    let bins = lab_binaries(filter)?;
+pub fn run_lab_tests(opts: &LabOptions, filters: &[&str]) -> Result<i32> {
+    let bins = lab_binaries(filters)?;
     let count: usize = bins.iter().map(|b| b.tests.len()).sum();
     if count == 0 {
         bail!("no lab tests found");
@@ -139,7 +139,7 @@ pub fn run(parts: Parts, opts: &LabOptions) -> Result<i32> {
         cargo(&["test", "--workspace"])?;
     }
     if parts.lab {
-        let failed = run_lab_tests(opts, None)?;
+        let failed = run_lab_tests(opts, &[])?;
         if failed != 0 {
             bail!("{failed} lab test binaries failed");
         }

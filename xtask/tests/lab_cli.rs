@@ -18,7 +18,7 @@ fn text(b: &[u8]) -> String {
 
 /// One test, run in sequence, so that only one lab VM runs at a time.
 #[test]
-fn lab_runs_commands_and_returns_their_status() {
+fn xtask_lab_runs_commands_and_returns_their_status() {
     // Warm the cache (may download on a fresh machine).
     let out = lab(&["--", "uname", "-r"]);
     let release = text(&out.stdout).trim().to_string();
@@ -65,7 +65,7 @@ fn lab_runs_commands_and_returns_their_status() {
 }
 
 #[test]
-fn lab_that_does_not_come_up_in_time_fails_clearly() {
+fn xtask_lab_that_does_not_come_up_in_time_fails_clearly() {
     let out = lab(&["--boot-timeout", "0", "--", "true"]);
     assert_eq!(out.status.code(), Some(125));
     let err = text(&out.stderr);
@@ -73,7 +73,7 @@ fn lab_that_does_not_come_up_in_time_fails_clearly() {
 }
 
 #[test]
-fn lab_without_a_command_is_a_usage_error() {
+fn xtask_lab_without_a_command_is_a_usage_error() {
     let out = lab(&[]);
     assert_ne!(out.status.code(), Some(0));
 }

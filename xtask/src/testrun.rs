@@ -96,6 +96,9 @@ fn lab_binaries(filters: &[&str]) -> Result<Vec<LabBinary>> {
 /// Runs the `lab_` tests (all, or those whose name contains one of `filters`)
 /// in one lab boot. Returns the number of failed binaries.
 pub fn run_lab_tests(opts: &LabOptions, filters: &[&str]) -> Result<i32> {
+    // Lab tests boot the guest kernel; fetch it on the host (the lab's view of
+    // the host is read-only outside the workspace and has no network).
+    eprintln!("xtask: guest artifacts in {}", crate::guest::ensure()?.display());
     let bins = lab_binaries(filters)?;
     let count: usize = bins.iter().map(|b| b.tests.len()).sum();
     if count == 0 {

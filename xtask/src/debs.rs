@@ -72,11 +72,24 @@ impl DebCache {
             return Ok(path);
         }
         eprintln!("lab: downloading {package}");
+        // Download into a private folder, then rename into the cache, so that
+        // concurrent runs never see (or clobber) each other's partial files.
+        let tmp = self
+            .dir
+            .join(format!(".dl-{}-{package}", std::process::id()));
+        std::fs::create_dir_all(&tmp)?;
         let out = Command::new("apt-get")
             .args(["download", "-q", package])
-            .current_dir(&self.dir)
+            .current_dir(&tmp)
             .output()
             .context("running apt-get (is this a Debian machine?)")?;
+        for entry in std::fs::read_dir(&tmp)? {
+            let path = entry?.path();
+            if let Some(name) = path.file_name() {
+                std::fs::rename(&path, self.dir.join(name))?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
         if !out.status.success() {
             bail!(
                 "cannot fetch Debian package {package}: {} (run `apt-get update` first?)",

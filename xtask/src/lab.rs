@@ -119,7 +119,7 @@ fn build_initramfs(root: &Path, release: &str, busybox: &Path, out: &Path) -> Re
     w.file("lib/modules/order", 0o644, order.as_bytes());
     w.file("init", 0o755, init_script().as_bytes());
     w.file("bin/lab-modprobe", 0o755, MODPROBE.as_bytes());
-    let tmp = out.with_extension("tmp");
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp)?;
     w.finish(&mut f)?;
     f.flush()?;

@@ -25,6 +25,7 @@ pub const MARKER_INITRAMFS: &str = "marker-initramfs.cpio";
 /// `vmlinuz`, `config`, `busybox`, `release`, `modules/*.ko`,
 /// `modules/order` (file names in load order) and [`MARKER_INITRAMFS`]. `<lab>/guest/current` links to it.
 pub fn ensure() -> Result<PathBuf> {
+    let _lock = crate::paths::lock_cache()?;
     let lab = lab_dir();
     let cache = DebCache::new(lab.join("debs"))?;
     let (pkg, deb) = cache.kernel(KernelFlavour::Cloud)?;

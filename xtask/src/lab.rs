@@ -68,6 +68,7 @@ struct LabImage {
 }
 
 fn ensure_image() -> Result<LabImage> {
+    let _lock = crate::paths::lock_cache()?;
     let lab = lab_dir();
     let cache = DebCache::new(lab.join("debs"))?;
     let (pkg, deb) = cache.kernel(KernelFlavour::Generic)?;

@@ -16,3 +16,21 @@ pub fn workspace_root() -> PathBuf {
 pub fn lab_dir() -> PathBuf {
     workspace_root().join("target").join("lab")
 }
+
+/// Holds the lab cache's lock: while it lives, no other xtask process
+/// downloads, unpacks or builds into the cache (readers of finished files
+/// need no lock, since everything is complete before its stamp or rename).
+pub struct CacheLock(#[allow(dead_code)] std::fs::File);
+
+/// Waits for and takes the exclusive lock on the lab cache.
+pub fn lock_cache() -> anyhow::Result<CacheLock> {
+    let dir = lab_dir();
+    std::fs::create_dir_all(&dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".cache.lock"))?;
+    file.lock()?;
+    Ok(CacheLock(file))
+}

@@ -606,7 +606,7 @@ impl Message {
                 let device = d.u32()?;
                 let start = d.u64()?;
                 let rest = d.rest();
-                if rest.is_empty() || rest.len() % 32 != 0 {
+                if rest.is_empty() || !rest.len().is_multiple_of(32) {
                     return Err(d.bad("hash list length is not a positive multiple of 32"));
                 }
                 let hashes = rest
@@ -680,7 +680,7 @@ impl Message {
             T_DIRTY => {
                 let device = d.u32()?;
                 let rest = d.rest();
-                if rest.is_empty() || rest.len() % 8 != 0 {
+                if rest.is_empty() || !rest.len().is_multiple_of(8) {
                     return Err(d.bad("list length is not a positive multiple of 8"));
                 }
                 Message::Dirty {
@@ -696,7 +696,7 @@ impl Message {
                 let device = d.u32()?;
                 let mismatched = d.u64()?;
                 let rest = d.rest();
-                if rest.len() % 8 != 0 {
+                if !rest.len().is_multiple_of(8) {
                     return Err(d.bad("sample length is not a multiple of 8"));
                 }
                 Message::VerifyResult {

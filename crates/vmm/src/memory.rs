@@ -152,7 +152,7 @@ fn region(
 
 /// Creates `mem_size` bytes of guest RAM on `backend`.
 pub fn create(mem_size: u64, backend: MemoryBackend) -> Result<Memory, MemoryError> {
-    if mem_size == 0 || mem_size % PAGE_SIZE != 0 {
+    if mem_size == 0 || !mem_size.is_multiple_of(PAGE_SIZE) {
         return Err(MemoryError::BadSize(mem_size));
     }
     let ranges = ram_ranges(mem_size);

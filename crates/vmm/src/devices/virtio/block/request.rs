@@ -169,7 +169,7 @@ fn run(mem: &GuestMemory, descs: &[Descriptor], disk: &mut Disk<'_>) -> Result<u
 /// Validates that the data buffers cover whole sectors inside the disk; returns their total size.
 fn checked_span(disk: &Disk<'_>, sector: u64, data: &[Descriptor]) -> Result<u64, RequestError> {
     let bytes: u64 = data.iter().map(|d| u64::from(d.len())).sum();
-    if bytes % SECTOR_SIZE != 0 {
+    if !bytes.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::Malformed("data length not a multiple of 512"));
     }
     let end = sector.checked_add(bytes / SECTOR_SIZE);

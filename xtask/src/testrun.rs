@@ -1,5 +1,7 @@
 //! `cargo xtask test`: the whole suite. Formatting, clippy, the host tests, and
 //! then every `lab_` test (marked `#[ignore = "lab"]`) run inside one lab boot.
+//! A test binary's `prepare_lab_` tests (also ignored) run on the host just
+//! before, to build what its lab tests need: the lab has no network.
 
 use crate::lab::{self, LabOptions};
 use crate::paths::{lab_dir, workspace_root};
@@ -36,6 +38,14 @@ struct LabBinary {
     exe: PathBuf,
     dir: PathBuf,
     tests: Vec<String>,
+    /// Its `prepare_lab_*` tests: run on the host before the lab boots, to
+    /// build what its lab tests need (the lab has no network).
+    prepare: Vec<String>,
+}
+
+/// Last path segment of a test name (`module::name` → `name`).
+fn short_name(name: &str) -> &str {
+    name.rsplit("::").next().unwrap_or(name)
 }
 
 /// Builds all test targets and lists the binaries holding `lab_` tests.
@@ -67,16 +77,21 @@ fn lab_binaries(filters: &[&str]) -> Result<Vec<LabBinary>> {
             .args(["--list", "--ignored", "--format", "terse"])
             .output()
             .with_context(|| format!("listing tests of {exe}"))?;
-        let tests: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        let listed = String::from_utf8_lossy(&list.stdout);
+        let names: Vec<&str> = listed
             .lines()
             .filter_map(|l| l.strip_suffix(": test"))
-            .filter(|name| {
-                name.rsplit("::")
-                    .next()
-                    .is_some_and(|n| n.starts_with("lab_"))
-            })
+            .collect();
+        let tests: Vec<String> = names
+            .iter()
+            .filter(|name| short_name(name).starts_with("lab_"))
             .filter(|name| filters.is_empty() || filters.iter().any(|f| name.contains(f)))
-            .map(str::to_string)
+            .map(|name| name.to_string())
+            .collect();
+        let prepare = names
+            .iter()
+            .filter(|name| short_name(name).starts_with("prepare_lab_"))
+            .map(|name| name.to_string())
             .collect();
         if !tests.is_empty() {
             let dir = PathBuf::from(manifest)
@@ -87,6 +102,7 @@ fn lab_binaries(filters: &[&str]) -> Result<Vec<LabBinary>> {
                 exe: exe.into(),
                 dir,
                 tests,
+                prepare,
             });
         }
     }
@@ -110,6 +126,18 @@ pub fn run_lab_tests(opts: &LabOptions, filters: &[&str]) -> Result<i32> {
         bail!("no lab tests found");
     }
     eprintln!("xtask: {count} lab tests in {} binaries", bins.len());
+    for b in bins.iter().filter(|b| !b.prepare.is_empty()) {
+        eprintln!("xtask: preparing on the host: {}", b.prepare.join(" "));
+        let status = Command::new(&b.exe)
+            .args(["--ignored", "--test-threads=1", "--exact"])
+            .args(&b.prepare)
+            .current_dir(&b.dir)
+            .status()
+            .with_context(|| format!("running {}", b.exe.display()))?;
+        if !status.success() {
+            bail!("preparing the lab tests of {} failed", b.exe.display());
+        }
+    }
     let mut script = String::from("failed=0\n");
     for b in &bins {
         script.push_str(&format!(

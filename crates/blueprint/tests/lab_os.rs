@@ -20,28 +20,6 @@ use serde_json::json;
 
 const SLOW: Duration = Duration::from_secs(600);
 
-/// `<target>/<profile>` of this test binary.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-}
-
-/// drafter-agent / drafter-liveness: a static release build if present,
-/// else the ones cargo built next to this test (same glibc as the guest).
-fn guest_binary(name: &str) -> PathBuf {
-    let profile = profile_dir();
-    let target = profile.parent().unwrap();
-    let candidates = [
-        target.join("x86_64-unknown-linux-gnu/release").join(name),
-        profile.join(name),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} not built: run `cargo build -p drafter-guest` first"))
-        .clone()
-}
-
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -147,43 +125,102 @@ fn sh(cmd: &str) -> std::process::Output {
     Command::new("sh").arg("-c").arg(cmd).output().unwrap()
 }
 
-/// The os blueprint, built once into `target/blueprint/lab-os` and reused
-/// while newer than this test binary (staging it under TCG is slow).
-fn os_blueprint() -> PathBuf {
-    let out = repo_root().join("target/blueprint/lab-os");
-    let rootfs = out.join("rootfs.ext4");
-    let built = fs::metadata(&rootfs).and_then(|m| m.modified()).ok();
+const BEFORE_SUSPEND: &str = "echo suspend-$(hostname) > /run/hook-state; cat /run/hook-state";
+const AFTER_RESUME: &str = "echo resumed-after-$(cat /run/hook-state)";
+
+/// Where [`prepare_lab_os_blueprint`] leaves the blueprint for the lab test.
+fn blueprint_dir() -> PathBuf {
+    repo_root().join("target/blueprint/lab-os")
+}
+
+/// True when the blueprint exists and is newer than this test binary.
+fn blueprint_is_fresh(out: &Path) -> bool {
+    let built = fs::metadata(out.join("rootfs.ext4"))
+        .and_then(|m| m.modified())
+        .ok();
     let exe = fs::metadata(std::env::current_exe().unwrap())
         .and_then(|m| m.modified())
         .ok();
-    if built.is_some() && built >= exe {
-        return out;
+    built.is_some() && built >= exe
+}
+
+fn debugfs(image: &Path, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Host side of the lab test (run by `cargo xtask test` before the lab
+/// boots, since the lab has no network): builds the `os` blueprint with
+/// static guest binaries and checks what went into its root disk.
+#[test]
+#[ignore = "prepares the lab: debootstrap (root, network, minutes)"]
+fn prepare_lab_os_blueprint() {
+    let out = blueprint_dir();
+    if !blueprint_is_fresh(&out) {
+        let (agent_bin, liveness_bin) = drafter_blueprint::os::build_guest_binaries().unwrap();
+        for bin in [&agent_bin, &liveness_bin] {
+            // The guest's libc is not the host's: the binaries must be static.
+            let ldd = sh(&format!("ldd '{}' 2>&1", bin.display()));
+            let kind = String::from_utf8_lossy(&ldd.stdout).into_owned();
+            assert!(
+                kind.contains("statically linked") || kind.contains("not a dynamic executable"),
+                "{}: {kind}",
+                bin.display()
+            );
+        }
+        build(&OsOptions {
+            out_dir: out.clone(),
+            guest_dir: Some(find_guest_dir().expect("guest kernel artifacts")),
+            cache_dir: repo_root().join("target/blueprint"),
+            agent_bin,
+            liveness_bin,
+            mirror: "http://deb.debian.org/debian".into(),
+            suite: "bookworm".into(),
+            before_suspend_cmd: BEFORE_SUSPEND.into(),
+            after_resume_cmd: AFTER_RESUME.into(),
+            headroom: 64 << 20,
+        })
+        .unwrap();
     }
-    build(&OsOptions {
-        out_dir: out.clone(),
-        guest_dir: Some(find_guest_dir().expect("guest kernel artifacts")),
-        cache_dir: repo_root().join("target/blueprint"),
-        agent_bin: guest_binary("drafter-agent"),
-        liveness_bin: guest_binary("drafter-liveness"),
-        mirror: "http://deb.debian.org/debian".into(),
-        suite: "bookworm".into(),
-        before_suspend_cmd: "echo suspend-$(hostname) > /run/hook-state; cat /run/hook-state"
-            .into(),
-        after_resume_cmd: "echo resumed-after-$(cat /run/hook-state)".into(),
-        headroom: 64 << 20,
-    })
-    .unwrap();
-    out
+    let rootfs = out.join("rootfs.ext4");
+    assert!(debugfs(&rootfs, "stat /usr/sbin/init").contains("Type: symlink"));
+    let inittab = debugfs(&rootfs, "cat /etc/inittab");
+    for needed in [
+        "drafter-agent-run",
+        "drafter-oci",
+        "drafter-liveness --vsock-port 25",
+        "agetty",
+    ] {
+        assert!(
+            inittab.contains(needed),
+            "inittab lacks {needed}: {inittab}"
+        );
+    }
+    let env = debugfs(&rootfs, "cat /etc/drafter/agent.env");
+    assert!(env.contains("suspend-$(hostname)"), "{env}");
+    assert!(debugfs(&rootfs, "stat /usr/local/bin/drafter-agent").contains("Type: regular"));
+    assert!(debugfs(&rootfs, "stat /usr/bin/crun").contains("Type: regular"));
+    assert!(!debugfs(&rootfs, "stat /usr/lib/systemd/systemd").contains("Type: regular"));
 }
 
 #[test]
-#[ignore = "pending: the guest does not come up in the lab yet (issue 5, done-when 4); not run by the lab runner"]
-fn pending_lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
+#[ignore = "lab"]
+fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
     // /tmp is a tmpfs in the lab: far faster for the VM's disks than 9p.
     let dir = std::env::temp_dir().join(format!("lab-os-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    let bp = os_blueprint();
+    let bp = blueprint_dir();
+    assert!(
+        blueprint_is_fresh(&bp),
+        "no fresh os blueprint in {}: run `cargo xtask lab-test lab_os` (it prepares one on the host)",
+        bp.display()
+    );
     // The guest writes to its root disk: give it a private copy.
     let rootfs = dir.join("rootfs.ext4");
     let copied = Command::new("cp")
@@ -217,8 +254,7 @@ fn pending_lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
     config.initramfs = Some(bp.join("initramfs"));
     config.memory_mib = 512;
     config.vcpus = 2;
-    config.boot_args =
-        "console=ttyS0 reboot=k panic=1 pci=off loglevel=4 systemd.show_status=0".into();
+    config.boot_args = "console=ttyS0 reboot=k panic=1 pci=off quiet".into();
     config.drives = vec![
         DriveConfig {
             name: "disk".into(),

@@ -1,5 +1,6 @@
 //! Files the OS blueprint installs: the initramfs `/init`, the network
-//! script, and the systemd units for agent, liveness and the OCI bundle.
+//! script, and busybox init's inittab and scripts that start agent,
+//! liveness and the OCI bundle.
 
 /// `/init` of the initramfs: loads the virtio and vsock modules listed in
 /// `/lib/modules/order`, mounts the root disk (`drafter.root=`, default
@@ -28,6 +29,7 @@ if ! mount -t ext4 -o rw,noatime "$root" /newroot; then
     echo "initramfs: cannot mount $root; dropping to a shell"
     exec sh
 fi
+echo "initramfs: $root mounted, starting its init"
 mount --move /dev /newroot/dev
 umount /sys /proc
 exec switch_root /newroot /sbin/init
@@ -82,64 +84,53 @@ crun delete -f drafter-oci >/dev/null 2>&1 || true
 exec crun run --bundle "$dir" drafter-oci
 "#;
 
-/// systemd unit of the network script.
-pub const NETWORK_UNIT: &str = "[Unit]
-Description=Drafter static network
-DefaultDependencies=no
-Before=network.target
-Wants=network.target
-After=local-fs.target
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/local/sbin/drafter-network
-
-[Install]
-WantedBy=multi-user.target
+/// `/etc/inittab` for busybox init: boot script, agent (respawned),
+/// OCI bundle, liveness signal, and a login prompt on the serial console.
+pub const INITTAB: &str = "::sysinit:/etc/drafter/rc.sysinit
+::respawn:/usr/local/sbin/drafter-agent-run
+::once:/usr/local/sbin/drafter-oci
+::once:/usr/local/bin/drafter-liveness --vsock-port 25
+::respawn:/sbin/agetty --noclear -L ttyS0 115200 vt100
+::ctrlaltdel:/usr/lib/drafter/busybox reboot
+::shutdown:/etc/drafter/rc.shutdown
 ";
 
-/// systemd unit of the OCI bundle.
-pub const OCI_UNIT: &str = "[Unit]
-Description=Drafter OCI bundle (crun)
-After=drafter-network.service local-fs.target
+/// `/etc/drafter/rc.sysinit`: mounts the API file systems (cgroup2 for
+/// crun), names the host and configures the network. Everything it starts
+/// afterwards comes from `/etc/inittab`.
+pub const RC_SYSINIT: &str = r#"#!/bin/sh
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sysfs /sys
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
+mount -o remount,rw,noatime /
+mkdir -p /run/lock
+hostname -F /etc/hostname
+/usr/local/sbin/drafter-network
+echo "drafter: system up"
+"#;
 
-[Service]
-Type=simple
-ExecStart=/usr/local/sbin/drafter-oci
-StandardOutput=journal+console
-StandardError=journal+console
+/// `/etc/drafter/rc.shutdown`: stops the bundle and flushes the disks.
+pub const RC_SHUTDOWN: &str = r#"#!/bin/sh
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+crun kill drafter-oci TERM >/dev/null 2>&1 || true
+sync
+umount -a -r >/dev/null 2>&1 || true
+"#;
 
-[Install]
-WantedBy=multi-user.target
-";
-
-/// systemd unit of the agent; hook commands come from
-/// `/etc/drafter/agent.env` (`BEFORE_SUSPEND_CMD`, `AFTER_RESUME_CMD`).
-pub const AGENT_UNIT: &str = "[Unit]
-Description=Drafter guest agent
-After=drafter-network.service
-
-[Service]
-Type=simple
-EnvironmentFile=-/etc/drafter/agent.env
-ExecStart=/bin/sh -c 'exec /usr/local/bin/drafter-agent --vsock-port 26 --before-suspend-cmd \"$$BEFORE_SUSPEND_CMD\" --after-resume-cmd \"$$AFTER_RESUME_CMD\"'
-Restart=always
-RestartSec=100ms
-
-[Install]
-WantedBy=multi-user.target
-";
-
-/// systemd unit of the liveness signal, sent once the bundle has started.
-pub const LIVENESS_UNIT: &str = "[Unit]
-Description=Drafter liveness signal
-After=drafter-oci.service drafter-agent.service drafter-network.service
-
-[Service]
-Type=oneshot
-ExecStart=/usr/local/bin/drafter-liveness --vsock-port 25
-
-[Install]
-WantedBy=multi-user.target
-";
+/// Starts the agent with the hook commands from `/etc/drafter/agent.env`
+/// (`BEFORE_SUSPEND_CMD`, `AFTER_RESUME_CMD`, shell-quoted).
+pub const AGENT_RUN: &str = r#"#!/bin/sh
+BEFORE_SUSPEND_CMD=
+AFTER_RESUME_CMD=
+[ -r /etc/drafter/agent.env ] && . /etc/drafter/agent.env
+exec /usr/local/bin/drafter-agent --vsock-port 26 \
+    --before-suspend-cmd "$BEFORE_SUSPEND_CMD" --after-resume-cmd "$AFTER_RESUME_CMD"
+"#;

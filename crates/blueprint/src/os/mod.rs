@@ -1,7 +1,8 @@
 //! `os`: the guest OS blueprint — `vmlinux` (the Debian cloud kernel),
 //! `initramfs` (busybox + virtio/vsock modules, switching root to
-//! `/dev/vda`) and `rootfs.ext4` (Debian minbase with crun, the agent, the
-//! liveness signal, static networking and a service running the `oci` disk).
+//! `/dev/vda`) and `rootfs.ext4` (Debian minbase with crun, booted by
+//! busybox init, which starts the agent, the liveness signal, static
+//! networking and the bundle on the `oci` disk; no systemd, so it boots fast).
 
 pub mod cpio;
 pub mod files;
@@ -19,7 +20,7 @@ use crate::progress::Progress;
 use cpio::CpioWriter;
 
 /// Packages installed on top of the minbase variant.
-pub const EXTRA_PACKAGES: &[&str] = &["systemd-sysv", "crun", "iproute2", "util-linux"];
+pub const EXTRA_PACKAGES: &[&str] = &["crun", "iproute2", "util-linux"];
 
 /// Options of [`build`].
 #[derive(Debug, Clone)]
@@ -73,7 +74,7 @@ pub fn build(opts: &OsOptions) -> Result<()> {
     let vmlinux = opts.out_dir.join("vmlinux");
     fs::copy(guest.join("vmlinuz"), &vmlinux).ctx("writing", &vmlinux)?;
     write_initramfs(&guest, &opts.out_dir.join("initramfs"))?;
-    build_rootfs(opts)?;
+    build_rootfs(opts, &guest)?;
     Ok(())
 }
 
@@ -259,29 +260,14 @@ fn write_file(root: &Path, rel: &str, content: &[u8], mode: u32) -> Result<()> {
     fs::set_permissions(&path, fs::Permissions::from_mode(mode)).ctx("setting mode of", &path)
 }
 
-fn enable(root: &Path, unit: &str) -> Result<()> {
-    let wants = root.join("etc/systemd/system/multi-user.target.wants");
-    fs::create_dir_all(&wants).ctx("creating", &wants)?;
-    let link = wants.join(unit);
-    if fs::symlink_metadata(&link).is_err() {
-        std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), &link)
-            .ctx("enabling", &link)?;
-    }
-    Ok(())
-}
-
-fn env_quote(s: &str) -> String {
-    format!(
-        "\"{}\"",
-        s.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('$', "\\$")
-    )
+/// Quotes `s` for a POSIX shell (single quotes; `'` becomes `'\\''`).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// Stages the cached debootstrap tree plus drafter's files and writes
 /// `rootfs.ext4` (label `rootfs`).
-fn build_rootfs(opts: &OsOptions) -> Result<()> {
+fn build_rootfs(opts: &OsOptions, guest: &Path) -> Result<()> {
     let base = debootstrap(opts)?;
     let work = tempfile::Builder::new()
         .prefix(".os-build-")
@@ -310,25 +296,42 @@ fn build_rootfs(opts: &OsOptions) -> Result<()> {
         files::OCI_SCRIPT.as_bytes(),
         0o755,
     )?;
-    let units = [
-        ("drafter-network.service", files::NETWORK_UNIT),
-        ("drafter-oci.service", files::OCI_UNIT),
-        ("drafter-agent.service", files::AGENT_UNIT),
-        ("drafter-liveness.service", files::LIVENESS_UNIT),
-    ];
-    for (name, content) in units {
-        write_file(
-            &root,
-            &format!("etc/systemd/system/{name}"),
-            content.as_bytes(),
-            0o644,
-        )?;
-        enable(&root, name)?;
+    let busybox = guest.join("busybox");
+    let busybox = fs::read(&busybox).ctx("reading", &busybox)?;
+    write_file(&root, "usr/lib/drafter/busybox", &busybox, 0o755)?;
+    for applet in [
+        "sbin/init",
+        "usr/local/sbin/poweroff",
+        "usr/local/sbin/reboot",
+        "usr/local/sbin/halt",
+    ] {
+        let link = root.join(applet);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink("/usr/lib/drafter/busybox", &link).ctx("linking", &link)?;
     }
+    write_file(&root, "etc/inittab", files::INITTAB.as_bytes(), 0o644)?;
+    write_file(
+        &root,
+        "etc/drafter/rc.sysinit",
+        files::RC_SYSINIT.as_bytes(),
+        0o755,
+    )?;
+    write_file(
+        &root,
+        "etc/drafter/rc.shutdown",
+        files::RC_SHUTDOWN.as_bytes(),
+        0o755,
+    )?;
+    write_file(
+        &root,
+        "usr/local/sbin/drafter-agent-run",
+        files::AGENT_RUN.as_bytes(),
+        0o755,
+    )?;
     let env = format!(
         "BEFORE_SUSPEND_CMD={}\nAFTER_RESUME_CMD={}\n",
-        env_quote(&opts.before_suspend_cmd),
-        env_quote(&opts.after_resume_cmd)
+        shell_quote(&opts.before_suspend_cmd),
+        shell_quote(&opts.after_resume_cmd)
     );
     write_file(&root, "etc/drafter/agent.env", env.as_bytes(), 0o644)?;
     write_file(&root, "etc/hostname", b"drafterhost\n", 0o644)?;
@@ -365,17 +368,6 @@ fn build_rootfs(opts: &OsOptions) -> Result<()> {
         })
         .collect();
     write_file(&root, "etc/shadow", shadow.as_bytes(), 0o640)?;
-    // Timers that would only slow a VM down.
-    for unit in [
-        "apt-daily.timer",
-        "apt-daily-upgrade.timer",
-        "systemd-timesyncd.service",
-    ] {
-        let mask = root.join("etc/systemd/system").join(unit);
-        let _ = fs::remove_file(&mask);
-        std::os::unix::fs::symlink("/dev/null", &mask).ctx("masking", &mask)?;
-    }
-
     let output = opts.out_dir.join("rootfs.ext4");
     let spinner = Progress::spinner("writing rootfs.ext4");
     let size = Ext4Image {

@@ -53,7 +53,7 @@ pub fn ensure() -> Result<PathBuf> {
             order.push('\n');
         }
         std::fs::write(modules.join("order"), order)?;
-        let mut w = crate::cpio::CpioWriter::new();
+        let mut w = drafter_cpio::CpioWriter::new();
         for d in ["bin", "dev", "proc"] {
             w.dir(d);
         }

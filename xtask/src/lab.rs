@@ -6,10 +6,10 @@
 //! over two virtio-serial ports straight to ours; the kernel console goes to a
 //! log file; the exit status comes back through a file in the run folder.
 
-use crate::cpio::CpioWriter;
 use crate::debs::{self, DebCache, KernelFlavour};
 use crate::paths::{lab_dir, workspace_root};
 use anyhow::{bail, Context, Result};
+use drafter_cpio::CpioWriter;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};

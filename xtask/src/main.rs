@@ -1,7 +1,6 @@
 //! `cargo xtask`: build, lab and test tooling for the drafter workspace.
 
 mod bench;
-mod cpio;
 mod debs;
 mod guest;
 mod lab;

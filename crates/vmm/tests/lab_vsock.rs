@@ -66,7 +66,7 @@ fn socat_archive() -> Vec<u8> {
         let bytes = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         c.file(&rel.to_string_lossy(), 0o755, &bytes);
     }
-    c.finish()
+    c.into_bytes()
 }
 
 /// Guest side: an echo server on [`GUEST_PORT`] (ready once socat says it

@@ -4,7 +4,6 @@
 //! busybox init, which starts the agent, the liveness signal, static
 //! networking and the bundle on the `oci` disk; no systemd, so it boots fast).
 
-pub mod cpio;
 pub mod files;
 
 use std::fs;
@@ -17,7 +16,7 @@ use tracing::info;
 use crate::error::{BlueprintError, IoContext, Result};
 use crate::ext4::{run, Ext4Image};
 use crate::progress::Progress;
-use cpio::CpioWriter;
+use drafter_cpio::CpioWriter;
 
 /// Packages installed on top of the minbase variant.
 pub const EXTRA_PACKAGES: &[&str] = &["crun", "iproute2", "util-linux"];

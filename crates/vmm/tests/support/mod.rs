@@ -1,4 +1,4 @@
-//! Test support for Linux-guest (lab) tests: a cpio "newc" writer, a busybox
+//! Test support for Linux-guest (lab) tests: a busybox
 //! initramfs builder, the guest kernel directory and a serial console capture.
 
 #![allow(dead_code)]
@@ -8,82 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
-/// Writes a cpio archive in the "newc" format the kernel unpacks.
-pub struct Cpio {
-    out: Vec<u8>,
-    ino: u32,
-}
-
-impl Cpio {
-    /// An empty archive.
-    pub fn new() -> Self {
-        Cpio {
-            out: Vec::new(),
-            ino: 1,
-        }
-    }
-
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
-        let hdr = format!(
-            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            self.ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() + 1,
-            0
-        );
-        self.ino += 1;
-        self.out.extend_from_slice(hdr.as_bytes());
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while !self.out.len().is_multiple_of(4) {
-            self.out.push(0);
-        }
-    }
-
-    /// Adds a directory.
-    pub fn dir(&mut self, name: &str) {
-        self.entry(name, 0o040_755, (0, 0), &[]);
-    }
-
-    /// Adds a regular file.
-    pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
-        self.entry(name, 0o100_000 | perm, (0, 0), data);
-    }
-
-    /// Adds a symlink.
-    pub fn symlink(&mut self, name: &str, target: &str) {
-        self.entry(name, 0o120_777, (0, 0), target.as_bytes());
-    }
-
-    /// Adds a character device node.
-    pub fn chardev(&mut self, name: &str, major: u32, minor: u32) {
-        self.entry(name, 0o020_600, (major, minor), &[]);
-    }
-
-    /// Finishes the archive.
-    pub fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[]);
-        while !self.out.len().is_multiple_of(512) {
-            self.out.push(0);
-        }
-        self.out
-    }
-}
+/// The newc archive writer shared with the blueprint builder and xtask.
+pub use drafter_cpio::CpioWriter as Cpio;
 
 /// The directory holding the guest kernel (`vmlinuz`), `busybox` and `modules/`.
 pub fn guest_dir() -> PathBuf {
@@ -130,7 +56,7 @@ pub fn initramfs(body: &str) -> Vec<u8> {
     }
     let init = init_script(&order, body);
     c.file("init", 0o755, init.as_bytes());
-    c.finish()
+    c.into_bytes()
 }
 
 /// The `/init` script: basics, modules (virtio_mmio with its command-line
@@ -251,7 +177,7 @@ pub fn vmm_binary() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::{init_script, Cpio};
+    use super::init_script;
 
     #[test]
     fn init_script_is_valid_shell() {
@@ -262,18 +188,5 @@ mod tests {
             .map(|s| s.success());
         assert_eq!(ok.ok(), Some(true), "{script}");
         assert!(script.contains("${w#virtio_mmio.}"));
-    }
-
-    #[test]
-    fn cpio_entries_are_aligned_and_terminated() {
-        let mut c = Cpio::new();
-        c.file("a", 0o644, b"xyz");
-        let out = c.finish();
-        assert_eq!(&out[..6], b"070701");
-        assert_eq!(out.len() % 512, 0);
-        let s = String::from_utf8_lossy(&out);
-        assert!(s.contains("TRAILER!!!"));
-        // Header (110) + "a\0" padded to 112, then data at 112.
-        assert_eq!(&out[112..115], b"xyz");
     }
 }

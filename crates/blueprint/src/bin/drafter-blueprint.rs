@@ -86,7 +86,8 @@ fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// The guest binaries: as given, else next to this program, else built.
+/// The guest binaries: as given, else static ones next to this program,
+/// else built statically with cargo.
 fn guest_binaries(
     agent: Option<PathBuf>,
     liveness: Option<PathBuf>,
@@ -94,7 +95,8 @@ fn guest_binaries(
     let explicit = agent.is_some() || liveness.is_some();
     let agent = agent.unwrap_or_else(|| sibling("drafter-agent"));
     let liveness = liveness.unwrap_or_else(|| sibling("drafter-liveness"));
-    if explicit || (agent.is_file() && liveness.is_file()) {
+    let is_static = |p: &PathBuf| os::is_static_elf(p).unwrap_or(false);
+    if explicit || (is_static(&agent) && is_static(&liveness)) {
         // Explicit paths are checked (with a clear message) by the build.
         return Ok((agent, liveness));
     }

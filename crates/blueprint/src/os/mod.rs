@@ -56,6 +56,12 @@ pub fn build(opts: &OsOptions) -> Result<()> {
                 bin.display()
             )));
         }
+        if !is_static_elf(bin)? {
+            return Err(BlueprintError::Invalid(format!(
+                "guest binary {} is not a static executable; the guest's libc is not the host's (build with `-C target-feature=+crt-static`)",
+                bin.display()
+            )));
+        }
     }
     let guest = match &opts.guest_dir {
         Some(d) => d.clone(),
@@ -75,6 +81,48 @@ pub fn build(opts: &OsOptions) -> Result<()> {
     write_initramfs(&guest, &opts.out_dir.join("initramfs"))?;
     build_rootfs(opts, &guest)?;
     Ok(())
+}
+
+/// Whether `path` is a statically linked ELF executable: 64-bit ELF with no
+/// `PT_INTERP` program header (static-pie included).
+pub fn is_static_elf(path: &Path) -> Result<bool> {
+    const PT_INTERP: u32 = 3;
+    let bytes = fs::read(path).ctx("reading", path)?;
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    if bytes.get(..5) != Some(b"\x7fELF\x02") {
+        return Ok(false);
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return Ok(false);
+    };
+    let Ok(phoff) = usize::try_from(phoff) else {
+        return Ok(false);
+    };
+    for i in 0..usize::from(phnum) {
+        match u32_at(phoff + i * usize::from(phentsize)) {
+            Some(PT_INTERP) => return Ok(false),
+            Some(_) => {}
+            None => return Ok(false),
+        }
+    }
+    Ok(true)
 }
 
 /// Finds `target/lab/guest/current` above the working directory, or runs
@@ -381,4 +429,58 @@ fn build_rootfs(opts: &OsOptions, guest: &Path) -> Result<()> {
     spinner.finish();
     info!(output = %output.display(), size = size?, "rootfs written");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_executables_are_told_from_dynamic_ones() {
+        // Debian's busybox-static is static; this test program is not.
+        assert!(is_static_elf(Path::new("/bin/busybox")).unwrap());
+        let me = std::env::current_exe().unwrap();
+        assert!(!is_static_elf(&me).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("script");
+        fs::write(&text, "#!/bin/sh\n").unwrap();
+        assert!(!is_static_elf(&text).unwrap());
+        // A truncated ELF header is "not static", not a panic.
+        let stub = dir.path().join("stub");
+        fs::write(&stub, b"\x7fELF\x02\x01\x01").unwrap();
+        assert!(!is_static_elf(&stub).unwrap());
+        assert!(is_static_elf(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn shell_quoting_survives_the_shell() {
+        let cmd = r#"echo "it's $HOME" `date` \n"#;
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("X={}; printf %s \"$X\"", shell_quote(cmd)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), cmd);
+    }
+
+    #[test]
+    fn dynamic_guest_binaries_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::env::current_exe().unwrap();
+        let err = build(&OsOptions {
+            out_dir: dir.path().join("out"),
+            guest_dir: Some(dir.path().to_path_buf()),
+            cache_dir: dir.path().join("cache"),
+            agent_bin: me.clone(),
+            liveness_bin: me,
+            mirror: String::new(),
+            suite: String::new(),
+            before_suspend_cmd: String::new(),
+            after_resume_cmd: String::new(),
+            headroom: 0,
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("not a static executable"), "{err}");
+        assert!(!dir.path().join("out").exists());
+    }
 }

@@ -152,7 +152,6 @@ done
 R=/newroot
 O=trans=virtio,version=9p2000.L,msize=512000
 mount -t 9p -o $O,ro,cache=loose host $R || fail "cannot mount the host's /"
-mount -t 9p -o $O,cache=mmap work "$R$WORK" || fail "cannot mount the workspace"
 mount -t proc proc $R/proc
 mount -t sysfs sys $R/sys
 mount -t devtmpfs dev $R/dev
@@ -160,6 +159,9 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs shm $R/dev/shm
 for d in /tmp /run /var/tmp; do mount -t tmpfs -o mode=1777 tmp "$R$d"; done
+# After the tmpfs mounts, so that a workspace under /tmp stays visible.
+mkdir -p "$R$WORK" 2>/dev/null
+mount -t 9p -o $O,cache=mmap work "$R$WORK" || fail "cannot mount the workspace"
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
 echo "$KROOT" > /kroot
 echo /bin/lab-modprobe > /proc/sys/kernel/modprobe

@@ -144,16 +144,6 @@ fn blueprint_is_fresh(out: &Path) -> bool {
     built.is_some() && built >= exe
 }
 
-fn debugfs(image: &Path, request: &str) -> String {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(request)
-        .arg(image)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Host side of the lab test (run by `cargo xtask test` before the lab
 /// boots, since the lab has no network): builds the `os` blueprint with
 /// static guest binaries and checks what went into its root disk.
@@ -177,8 +167,8 @@ fn prepare_lab_os_blueprint() {
         assert!(status.success(), "drafter-blueprint os failed");
     }
     let rootfs = out.join("rootfs.ext4");
-    assert!(debugfs(&rootfs, "stat /usr/sbin/init").contains("Type: symlink"));
-    let inittab = debugfs(&rootfs, "cat /etc/inittab");
+    assert!(common::debugfs(&rootfs, "stat /usr/sbin/init").contains("Type: symlink"));
+    let inittab = common::debugfs(&rootfs, "cat /etc/inittab");
     for needed in [
         "drafter-agent-run",
         "drafter-oci",
@@ -190,20 +180,20 @@ fn prepare_lab_os_blueprint() {
             "inittab lacks {needed}: {inittab}"
         );
     }
-    let env = debugfs(&rootfs, "cat /etc/drafter/agent.env");
+    let env = common::debugfs(&rootfs, "cat /etc/drafter/agent.env");
     assert!(env.contains("suspend-$(hostname)"), "{env}");
     // The guest's libc is not the host's: the guest binaries must be static.
     let scratch = tempfile::tempdir().unwrap();
     for bin in ["drafter-agent", "drafter-liveness"] {
         let copy = scratch.path().join(bin);
-        debugfs(
+        common::debugfs(
             &rootfs,
             &format!("dump /usr/local/bin/{bin} {}", copy.display()),
         );
         assert!(is_static_elf(&copy).unwrap(), "{bin} is not static");
     }
-    assert!(debugfs(&rootfs, "stat /usr/bin/crun").contains("Type: regular"));
-    assert!(!debugfs(&rootfs, "stat /usr/lib/systemd/systemd").contains("Type: regular"));
+    assert!(common::debugfs(&rootfs, "stat /usr/bin/crun").contains("Type: regular"));
+    assert!(!common::debugfs(&rootfs, "stat /usr/lib/systemd/systemd").contains("Type: regular"));
 }
 
 #[test]

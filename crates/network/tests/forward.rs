@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 
 use common::{ask, tcp_who_am_i_server, unique, Guests, Remote, ServiceChild};
 use drafter_network::forwarder::{Forwarder, ForwarderConfig, PortForward};
-use drafter_network::nat::{Ipv6Config, NatConfig, NatPool};
+use drafter_network::nat::NatPool;
 use drafter_network::nft;
 
 /// Not a test: the entry point when this binary is re-run as a service child process.
@@ -17,25 +17,7 @@ fn child_process_entry_point() {
 }
 
 fn pool(p: &str, k: u8, remote: &Remote, guests: &Guests) -> NatPool {
-    NatPool::create(NatConfig {
-        host_interface: remote.uplink.clone(),
-        host_veth_cidr: format!("10.200.{k}.0/28").parse().unwrap(),
-        namespace_veth_cidr: format!("10.202.{k}.0/29").parse().unwrap(),
-        blocked_subnet_cidr: format!("10.202.{k}.0/29").parse().unwrap(),
-        namespace_prefix: format!("{p}n"),
-        namespace_count: Some(1),
-        ipv6: Some(Ipv6Config {
-            host_veth_cidr: format!("fd00:d4af:{k}:8::/120").parse().unwrap(),
-            namespace_veth_cidr: format!("fd00:d4af:{k}:15::/120").parse().unwrap(),
-            blocked_subnet_cidr: format!("fd00:d4af:{k}:15::/120").parse().unwrap(),
-            gateway: format!("fd00:d4af:{k}:100::1").parse().unwrap(),
-            ip: format!("fd00:d4af:{k}:100::2").parse().unwrap(),
-            prefix_len: 64,
-        }),
-        guest_link: guests.link(),
-        ..Default::default()
-    })
-    .unwrap()
+    NatPool::create(common::test_config(p, k, &remote.uplink, guests, 1)).unwrap()
 }
 
 fn free_port(ip: IpAddr) -> u16 {

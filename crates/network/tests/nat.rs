@@ -6,30 +6,9 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{ask_from, tcp_who_am_i_server, unique, Guests, Remote};
-use drafter_network::nat::{Ipv6Config, NatConfig, NatPool};
+use common::{ask_from, tcp_who_am_i_server, test_config, unique, Guests, Remote};
+use drafter_network::nat::NatPool;
 use drafter_network::NetworkError;
-
-fn test_config(prefix: &str, k: u8, uplink: &str, guests: &Guests, count: usize) -> NatConfig {
-    NatConfig {
-        host_interface: uplink.to_string(),
-        host_veth_cidr: format!("10.200.{k}.0/28").parse().unwrap(),
-        namespace_veth_cidr: format!("10.202.{k}.0/29").parse().unwrap(),
-        blocked_subnet_cidr: format!("10.202.{k}.0/29").parse().unwrap(),
-        namespace_prefix: format!("{prefix}n"),
-        namespace_count: Some(count),
-        ipv6: Some(Ipv6Config {
-            host_veth_cidr: format!("fd00:d4af:{k}:8::/120").parse().unwrap(),
-            namespace_veth_cidr: format!("fd00:d4af:{k}:15::/120").parse().unwrap(),
-            blocked_subnet_cidr: format!("fd00:d4af:{k}:15::/120").parse().unwrap(),
-            gateway: format!("fd00:d4af:{k}:100::1").parse().unwrap(),
-            ip: format!("fd00:d4af:{k}:100::2").parse().unwrap(),
-            prefix_len: 64,
-        }),
-        guest_link: guests.link(),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn guest_reaches_remote_server_over_ipv4_and_ipv6_with_nated_source() {
@@ -105,10 +84,7 @@ fn missing_host_interface_is_a_clear_error() {
         err.contains("not found") && err.contains(&format!("{p}nope")),
         "{err}"
     );
-    assert!(!drafter_network::netns::list()
-        .unwrap()
-        .iter()
-        .any(|n| n.starts_with(&format!("{p}n"))));
+    common::assert_no_namespaces(&p);
 }
 
 #[test]
@@ -158,10 +134,7 @@ fn ranges_already_used_on_the_host_are_refused() {
         err.contains("10.201.10.1") && err.contains(&remote.uplink),
         "{err}"
     );
-    assert!(!drafter_network::netns::list()
-        .unwrap()
-        .iter()
-        .any(|n| n.starts_with(&format!("{p}n"))));
+    common::assert_no_namespaces(&p);
 }
 
 #[test]

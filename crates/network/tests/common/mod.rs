@@ -9,7 +9,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
-use drafter_network::nat::GuestLink;
+use drafter_network::nat::{GuestLink, Ipv6Config, NatConfig};
 use drafter_network::netlink::RouteSocket;
 use drafter_network::netns::{self, NetNs};
 use drafter_network::service::{self, ForwarderArgs, NatArgs};
@@ -300,4 +300,37 @@ pub fn link_names() -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// A NAT pool config for test `k` (its own IPv4/IPv6 ranges), with `count`
+/// namespaces named `<prefix>n<N>`, NATing out through `uplink`.
+pub fn test_config(prefix: &str, k: u8, uplink: &str, guests: &Guests, count: usize) -> NatConfig {
+    NatConfig {
+        host_interface: uplink.to_string(),
+        host_veth_cidr: format!("10.200.{k}.0/28").parse().unwrap(),
+        namespace_veth_cidr: format!("10.202.{k}.0/29").parse().unwrap(),
+        blocked_subnet_cidr: format!("10.202.{k}.0/29").parse().unwrap(),
+        namespace_prefix: format!("{prefix}n"),
+        namespace_count: Some(count),
+        ipv6: Some(Ipv6Config {
+            host_veth_cidr: format!("fd00:d4af:{k}:8::/120").parse().unwrap(),
+            namespace_veth_cidr: format!("fd00:d4af:{k}:15::/120").parse().unwrap(),
+            blocked_subnet_cidr: format!("fd00:d4af:{k}:15::/120").parse().unwrap(),
+            gateway: format!("fd00:d4af:{k}:100::1").parse().unwrap(),
+            ip: format!("fd00:d4af:{k}:100::2").parse().unwrap(),
+            prefix_len: 64,
+        }),
+        guest_link: guests.link(),
+        ..Default::default()
+    }
+}
+
+/// Asserts that no namespace named `<prefix>n…` exists (nothing leaked).
+pub fn assert_no_namespaces(prefix: &str) {
+    let leaked: Vec<String> = netns::list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{prefix}n")))
+        .collect();
+    assert!(leaked.is_empty(), "leaked namespaces: {leaked:?}");
 }

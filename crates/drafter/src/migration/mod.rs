@@ -1,0 +1,84 @@
+//! Live migration of a running VM between processes or hosts.
+//!
+//! A VM moves as devices of a `drafter-storage` migration:
+//!
+//! * `memory`: the MAP_SHARED memory file backing guest RAM, whose dirty
+//!   pages come from the VMM's dirty log ([`VmMemoryDirtySource`]);
+//! * `state`: the VM's snapshot state in a small fixed-size device
+//!   ([`StateFrame`]), written in the suspend hook after the VM is paused,
+//!   so the final dirty cycle carries it;
+//! * `drive/<name>`: each read-only drive.
+//!
+//! Writable drives are refused for now ([`VmMigrationError::WritableDrive`]):
+//! the guest's writes go straight to the file, bypassing the engine's dirty
+//! tracking. Routing drive I/O through a tracked device is future work.
+//!
+//! [`VmMigrationSource`] runs on the host that has the VM; on failure before
+//! authority moves the VM resumes there. [`VmMigrationDestination`] receives
+//! and restores the VM in the calling process, either once every block is
+//! present ([`Resume::AfterComplete`]) or as soon as authority arrives, with
+//! missing memory pages fetched on demand through userfaultfd
+//! ([`Resume::AtAuthority`]).
+
+mod destination;
+mod dirty_source;
+mod error;
+mod page_provider;
+mod report;
+mod source;
+mod state;
+
+pub use destination::{DestinationOptions, IncomingVm, Resume, VmMigrationDestination};
+pub use dirty_source::{page_indices, VmMemoryDirtySource};
+pub use error::VmMigrationError;
+pub use page_provider::LazyPageProvider;
+pub use report::VmMigrationReport;
+pub use source::{SourceOptions, VmMigrationSource};
+pub use state::{StateFrame, StateFrameError, DEFAULT_STATE_CAPACITY};
+
+/// Name of the guest memory device.
+pub const MEMORY_DEVICE: &str = "memory";
+/// Name of the VM state device.
+pub const STATE_DEVICE: &str = "state";
+/// Prefix of drive device names (`drive/<name>`).
+pub const DRIVE_PREFIX: &str = "drive/";
+
+/// The device name for the drive called `name`, refusing names that could
+/// not be stored as a file name on the destination.
+pub fn drive_device_name(name: &str) -> Result<String, VmMigrationError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(format!("{DRIVE_PREFIX}{name}"))
+    } else {
+        Err(VmMigrationError::BadDriveName(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_names_are_checked() {
+        assert_eq!(drive_device_name("oci").ok().as_deref(), Some("drive/oci"));
+        assert_eq!(
+            drive_device_name("rootfs.ext4").ok().as_deref(),
+            Some("drive/rootfs.ext4")
+        );
+        for bad in ["", "..", "a/b", "../x", "sp ace"] {
+            assert!(
+                matches!(
+                    drive_device_name(bad),
+                    Err(VmMigrationError::BadDriveName(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+}

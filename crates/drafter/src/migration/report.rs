@@ -1,0 +1,31 @@
+//! What a VM migration did.
+
+use drafter_storage::MigrationReport;
+use serde::{Deserialize, Serialize};
+
+/// Report of one VM migration, from either side.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmMigrationReport {
+    /// The storage engine's report (bytes, blocks, phases, and on the source
+    /// the window from the suspend hook to the authority hand-over).
+    pub storage: MigrationReport,
+    /// Size of the VM's snapshot state in bytes.
+    pub state_bytes: u64,
+    /// Destination: milliseconds spent restoring the VM from the received
+    /// state and memory.
+    pub restore_millis: Option<f64>,
+    /// Destination: wall-clock milliseconds from the source pausing the VM
+    /// to the destination resuming it — the VM's downtime (meaningful when
+    /// both hosts' clocks agree, e.g. on one host).
+    pub vm_downtime_millis: Option<f64>,
+    /// Destination: "after-complete" or "at-authority".
+    pub resumed: Option<String>,
+}
+
+impl VmMigrationReport {
+    /// The report as one line of JSON.
+    pub fn to_json_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}

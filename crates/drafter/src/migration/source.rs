@@ -1,0 +1,196 @@
+//! Migrating a running VM out.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use drafter_storage::migrator::Observer;
+use drafter_storage::{
+    BlockDevice, DeviceConfig, FileDevice, Link, MemoryDevice, MigrationConfig, MigrationSource,
+    SourceDevice, TrackedDevice,
+};
+use drafter_vmm::Vmm;
+
+use super::dirty_source::VmMemoryDirtySource;
+use super::error::VmMigrationError;
+use super::report::VmMigrationReport;
+use super::state::{StateFrame, DEFAULT_STATE_CAPACITY};
+use super::{drive_device_name, MEMORY_DEVICE, STATE_DEVICE};
+
+/// How a VM is migrated out.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Settings of the "memory" device (block size, dirty cycles).
+    pub memory: DeviceConfig,
+    /// Settings of the "state" device.
+    pub state: DeviceConfig,
+    /// Capacity of the "state" device in bytes.
+    pub state_capacity: u64,
+    /// Settings of read-only drive devices.
+    pub drives: DeviceConfig,
+    /// Mode, secret, downtime budget and the rest.
+    pub migration: MigrationConfig,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        let state = DeviceConfig {
+            block_size: 64 * 1024,
+            ..DeviceConfig::default()
+        };
+        SourceOptions {
+            memory: DeviceConfig::default(),
+            state,
+            state_capacity: DEFAULT_STATE_CAPACITY,
+            drives: DeviceConfig::default(),
+            migration: MigrationConfig::default(),
+        }
+    }
+}
+
+/// Migrates a running VM, whose RAM is a MAP_SHARED memory file, to one
+/// destination per [`Self::migrate`] call.
+///
+/// Devices: "memory" (the memory file, dirty pages from KVM's dirty log),
+/// "state" (the snapshot state, written after the VM is paused so the final
+/// dirty cycle carries it) and `drive/<name>` for each read-only drive.
+/// Writable drives are refused: guest writes to them bypass the engine.
+pub struct VmMigrationSource {
+    vmm: Arc<Mutex<Vmm>>,
+    memory_file: PathBuf,
+    state_device: Arc<TrackedDevice>,
+    source: MigrationSource,
+}
+
+fn tracked(dev: Arc<dyn BlockDevice>, cfg: &DeviceConfig) -> TrackedDevice {
+    TrackedDevice::new(dev, cfg.expiry)
+}
+
+impl VmMigrationSource {
+    /// Prepares to migrate `vmm`, whose guest RAM is backed by `memory_file`
+    /// (booted with `BuildOptions::shared_memory_file` or restored with
+    /// `RestoreMemory::Shared`).
+    pub fn new(
+        vmm: Arc<Mutex<Vmm>>,
+        memory_file: &Path,
+        options: SourceOptions,
+    ) -> Result<Self, VmMigrationError> {
+        let (ram, drives) = {
+            let v = vmm.lock().unwrap_or_else(|p| p.into_inner());
+            // The VMM sizes guest RAM (all regions together) from the config.
+            let ram = v.config().memory_mib << 20;
+            (ram, v.config().drives.clone())
+        };
+        let mut devices = Vec::new();
+        let mut drive_devices = Vec::new();
+        for d in &drives {
+            if !d.read_only {
+                return Err(VmMigrationError::WritableDrive(d.name.clone()));
+            }
+            let name = drive_device_name(&d.name)?;
+            let file = FileDevice::open_read_only(&d.path, options.drives.block_size)?;
+            drive_devices.push(SourceDevice::fixed(
+                name,
+                Arc::new(file),
+                options.drives.clone(),
+            ));
+        }
+        let file = FileDevice::open(memory_file, options.memory.block_size)?;
+        if file.size() != ram {
+            return Err(VmMigrationError::MemoryFileSize {
+                path: memory_file.to_path_buf(),
+                actual: file.size(),
+                expected: ram,
+            });
+        }
+        let memory = Arc::new(
+            tracked(Arc::new(file), &options.memory)
+                .with_dirty_source(Arc::new(VmMemoryDirtySource::new(vmm.clone()))),
+        );
+        let state_device = Arc::new(tracked(
+            Arc::new(MemoryDevice::new(
+                options.state_capacity,
+                options.state.block_size,
+            )?),
+            &options.state,
+        ));
+        devices.push(SourceDevice::tracked(
+            MEMORY_DEVICE,
+            memory,
+            options.memory.clone(),
+        ));
+        devices.push(SourceDevice::tracked(
+            STATE_DEVICE,
+            state_device.clone(),
+            options.state.clone(),
+        ));
+        devices.extend(drive_devices);
+        Ok(VmMigrationSource {
+            vmm,
+            memory_file: memory_file.to_path_buf(),
+            state_device,
+            source: MigrationSource::new(devices, options.migration),
+        })
+    }
+
+    /// Calls `observer` with the engine's progress.
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.source = self.source.with_observer(observer);
+        self
+    }
+
+    /// Migrates the VM over `link`. On success the VM here is stopped: it
+    /// runs on the destination now. If the migration fails before authority
+    /// moved, the VM is resumed here and the error returned (a later call
+    /// may retry); if it fails after, the VM is stopped here too.
+    pub fn migrate<L: Link>(&self, link: L) -> Result<VmMigrationReport, VmMigrationError> {
+        let scratch = tempfile::Builder::new()
+            .prefix("drafter-migration-")
+            .tempdir()
+            .map_err(|e| VmMigrationError::io("temporary directory for the VM state", e))?;
+        let state_path = scratch.path().join("state");
+        let mut state_bytes = 0u64;
+        let result = self.source.migrate(link, || {
+            let frame = self.suspend(&state_path)?;
+            state_bytes = frame.state.len() as u64;
+            frame
+                .write_to(self.state_device.as_ref())
+                .map_err(|e| e.to_string())
+        });
+        let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(storage) => {
+                vmm.stop();
+                Ok(VmMigrationReport {
+                    storage,
+                    state_bytes,
+                    ..VmMigrationReport::default()
+                })
+            }
+            Err(e) if e.source_keeps_authority => {
+                if vmm.is_paused() {
+                    vmm.resume()?;
+                }
+                Err(e.into())
+            }
+            Err(e) => {
+                vmm.stop();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Pauses the VM and captures its state (the memory file is synced in
+    /// place, so its dirty pages are all in the page cache the engine reads).
+    fn suspend(&self, state_path: &Path) -> Result<StateFrame, String> {
+        let paused_at = SystemTime::now();
+        {
+            let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
+            vmm.pause().map_err(|e| format!("pausing the VM: {e}"))?;
+            vmm.snapshot(state_path, &self.memory_file)
+                .map_err(|e| format!("saving the VM state: {e}"))?;
+        }
+        let state = std::fs::read(state_path).map_err(|e| format!("reading the VM state: {e}"))?;
+        Ok(StateFrame { paused_at, state })
+    }
+}

@@ -1,0 +1,274 @@
+//! VM migration on the host's /dev/kvm with a tiny hand-assembled guest that
+//! counts in memory: pre-copy and at-authority (userfaultfd) resumes, a wrong
+//! secret refused with the VM still running, writable drives refused,
+//! read-only drives carried along.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use drafter::migration::{
+    DestinationOptions, IncomingVm, Resume, SourceOptions, VmMigrationDestination,
+    VmMigrationError, VmMigrationSource,
+};
+use drafter_storage::{MigrationConfig, Secret};
+use drafter_vmm::config::DriveConfig;
+use drafter_vmm::{BuildOptions, ExitStatus, VmConfig, Vmm};
+use vm_memory::{Bytes, GuestAddress};
+
+const COUNTER: u64 = 0x20_0000;
+
+/// `out 0x3f8, 'R'`, then `loop { inc qword [0x200000] }`.
+const COUNT: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'R', // mov al, 'R'
+    0xee, // out dx, al
+    0x48, 0xc7, 0xc7, 0x00, 0x00, 0x20, 0x00, // mov rdi, 0x200000
+    0x48, 0xff, 0x07, // inc qword [rdi]
+    0xeb, 0xfb, // jmp -5
+];
+
+struct ChanWriter(Sender<u8>);
+impl Write for ChanWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for b in buf {
+            let _ = self.0.send(*b);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("drafter-migr-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+    d
+}
+
+/// Boots the counting guest with RAM in `dir/mem` and waits until it runs.
+fn boot(dir: &Path, drives: Vec<DriveConfig>) -> (Arc<Mutex<Vmm>>, PathBuf) {
+    let mut c = VmConfig::new("/nonexistent-flat-program");
+    c.memory_mib = 32;
+    c.drives = drives;
+    let mem = dir.join("mem");
+    let (tx, rx): (Sender<u8>, Receiver<u8>) = channel();
+    let vmm = Vmm::boot(
+        c,
+        BuildOptions {
+            console: Some(Box::new(ChanWriter(tx))),
+            shared_memory_file: Some(mem.clone()),
+            flat_program: Some(COUNT.to_vec()),
+        },
+    )
+    .unwrap_or_else(|e| panic!("boot: {e}"));
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    assert_eq!(got.ok(), Some(b'R'), "guest did not start");
+    wait_counter_past(&vmm, 0);
+    (Arc::new(Mutex::new(vmm)), mem)
+}
+
+fn counter(vmm: &Vmm) -> u64 {
+    vmm.guest_memory()
+        .read_obj::<u64>(GuestAddress(COUNTER))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn wait_counter_past(vmm: &Vmm, past: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = counter(vmm);
+        if c > past {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "counter stuck at {c}");
+        std::thread::yield_now();
+    }
+}
+
+fn migration_config(secret: &str) -> MigrationConfig {
+    MigrationConfig {
+        secret: Secret::new(secret),
+        ..MigrationConfig::default()
+    }
+}
+
+fn source_options(secret: &str) -> SourceOptions {
+    let mut o = SourceOptions {
+        migration: migration_config(secret),
+        ..SourceOptions::default()
+    };
+    o.memory.cycle_throttle = Duration::from_millis(50);
+    o
+}
+
+type Incoming = std::thread::JoinHandle<Result<IncomingVm, VmMigrationError>>;
+
+fn receive(dir: PathBuf, secret: &str, resume: Resume) -> (UnixStream, Incoming) {
+    let (a, b) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+    let migration = migration_config(secret);
+    let dest = std::thread::spawn(move || {
+        VmMigrationDestination::accept(
+            b,
+            DestinationOptions {
+                resume,
+                migration,
+                console: Some(Box::new(std::io::sink())),
+                ..DestinationOptions::new(dir)
+            },
+        )
+    });
+    (a, dest)
+}
+
+fn joined(dest: Incoming) -> IncomingVm {
+    dest.join()
+        .unwrap_or_else(|_| panic!("destination thread panicked"))
+        .unwrap_or_else(|e| panic!("destination: {e}"))
+}
+
+/// Migrates the counting guest and checks it continues on the destination
+/// from where it stopped, with the source's VM gone.
+fn migrate_and_check(name: &str, resume: Resume) {
+    let dir = scratch(name);
+    let (vmm, mem) = boot(&dir, Vec::new());
+    let source = VmMigrationSource::new(vmm.clone(), &mem, source_options("s3cret"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (link, dest) = receive(dir.join("dst"), "s3cret", resume);
+    let report = source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
+    let mut incoming = joined(dest);
+
+    let at_stop = {
+        let mut v = vmm.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(v.wait_timeout(Duration::ZERO), Some(ExitStatus::Stopped));
+        counter(&v)
+    };
+    assert!(at_stop > 1000, "the guest barely ran: {at_stop}");
+    // The destination starts from the source's final memory, not from zero.
+    let first = counter(incoming.vmm());
+    assert!(
+        first >= at_stop,
+        "destination counter {first} is behind the source's {at_stop}"
+    );
+    wait_counter_past(incoming.vmm(), first);
+    let full = incoming.finish_transfer().unwrap_or_else(|e| panic!("{e}"));
+    wait_counter_past(incoming.vmm(), first + 1000);
+    // The source VM did not move after it was stopped.
+    assert_eq!(
+        counter(&vmm.lock().unwrap_or_else(|p| p.into_inner())),
+        at_stop
+    );
+
+    assert!(report.storage.bytes_sent > 0 && report.state_bytes > 0);
+    assert!(report.storage.downtime_millis > 0.0);
+    assert!(full.vm_downtime_millis.is_some_and(|d| d > 0.0));
+    assert_eq!(full.storage.role, "destination");
+    assert!(full.storage.bytes_received >= report.storage.bytes_sent / 2);
+    assert_eq!(
+        incoming.memory_file().is_some(),
+        resume == Resume::AfterComplete
+    );
+    eprintln!(
+        "{name}: source {}\ndestination {}",
+        report.to_json_line(),
+        full.to_json_line()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pre_copy_migration_keeps_the_guest_counting() {
+    migrate_and_check("precopy", Resume::AfterComplete);
+}
+
+#[test]
+fn at_authority_resume_fetches_pages_on_demand() {
+    migrate_and_check("postcopy", Resume::AtAuthority);
+}
+
+#[test]
+fn wrong_secret_is_refused_and_the_vm_keeps_running_then_a_retry_succeeds() {
+    let dir = scratch("secret");
+    let (vmm, mem) = boot(&dir, Vec::new());
+    let source = VmMigrationSource::new(vmm.clone(), &mem, source_options("right"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (link, dest) = receive(dir.join("dst-wrong"), "wrong", Resume::AfterComplete);
+    let err = source.migrate(link).err();
+    let dest_err = dest.join().unwrap_or_else(|_| panic!("thread")).err();
+    assert!(
+        err.as_ref().is_some_and(|e| e.source_keeps_authority()),
+        "{err:?}"
+    );
+    assert!(dest_err.is_some(), "destination accepted a wrong secret");
+    {
+        let v = vmm.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(!v.is_paused());
+        let c = counter(&v);
+        wait_counter_past(&v, c);
+    }
+    let (link, dest) = receive(dir.join("dst"), "right", Resume::AfterComplete);
+    source
+        .migrate(link)
+        .unwrap_or_else(|e| panic!("retry: {e}"));
+    let mut incoming = joined(dest);
+    let c = counter(incoming.vmm());
+    wait_counter_past(incoming.vmm(), c);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn writable_drives_are_refused_with_the_vm_untouched() {
+    let dir = scratch("writable");
+    std::fs::write(dir.join("disk"), vec![0u8; 64 * 1024]).unwrap_or_else(|e| panic!("{e}"));
+    let drive = DriveConfig {
+        name: "disk".into(),
+        path: dir.join("disk"),
+        read_only: false,
+    };
+    let (vmm, mem) = boot(&dir, vec![drive]);
+    let err = VmMigrationSource::new(vmm.clone(), &mem, SourceOptions::default()).err();
+    assert!(
+        matches!(&err, Some(VmMigrationError::WritableDrive(n)) if n == "disk"),
+        "{err:?}"
+    );
+    let msg = err.map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("\"disk\" is writable") && !msg.contains('\n'),
+        "{msg}"
+    );
+    let v = vmm.lock().unwrap_or_else(|p| p.into_inner());
+    let c = counter(&v);
+    wait_counter_past(&v, c);
+    drop(v);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn read_only_drives_travel_with_the_vm() {
+    let dir = scratch("rodrive");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(dir.join("oci"), &data).unwrap_or_else(|e| panic!("{e}"));
+    let drive = DriveConfig {
+        name: "oci".into(),
+        path: dir.join("oci"),
+        read_only: true,
+    };
+    let (vmm, mem) = boot(&dir, vec![drive]);
+    let source =
+        VmMigrationSource::new(vmm, &mem, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
+    let (link, dest) = receive(dir.join("dst"), "s", Resume::AtAuthority);
+    source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
+    let mut incoming = joined(dest);
+    let drives = incoming.vmm().config().drives.clone();
+    assert_eq!(drives.len(), 1);
+    assert_eq!(drives[0].path, dir.join("dst").join("drive-oci"));
+    assert!(drives[0].read_only);
+    assert!(std::fs::read(&drives[0].path).unwrap_or_default() == data);
+    incoming.finish_transfer().unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

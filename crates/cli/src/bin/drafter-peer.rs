@@ -1,0 +1,243 @@
+//! `drafter-peer`: runs one VM — booted from a config, restored from a
+//! snapshot, or migrated in from another peer (`--raddr`) — and, with
+//! `--laddr`, live-migrates it to the first peer that connects, then exits.
+//!
+//! Guest serial goes to stdout (as the VM's config says). Progress events go
+//! to stderr as single JSON lines: `{"event":"running"}`,
+//! `{"event":"migrated-in","report":…}`, `{"event":"listening","addr":…}`,
+//! `{"event":"migration-failed","error":…}` (the VM keeps running here),
+//! `{"event":"migrated-out","report":…}`, `{"event":"vm-exited","status":…}`.
+//!
+//! Exit status: 0 once migrated out or when the guest powers off, 2 when it
+//! reboots, 1 on any error (one line on stderr).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, ValueEnum};
+use drafter::migration::{Resume, SourceOptions};
+use drafter::peer::{apply_devices_json, read_config, Origin, Peer, PeerError, PeerOptions};
+use drafter_storage::{Mode, Progress, Secret};
+use drafter_vmm::ExitStatus;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ResumeAt {
+    /// Once every block has arrived (the VM can be migrated on later).
+    Complete,
+    /// As soon as authority arrives; missing memory is fetched on demand.
+    Authority,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MigrationMode {
+    /// Copy while the VM runs, then a short stop (live migration).
+    PreCopy,
+    /// Hand the VM over at once and stream everything after.
+    PostCopy,
+}
+
+/// Start a VM and live-migrate it between peers.
+#[derive(Parser, Debug)]
+#[command(name = "drafter-peer", version, about)]
+struct Args {
+    /// Boot a VM from this JSON configuration (drafter-vmm's format).
+    #[arg(long, conflicts_with_all = ["state", "raddr"])]
+    config: Option<PathBuf>,
+    /// Start from this snapshot state file (with --memory).
+    #[arg(long, requires = "memory", conflicts_with = "raddr")]
+    state: Option<PathBuf>,
+    /// The snapshot's memory file (copied into --work-dir, never modified).
+    #[arg(long, requires = "state")]
+    memory: Option<PathBuf>,
+    /// Remote address to migrate the VM in from (host:port).
+    #[arg(long)]
+    raddr: Option<String>,
+    /// Local address to listen on (host:port); the first peer to connect
+    /// receives the VM, then this peer exits.
+    #[arg(long)]
+    laddr: Option<String>,
+    /// Directory for the VM's memory file and what migrations bring.
+    #[arg(long, default_value = "out/peer")]
+    work_dir: PathBuf,
+    /// Shared secret authenticating peers (default: $DRAFTER_SECRET).
+    #[arg(long)]
+    secret: Option<String>,
+    /// Devices configuration (the Go Drafter's --devices JSON; entries
+    /// named memory, state and drives are used).
+    #[arg(long)]
+    devices: Option<String>,
+    /// When a VM migrated in resumes.
+    #[arg(long, value_enum, default_value_t = ResumeAt::Complete)]
+    resume_at: ResumeAt,
+    /// How the VM is migrated out.
+    #[arg(long, value_enum, default_value_t = MigrationMode::PreCopy)]
+    migration_mode: MigrationMode,
+}
+
+fn event(name: &str, fields: serde_json::Value) {
+    let mut v = serde_json::json!({ "event": name });
+    if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+        o.extend(f);
+    }
+    eprintln!("{v}");
+}
+
+fn report_json(r: &drafter::migration::VmMigrationReport) -> serde_json::Value {
+    serde_json::to_value(r).unwrap_or_default()
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} blocks")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
+    let mut o = SourceOptions::default();
+    if let Some(j) = &a.devices {
+        apply_devices_json(&mut o, j)?;
+    }
+    let secret = match &a.secret {
+        Some(s) => s.clone(),
+        None => std::env::var("DRAFTER_SECRET").unwrap_or_default(),
+    };
+    if secret.is_empty() {
+        tracing::warn!("no secret given (--secret or DRAFTER_SECRET): any peer can take the VM");
+    }
+    o.migration.secret = Secret::new(secret);
+    o.migration.mode = match a.migration_mode {
+        MigrationMode::PreCopy => Mode::PreCopy,
+        MigrationMode::PostCopy => Mode::PostCopy,
+    };
+    Ok(o)
+}
+
+fn run(a: Args) -> Result<ExitStatus, PeerError> {
+    let origin = match (&a.config, &a.state, &a.memory, &a.raddr) {
+        (Some(c), None, None, None) => Origin::Boot(read_config(c)?),
+        (None, Some(s), Some(m), None) => Origin::Snapshot {
+            state: s.clone(),
+            memory: m.clone(),
+        },
+        (None, None, None, Some(r)) => Origin::Migrate { raddr: r.clone() },
+        _ => {
+            return Err(PeerError::Config(
+                "nothing to run: give --config, --state with --memory, or --raddr".into(),
+            ))
+        }
+    };
+    let resume = match a.resume_at {
+        ResumeAt::Complete => Resume::AfterComplete,
+        ResumeAt::Authority => Resume::AtAuthority,
+    };
+    if resume == Resume::AtAuthority && a.laddr.is_some() {
+        return Err(PeerError::Config(
+            "--resume-at authority cannot be combined with --laddr: such a VM's memory is not \
+             file-backed, so it cannot be migrated on"
+                .into(),
+        ));
+    }
+    let options = source_options(&a)?;
+    // Bind first: a bad or busy address fails before any VM starts.
+    let listener = match &a.laddr {
+        Some(l) => Some(TcpListener::bind(l).map_err(|source| PeerError::Io {
+            what: format!("cannot listen on {l}"),
+            source,
+        })?),
+        None => None,
+    };
+    let peer = Peer::start(
+        origin,
+        PeerOptions {
+            work_dir: a.work_dir.clone(),
+            source: options.clone(),
+            resume,
+            console: None,
+        },
+    )?;
+    match peer.incoming_report() {
+        Some(r) => event(
+            "migrated-in",
+            serde_json::json!({ "report": report_json(r) }),
+        ),
+        None => event("running", serde_json::json!({})),
+    }
+    let waiter = peer.exit_waiter();
+    std::thread::spawn(move || {
+        let status = waiter.wait();
+        if status != ExitStatus::Stopped {
+            event(
+                "vm-exited",
+                serde_json::json!({ "status": format!("{status:?}") }),
+            );
+            std::process::exit(exit_code(&status));
+        }
+    });
+    let Some(listener) = listener else {
+        return Ok(peer.wait());
+    };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    event("listening", serde_json::json!({ "addr": addr }));
+    let bar = progress_bar();
+    let b = bar.clone();
+    let observer = Arc::new(move |p: &Progress| match p {
+        Progress::Phase(phase) => b.set_message(phase.to_string()),
+        Progress::Blocks { done, total } => {
+            b.set_length(*total);
+            b.set_position(*done);
+        }
+        Progress::Cycle { .. } => {}
+    });
+    let report = peer.serve(&listener, options, Some(observer), |e| {
+        event(
+            "migration-failed",
+            serde_json::json!({ "error": e.to_string() }),
+        )
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    event(
+        "migrated-out",
+        serde_json::json!({ "report": report_json(&report) }),
+    );
+    Ok(ExitStatus::Stopped)
+}
+
+fn exit_code(status: &ExitStatus) -> i32 {
+    match status {
+        ExitStatus::Poweroff | ExitStatus::Stopped => 0,
+        ExitStatus::Reboot => 2,
+        _ => 1,
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,drafter_peer=warn")),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(ExitStatus::Error(e)) => {
+            eprintln!("drafter-peer: VM failed: {e}");
+            ExitCode::from(1)
+        }
+        Ok(status) => ExitCode::from(exit_code(&status) as u8),
+        Err(e) => {
+            eprintln!("drafter-peer: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

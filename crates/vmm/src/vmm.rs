@@ -417,20 +417,7 @@ impl Vmm {
     /// `memory_path`. With a MAP_SHARED memory file and `memory_path` equal to it,
     /// memory is written back in place with `msync` (the in-place suspend).
     pub fn snapshot(&mut self, state_path: &Path, memory_path: &Path) -> Result<(), Error> {
-        if !self.paused {
-            return Err(Error::NotPaused);
-        }
-        let mut vcpus = Vec::new();
-        for v in &self.vcpus {
-            vcpus.push(v.save(self.msr_indices.clone())?);
-        }
-        let snap = Snapshot {
-            config: self.config.clone(),
-            memory_size: self.memory.size(),
-            vm: self.vm.save_state()?,
-            vcpus,
-            devices: self.devices.save(),
-        };
+        let snap = self.capture_state()?;
         let in_place = self
             .memory
             .shared_file
@@ -443,6 +430,34 @@ impl Vmm {
         }
         persist::write_state_file(state_path, &snap)?;
         Ok(())
+    }
+
+    /// Writes only the paused VM's state (vCPUs, interrupt controllers,
+    /// devices) to `state_path` and leaves guest memory alone: for callers
+    /// that move memory themselves. Live migration reads a MAP_SHARED memory
+    /// file through the page cache, so the `msync` of [`Vmm::snapshot`] would
+    /// only add downtime.
+    pub fn snapshot_state(&mut self, state_path: &Path) -> Result<(), Error> {
+        let snap = self.capture_state()?;
+        persist::write_state_file(state_path, &snap)?;
+        Ok(())
+    }
+
+    fn capture_state(&self) -> Result<Snapshot, Error> {
+        if !self.paused {
+            return Err(Error::NotPaused);
+        }
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            vcpus.push(v.save(self.msr_indices.clone())?);
+        }
+        Ok(Snapshot {
+            config: self.config.clone(),
+            memory_size: self.memory.size(),
+            vm: self.vm.save_state()?,
+            vcpus,
+            devices: self.devices.save(),
+        })
     }
 
     /// Writes guest memory back to its MAP_SHARED file (running or paused).

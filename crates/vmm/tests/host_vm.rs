@@ -244,6 +244,28 @@ fn shared_memory_suspends_in_place() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn state_only_snapshot_restores_with_the_live_shared_memory_file() {
+    let dir = tmpdir("state-only");
+    let mem = dir.join("mem");
+    let state = dir.join("state");
+    let (mut vmm, rx) = boot(COUNT, 1, Some(mem.clone()));
+    expect_byte(&rx, b'R');
+    wait_counter_past(&vmm, 0);
+    assert!(matches!(
+        vmm.snapshot_state(&state),
+        Err(drafter_vmm::Error::NotPaused)
+    ));
+    vmm.pause().unwrap_or_else(|e| panic!("{e}"));
+    let saved = counter(&vmm);
+    vmm.snapshot_state(&state).unwrap_or_else(|e| panic!("{e}"));
+    // The VM still holds its mapping: the file is the live page cache.
+    let mut restored = resume_and_check(&state, RestoreMemory::Shared(mem.clone()), saved);
+    restored.stop();
+    vmm.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 struct Counting(
     FilePageProvider,
     std::sync::Arc<std::sync::atomic::AtomicU64>,

@@ -1,6 +1,6 @@
 //! Migrating a running VM out.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -57,7 +57,6 @@ impl Default for SourceOptions {
 /// Writable drives are refused: guest writes to them bypass the engine.
 pub struct VmMigrationSource {
     vmm: Arc<Mutex<Vmm>>,
-    memory_file: PathBuf,
     state_device: Arc<TrackedDevice>,
     source: MigrationSource,
 }
@@ -127,7 +126,6 @@ impl VmMigrationSource {
         devices.extend(drive_devices);
         Ok(VmMigrationSource {
             vmm,
-            memory_file: memory_file.to_path_buf(),
             state_device,
             source: MigrationSource::new(devices, options.migration),
         })
@@ -180,14 +178,15 @@ impl VmMigrationSource {
         }
     }
 
-    /// Pauses the VM and captures its state (the memory file is synced in
-    /// place, so its dirty pages are all in the page cache the engine reads).
+    /// Pauses the VM and captures its state. Guest memory needs no sync: the
+    /// engine reads the MAP_SHARED memory file through the page cache, which
+    /// is the guest's memory itself.
     fn suspend(&self, state_path: &Path) -> Result<StateFrame, String> {
         let paused_at = SystemTime::now();
         {
             let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
             vmm.pause().map_err(|e| format!("pausing the VM: {e}"))?;
-            vmm.snapshot(state_path, &self.memory_file)
+            vmm.snapshot_state(state_path)
                 .map_err(|e| format!("saving the VM state: {e}"))?;
         }
         let state = std::fs::read(state_path).map_err(|e| format!("reading the VM state: {e}"))?;

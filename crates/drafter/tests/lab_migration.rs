@@ -1,0 +1,271 @@
+//! Live migration of a Linux guest between two `drafter-peer` processes over
+//! loopback TCP, on real KVM inside the lab: the guest's counter keeps going
+//! on the destination (no reboot), the source process is gone, the reports
+//! show bytes and downtime, and a peer with a wrong secret is refused while
+//! the VM keeps running on the source.
+
+#[path = "../../vmm/tests/support/mod.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+use drafter_vmm::VmConfig;
+use support::{guest_dir, scratch, write_initramfs, MARKER};
+
+/// Budget for each wait (nested KVM under TCG is slow, and the lab may be busy).
+const WAIT: Duration = Duration::from_secs(300);
+
+const SECRET: &str = "lab-migration-secret";
+
+/// Prints `COUNT <n> <uptime>` twice a second (serial is slow in the lab).
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); \
+     echo COUNT $i $(cut -d' ' -f1 /proc/uptime); sleep 0.5; done";
+
+/// The `drafter-peer` binary next to this test executable's directory.
+fn peer_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("drafter-peer"))
+        .unwrap_or_default();
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p drafter-cli` (cargo xtask lab-test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `drafter-peer` process: guest serial lines from stdout, JSON events
+/// (and errors) from stderr.
+struct PeerProcess {
+    name: &'static str,
+    child: Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+}
+
+fn lines(name: &'static str, out: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            eprintln!("{name}| {line}");
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+impl PeerProcess {
+    fn spawn(name: &'static str, args: &[&str]) -> PeerProcess {
+        let mut child = Command::new(peer_binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn drafter-peer ({name}): {e}"));
+        let out = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let err = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+        PeerProcess {
+            name,
+            child,
+            stdout: lines(name, out),
+            stderr: lines(name, err),
+        }
+    }
+
+    /// Waits for the JSON event `event` on stderr.
+    fn event(&self, event: &str) -> serde_json::Value {
+        loop {
+            match self.stderr.recv_timeout(WAIT) {
+                Ok(l) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                        if v["event"] == event {
+                            return v;
+                        }
+                    }
+                }
+                Err(e) => panic!("{}: no {event:?} event within {WAIT:?}: {e}", self.name),
+            }
+        }
+    }
+
+    /// Waits for the next counter line; returns (count, uptime).
+    fn next_count(&self) -> (u64, f64) {
+        loop {
+            match self.stdout.recv_timeout(WAIT) {
+                Ok(l) => {
+                    assert!(!l.contains(MARKER), "{}: the guest booted again", self.name);
+                    if let Some(c) = parse_count(&l) {
+                        return c;
+                    }
+                }
+                Err(e) => panic!("{}: no counter line within {WAIT:?}: {e}", self.name),
+            }
+        }
+    }
+
+    /// Waits for the process to end (its stderr closes), returning the exit
+    /// code and the remaining serial lines.
+    fn wait_exit(mut self) -> (Option<i32>, Vec<String>) {
+        loop {
+            match self.stderr.recv_timeout(WAIT) {
+                Ok(_) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(e) => panic!("{}: still running after {WAIT:?}: {e}", self.name),
+            }
+        }
+        let status = self.child.wait().unwrap_or_else(|e| panic!("{e}"));
+        let rest = self.stdout.iter().collect();
+        (status.code(), rest)
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_count(line: &str) -> Option<(u64, f64)> {
+    let mut w = line
+        .split_whitespace()
+        .skip_while(|w| *w != "COUNT")
+        .skip(1);
+    let n = w.next()?.parse().ok()?;
+    let up = w.next()?.parse().ok()?;
+    Some((n, up))
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let init = write_initramfs(dir, COUNTER);
+    let mut c = VmConfig::new(guest_dir().join("vmlinuz"));
+    c.initramfs = Some(init);
+    c.vcpus = 1;
+    c.memory_mib = 128;
+    c.boot_args = "console=ttyS0 reboot=k panic=1 pci=off quiet".into();
+    let p = dir.join("vm.json");
+    std::fs::write(&p, serde_json::to_vec(&c).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+#[test]
+#[ignore = "lab"]
+fn lab_live_migration_keeps_the_guest_counting() {
+    let dir = scratch("migration");
+    let cfg = write_config(&dir);
+    let (a_dir, b_dir, w_dir) = (dir.join("a"), dir.join("b"), dir.join("wrong"));
+    let a = PeerProcess::spawn(
+        "A",
+        &[
+            "--config",
+            s(&cfg),
+            "--work-dir",
+            s(&a_dir),
+            "--laddr",
+            "127.0.0.1:0",
+            "--secret",
+            SECRET,
+        ],
+    );
+    let addr = a.event("listening")["addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut last = a.next_count();
+    while last.0 < 3 {
+        last = a.next_count();
+    }
+
+    // A peer with the wrong secret is refused; the VM keeps running on A.
+    let wrong = PeerProcess::spawn(
+        "W",
+        &[
+            "--raddr",
+            &addr,
+            "--work-dir",
+            s(&w_dir),
+            "--secret",
+            "not-the-secret",
+        ],
+    );
+    let (code, _) = wrong.wait_exit();
+    assert_eq!(code, Some(1), "the wrong-secret peer did not fail");
+    let failed = a.event("migration-failed");
+    eprintln!("A refused the wrong secret: {failed}");
+    for _ in 0..2 {
+        let next = a.next_count();
+        assert!(
+            next.0 > last.0,
+            "A's counter went from {last:?} to {next:?}"
+        );
+        last = next;
+    }
+
+    // The real migration.
+    let b = PeerProcess::spawn(
+        "B",
+        &[
+            "--raddr",
+            &addr,
+            "--work-dir",
+            s(&b_dir),
+            "--secret",
+            SECRET,
+        ],
+    );
+    let out = a.event("migrated-out");
+    let incoming = b.event("migrated-in");
+    let (code, rest) = a.wait_exit();
+    assert_eq!(code, Some(0), "A did not exit cleanly after migrating out");
+    for l in &rest {
+        if let Some(c) = parse_count(l) {
+            last = c;
+        }
+    }
+    // The counter continues on B past the last value A showed, uptime too.
+    let mut prev = last;
+    for _ in 0..3 {
+        let next = b.next_count();
+        assert!(
+            next.0 > prev.0,
+            "B's counter {next:?} does not continue from {prev:?}"
+        );
+        assert!(next.1 >= prev.1, "uptime went back: {prev:?} -> {next:?}");
+        prev = next;
+    }
+    assert!(
+        prev.0 <= last.0 + 20,
+        "B's counter {prev:?} jumped far past A's last {last:?}: a different guest?"
+    );
+
+    let src = &out["report"];
+    let dst = &incoming["report"];
+    let bytes = src["storage"]["bytesSent"].as_u64().unwrap_or(0);
+    let downtime = src["storage"]["downtimeMillis"].as_f64().unwrap_or(0.0);
+    let vm_downtime = dst["vmDowntimeMillis"].as_f64().unwrap_or(0.0);
+    assert!(bytes > 0, "no bytes sent: {src}");
+    assert!(downtime > 0.0 && vm_downtime >= downtime, "{src} {dst}");
+    eprintln!(
+        "MEASURED: bytes sent {bytes}, state {} B, source downtime {downtime:.1} ms, \
+         VM downtime (pause to resume) {vm_downtime:.1} ms, restore {:.1} ms, total {:.1} ms",
+        src["stateBytes"],
+        dst["restoreMillis"].as_f64().unwrap_or(0.0),
+        src["storage"]["totalMillis"].as_f64().unwrap_or(0.0)
+    );
+    b.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -169,25 +169,23 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
 }
 
-#[test]
-#[ignore = "lab"]
-fn lab_live_migration_keeps_the_guest_counting() {
-    let dir = scratch("migration");
-    let cfg = write_config(&dir);
-    let (a_dir, b_dir, w_dir) = (dir.join("a"), dir.join("b"), dir.join("wrong"));
-    let a = PeerProcess::spawn(
-        "A",
-        &[
-            "--config",
-            s(&cfg),
-            "--work-dir",
-            s(&a_dir),
-            "--laddr",
-            "127.0.0.1:0",
-            "--secret",
-            SECRET,
-        ],
-    );
+/// Starts peer A with the counter guest, listening; returns it, its
+/// address and the last counter value it showed (at least 3).
+fn start_source(dir: &Path, extra: &[&str]) -> (PeerProcess, String, (u64, f64)) {
+    let cfg = write_config(dir);
+    let work = dir.join("a");
+    let mut args = vec![
+        "--config",
+        s(&cfg),
+        "--work-dir",
+        s(&work),
+        "--laddr",
+        "127.0.0.1:0",
+        "--secret",
+        SECRET,
+    ];
+    args.extend_from_slice(extra);
+    let a = PeerProcess::spawn("A", &args);
     let addr = a.event("listening")["addr"]
         .as_str()
         .unwrap_or_default()
@@ -196,44 +194,22 @@ fn lab_live_migration_keeps_the_guest_counting() {
     while last.0 < 3 {
         last = a.next_count();
     }
+    (a, addr, last)
+}
 
-    // A peer with the wrong secret is refused; the VM keeps running on A.
-    let wrong = PeerProcess::spawn(
-        "W",
-        &[
-            "--raddr",
-            &addr,
-            "--work-dir",
-            s(&w_dir),
-            "--secret",
-            "not-the-secret",
-        ],
-    );
-    let (code, _) = wrong.wait_exit();
-    assert_eq!(code, Some(1), "the wrong-secret peer did not fail");
-    let failed = a.event("migration-failed");
-    eprintln!("A refused the wrong secret: {failed}");
-    for _ in 0..2 {
-        let next = a.next_count();
-        assert!(
-            next.0 > last.0,
-            "A's counter went from {last:?} to {next:?}"
-        );
-        last = next;
-    }
-
-    // The real migration.
-    let b = PeerProcess::spawn(
-        "B",
-        &[
-            "--raddr",
-            &addr,
-            "--work-dir",
-            s(&b_dir),
-            "--secret",
-            SECRET,
-        ],
-    );
+/// Migrates A's VM to a new peer B (with `extra` flags) and checks the guest
+/// continues there; returns B and the two reports.
+fn migrate_to_b(
+    a: PeerProcess,
+    addr: &str,
+    mut last: (u64, f64),
+    dir: &Path,
+    extra: &[&str],
+) -> (PeerProcess, serde_json::Value, serde_json::Value) {
+    let work = dir.join("b");
+    let mut args = vec!["--raddr", addr, "--work-dir", s(&work), "--secret", SECRET];
+    args.extend_from_slice(extra);
+    let b = PeerProcess::spawn("B", &args);
     let out = a.event("migrated-out");
     let incoming = b.event("migrated-in");
     let (code, rest) = a.wait_exit();
@@ -258,21 +234,79 @@ fn lab_live_migration_keeps_the_guest_counting() {
         prev.0 <= last.0 + 20,
         "B's counter {prev:?} jumped far past A's last {last:?}: a different guest?"
     );
-
-    let src = &out["report"];
-    let dst = &incoming["report"];
+    let src = out["report"].clone();
+    let dst = incoming["report"].clone();
     let bytes = src["storage"]["bytesSent"].as_u64().unwrap_or(0);
     let downtime = src["storage"]["downtimeMillis"].as_f64().unwrap_or(0.0);
     let vm_downtime = dst["vmDowntimeMillis"].as_f64().unwrap_or(0.0);
     assert!(bytes > 0, "no bytes sent: {src}");
     assert!(downtime > 0.0 && vm_downtime >= downtime, "{src} {dst}");
     eprintln!(
-        "MEASURED: bytes sent {bytes}, state {} B, source downtime {downtime:.1} ms, \
-         VM downtime (pause to resume) {vm_downtime:.1} ms, restore {:.1} ms, total {:.1} ms",
+        "MEASURED ({}, resumed {}): bytes sent {bytes}, state {} B, source downtime {downtime:.1} ms, \
+         VM downtime (pause to resume) {vm_downtime:.1} ms, restore {:.1} ms, total {:.1} ms, \
+         need-block requests {}",
+        src["storage"]["mode"],
+        dst["resumed"],
         src["stateBytes"],
         dst["restoreMillis"].as_f64().unwrap_or(0.0),
-        src["storage"]["totalMillis"].as_f64().unwrap_or(0.0)
+        src["storage"]["totalMillis"].as_f64().unwrap_or(0.0),
+        dst["storage"]["needBlockRequests"],
     );
+    (b, src, dst)
+}
+
+#[test]
+#[ignore = "lab"]
+fn lab_live_migration_keeps_the_guest_counting() {
+    let dir = scratch("migration");
+    let (a, addr, mut last) = start_source(&dir, &[]);
+
+    // A peer with the wrong secret is refused; the VM keeps running on A.
+    let wrong_dir = dir.join("wrong");
+    let wrong = PeerProcess::spawn(
+        "W",
+        &[
+            "--raddr",
+            &addr,
+            "--work-dir",
+            s(&wrong_dir),
+            "--secret",
+            "not-the-secret",
+        ],
+    );
+    let (code, _) = wrong.wait_exit();
+    assert_eq!(code, Some(1), "the wrong-secret peer did not fail");
+    let failed = a.event("migration-failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("authentication failed")),
+        "{failed}"
+    );
+    for _ in 0..2 {
+        let next = a.next_count();
+        assert!(
+            next.0 > last.0,
+            "A's counter went from {last:?} to {next:?}"
+        );
+        last = next;
+    }
+
+    let (b, src, dst) = migrate_to_b(a, &addr, last, &dir, &[]);
+    assert_eq!(src["storage"]["mode"], "pre-copy");
+    assert_eq!(dst["resumed"], "after-complete");
+    b.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[ignore = "lab"]
+fn lab_post_copy_migration_resumes_at_authority() {
+    let dir = scratch("postcopy");
+    let (a, addr, last) = start_source(&dir, &["--migration-mode", "post-copy"]);
+    let (b, src, dst) = migrate_to_b(a, &addr, last, &dir, &["--resume-at", "authority"]);
+    assert_eq!(src["storage"]["mode"], "post-copy");
+    assert_eq!(dst["resumed"], "at-authority");
     b.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }

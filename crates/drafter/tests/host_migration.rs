@@ -165,6 +165,15 @@ fn migrate_and_check(name: &str, resume: Resume) {
     );
 
     assert!(report.storage.bytes_sent > 0 && report.state_bytes > 0);
+    let (pause, state) = (
+        report.pause_millis.unwrap_or(-1.0),
+        report.state_millis.unwrap_or(-1.0),
+    );
+    assert!(
+        pause >= 0.0 && state >= 0.0 && pause + state <= report.storage.downtime_millis,
+        "pause {pause} ms + state {state} ms outside the downtime {} ms",
+        report.storage.downtime_millis
+    );
     assert!(report.storage.downtime_millis > 0.0);
     assert!(full.vm_downtime_millis.is_some_and(|d| d > 0.0));
     assert_eq!(full.storage.role, "destination");

@@ -244,13 +244,15 @@ fn migrate_to_b(
     eprintln!(
         "MEASURED ({}, resumed {}): bytes sent {bytes}, state {} B, source downtime {downtime:.1} ms, \
          VM downtime (pause to resume) {vm_downtime:.1} ms, restore {:.1} ms, total {:.1} ms, \
-         need-block requests {}",
+         need-block requests {}, pause {} ms, state capture {} ms",
         src["storage"]["mode"],
         dst["resumed"],
         src["stateBytes"],
         dst["restoreMillis"].as_f64().unwrap_or(0.0),
         src["storage"]["totalMillis"].as_f64().unwrap_or(0.0),
         dst["storage"]["needBlockRequests"],
+        src["pauseMillis"],
+        src["stateMillis"],
     );
     (b, src, dst)
 }

@@ -232,6 +232,7 @@ impl VmMigrationDestination {
                 restore_millis: Some(restore_millis),
                 vm_downtime_millis: downtime,
                 resumed: Some(resumed.into()),
+                ..VmMigrationReport::default()
             },
         })
     }

@@ -12,6 +12,12 @@ pub struct VmMigrationReport {
     pub storage: MigrationReport,
     /// Size of the VM's snapshot state in bytes.
     pub state_bytes: u64,
+    /// Source: milliseconds the VMM took to pause the vCPUs and devices
+    /// (part of the downtime).
+    pub pause_millis: Option<f64>,
+    /// Source: milliseconds to capture and frame the VM state (part of the
+    /// downtime).
+    pub state_millis: Option<f64>,
     /// Destination: milliseconds spent restoring the VM from the received
     /// state and memory.
     pub restore_millis: Option<f64>,

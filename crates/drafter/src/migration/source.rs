@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use drafter_storage::migrator::Observer;
 use drafter_storage::{
@@ -148,12 +148,17 @@ impl VmMigrationSource {
             .map_err(|e| VmMigrationError::io("temporary directory for the VM state", e))?;
         let state_path = scratch.path().join("state");
         let mut state_bytes = 0u64;
+        let mut timings = (None, None);
         let result = self.source.migrate(link, || {
-            let frame = self.suspend(&state_path)?;
+            let start = Instant::now();
+            let frame = self.suspend(&state_path, &mut timings.0)?;
             state_bytes = frame.state.len() as u64;
             frame
                 .write_to(self.state_device.as_ref())
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            let total = start.elapsed().as_secs_f64() * 1e3;
+            timings.1 = Some(total - timings.0.unwrap_or(0.0));
+            Ok(())
         });
         let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
         match result {
@@ -162,6 +167,8 @@ impl VmMigrationSource {
                 Ok(VmMigrationReport {
                     storage,
                     state_bytes,
+                    pause_millis: timings.0,
+                    state_millis: timings.1,
                     ..VmMigrationReport::default()
                 })
             }
@@ -181,11 +188,17 @@ impl VmMigrationSource {
     /// Pauses the VM and captures its state. Guest memory needs no sync: the
     /// engine reads the MAP_SHARED memory file through the page cache, which
     /// is the guest's memory itself.
-    fn suspend(&self, state_path: &Path) -> Result<StateFrame, String> {
+    fn suspend(
+        &self,
+        state_path: &Path,
+        pause_millis: &mut Option<f64>,
+    ) -> Result<StateFrame, String> {
         let paused_at = SystemTime::now();
         {
             let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
+            let start = Instant::now();
             vmm.pause().map_err(|e| format!("pausing the VM: {e}"))?;
+            *pause_millis = Some(start.elapsed().as_secs_f64() * 1e3);
             vmm.snapshot_state(state_path)
                 .map_err(|e| format!("saving the VM state: {e}"))?;
         }

@@ -281,3 +281,81 @@ fn read_only_drives_travel_with_the_vm() {
     incoming.finish_transfer().unwrap_or_else(|e| panic!("{e}"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sends `devices` (name, content, size) from a plain storage source (no VM)
+/// to a VM destination; returns the destination's result.
+fn receive_raw(name: &str, devices: &[(&str, &[u8], u64)]) -> Result<IncomingVm, VmMigrationError> {
+    use drafter_storage::{BlockDevice, MemoryDevice, MigrationSource, SourceDevice};
+    let dir = scratch(name);
+    let sources = devices
+        .iter()
+        .map(|(n, content, size)| {
+            let d = MemoryDevice::new(*size, 65536).unwrap_or_else(|e| panic!("{e}"));
+            d.write_at(content, 0).unwrap_or_else(|e| panic!("{e}"));
+            SourceDevice::fixed(*n, Arc::new(d), Default::default())
+        })
+        .collect();
+    let source = MigrationSource::new(sources, migration_config("s"));
+    let (link, dest) = receive(dir.join("dst"), "s", Resume::AfterComplete);
+    let sender = std::thread::spawn(move || source.migrate(link, || Ok(())));
+    let result = dest.join().unwrap_or_else(|_| panic!("destination thread"));
+    let _ = sender.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+#[test]
+fn garbage_or_missing_state_from_the_wire_is_refused_with_a_named_error() {
+    let mem = 32u64 << 20;
+    let r = receive_raw(
+        "garbage-frame",
+        &[("memory", b"", mem), ("state", b"\x7fELF garbage", 1 << 20)],
+    );
+    let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("holds no VM state (bad magic)"), "{e}");
+
+    let never_written = receive_raw(
+        "empty-state",
+        &[("memory", b"", mem), ("state", b"", 1 << 20)],
+    );
+    let e = never_written
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("state device is empty"), "{e}");
+
+    // A well-framed state whose payload is not a VM state file: the
+    // destination names it and keeps what arrived.
+    let frame = drafter::migration::StateFrame {
+        paused_at: std::time::SystemTime::now(),
+        state: b"not a drafter state file".to_vec(),
+    }
+    .encode();
+    let r = receive_raw(
+        "bad-payload",
+        &[("memory", b"", mem), ("state", &frame, 1 << 20)],
+    );
+    match r {
+        Err(VmMigrationError::Restore { source, dir }) => {
+            assert!(
+                source.to_string().contains("not a drafter VM state file"),
+                "{source}"
+            );
+            assert!(dir.ends_with("dst"));
+        }
+        other => panic!("expected a restore error, got {:?}", other.err()),
+    }
+
+    let r = receive_raw("no-state", &[("memory", b"", mem)]);
+    assert!(
+        matches!(&r, Err(VmMigrationError::MissingDevice(n)) if n == "state"),
+        "{:?}",
+        r.err()
+    );
+    let r = receive_raw("foreign", &[("memory", b"", mem), ("kernel", b"", 4096)]);
+    let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        e.contains("\"kernel\": not a device of a VM migration"),
+        "{e}"
+    );
+}

@@ -152,6 +152,16 @@ impl VmMigrationDestination {
         let work_dir = options.work_dir.clone();
         std::fs::create_dir_all(&work_dir)
             .map_err(|e| VmMigrationError::io(format!("creating {}", work_dir.display()), e))?;
+        // A state file left by an earlier run must not pass for this one's.
+        let stale = work_dir.join("state.bin");
+        if let Err(e) = std::fs::remove_file(&stale) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(VmMigrationError::io(
+                    format!("removing {}", stale.display()),
+                    e,
+                ));
+            }
+        }
         let session = MigrationDestination::accept(link, &options.migration, |info| {
             make_device(&work_dir, info)
         })?;
@@ -214,6 +224,12 @@ impl VmMigrationDestination {
             Err(e) => {
                 if let Some(s) = &session {
                     s.abort();
+                }
+                if options.resume == Resume::AfterComplete && work_dir.join("state.bin").exists() {
+                    return Err(VmMigrationError::Restore {
+                        dir: work_dir,
+                        source: Box::new(e),
+                    });
                 }
                 return Err(e);
             }

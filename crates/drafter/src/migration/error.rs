@@ -43,6 +43,16 @@ pub enum VmMigrationError {
     /// The source did not send a device the VM needs.
     #[error("the source sent no {0:?} device")]
     MissingDevice(String),
+    /// The VM arrived completely but could not be restored here; its state
+    /// and memory files are kept so it can be restored by hand (authority
+    /// has moved: the source no longer runs it).
+    #[error("restoring the received VM failed: {source}; its state.bin and memory.bin are kept in {}", dir.display())]
+    Restore {
+        /// Where the received files are.
+        dir: PathBuf,
+        /// What went wrong.
+        source: Box<VmMigrationError>,
+    },
     /// A local file operation failed.
     #[error("{what}: {source}")]
     Io {

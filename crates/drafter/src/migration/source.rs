@@ -94,7 +94,8 @@ impl VmMigrationSource {
                 options.drives.clone(),
             ));
         }
-        let file = FileDevice::open(memory_file, options.memory.block_size)?;
+        // Read-only: the engine only reads guest memory; the guest writes it.
+        let file = FileDevice::open_read_only(memory_file, options.memory.block_size)?;
         if file.size() != ram {
             return Err(VmMigrationError::MemoryFileSize {
                 path: memory_file.to_path_buf(),

@@ -359,3 +359,34 @@ fn garbage_or_missing_state_from_the_wire_is_refused_with_a_named_error() {
         "{e}"
     );
 }
+
+#[test]
+fn a_migrated_vm_migrates_on_from_its_received_memory_file() {
+    let dir = scratch("chain");
+    let (vmm, mem) = boot(&dir, Vec::new());
+    let source =
+        VmMigrationSource::new(vmm, &mem, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
+    let (link, dest) = receive(dir.join("b"), "s", Resume::AfterComplete);
+    source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
+    let (vmm_b, mem_b) = joined(dest).into_parts().unwrap_or_else(|e| panic!("{e}"));
+    let mem_b = mem_b.unwrap_or_else(|| panic!("no memory file after a pre-copy resume"));
+    assert_eq!(mem_b, dir.join("b").join("memory.bin"));
+    let on_b = wait_counter_past(&vmm_b, 0);
+    let vmm_b = Arc::new(Mutex::new(vmm_b));
+    let source = VmMigrationSource::new(vmm_b.clone(), &mem_b, source_options("s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (link, dest) = receive(dir.join("c"), "s", Resume::AfterComplete);
+    source
+        .migrate(link)
+        .unwrap_or_else(|e| panic!("second hop: {e}"));
+    let mut on_c = joined(dest);
+    let left_b = counter(&vmm_b.lock().unwrap_or_else(|p| p.into_inner()));
+    assert!(left_b > on_b);
+    let first = counter(on_c.vmm());
+    assert!(
+        first >= left_b,
+        "C starts at {first}, B stopped at {left_b}"
+    );
+    wait_counter_past(on_c.vmm(), first);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,8 +1,10 @@
 //! Live migration of a Linux guest between two `drafter-peer` processes over
 //! loopback TCP, on real KVM inside the lab: the guest's counter keeps going
 //! on the destination (no reboot), the source process is gone, the reports
-//! show bytes and downtime, and a peer with a wrong secret is refused while
-//! the VM keeps running on the source.
+//! show bytes and downtime, a peer with a wrong secret is refused while the
+//! VM keeps running on the source, and the VM migrates on from the peer it
+//! arrived at. A second test does the same in post-copy, resuming at
+//! authority with memory fetched on demand through userfaultfd.
 
 #[path = "../../vmm/tests/support/mod.rs"]
 mod support;
@@ -197,23 +199,39 @@ fn start_source(dir: &Path, extra: &[&str]) -> (PeerProcess, String, (u64, f64))
     (a, addr, last)
 }
 
-/// Migrates A's VM to a new peer B (with `extra` flags) and checks the guest
-/// continues there; returns B and the two reports.
-fn migrate_to_b(
+/// What one hop of a migration left: the new peer, both reports and the
+/// last counter value the new peer showed.
+struct Hop {
+    peer: PeerProcess,
+    src: serde_json::Value,
+    dst: serde_json::Value,
+    last: (u64, f64),
+}
+
+/// Migrates peer `a`'s VM to a new peer `name` (with `extra` flags) and checks
+/// the guest continues there.
+fn migrate_to(
     a: PeerProcess,
     addr: &str,
     mut last: (u64, f64),
     dir: &Path,
+    name: &'static str,
     extra: &[&str],
-) -> (PeerProcess, serde_json::Value, serde_json::Value) {
-    let work = dir.join("b");
+) -> Hop {
+    let work = dir.join(name);
     let mut args = vec!["--raddr", addr, "--work-dir", s(&work), "--secret", SECRET];
     args.extend_from_slice(extra);
-    let b = PeerProcess::spawn("B", &args);
+    let b = PeerProcess::spawn(name, &args);
+    let a_name = a.name;
     let out = a.event("migrated-out");
     let incoming = b.event("migrated-in");
     let (code, rest) = a.wait_exit();
-    assert_eq!(code, Some(0), "A did not exit cleanly after migrating out");
+    assert_eq!(
+        code,
+        Some(0),
+        "{} did not exit cleanly after migrating out",
+        a_name
+    );
     for l in &rest {
         if let Some(c) = parse_count(l) {
             last = c;
@@ -225,14 +243,14 @@ fn migrate_to_b(
         let next = b.next_count();
         assert!(
             next.0 > prev.0,
-            "B's counter {next:?} does not continue from {prev:?}"
+            "{name}'s counter {next:?} does not continue from {prev:?}"
         );
         assert!(next.1 >= prev.1, "uptime went back: {prev:?} -> {next:?}");
         prev = next;
     }
     assert!(
         prev.0 <= last.0 + 20,
-        "B's counter {prev:?} jumped far past A's last {last:?}: a different guest?"
+        "{name}'s counter {prev:?} jumped far past {a_name}'s last {last:?}: a different guest?"
     );
     let src = out["report"].clone();
     let dst = incoming["report"].clone();
@@ -242,7 +260,7 @@ fn migrate_to_b(
     assert!(bytes > 0, "no bytes sent: {src}");
     assert!(downtime > 0.0 && vm_downtime >= downtime, "{src} {dst}");
     eprintln!(
-        "MEASURED ({}, resumed {}): bytes sent {bytes}, state {} B, source downtime {downtime:.1} ms, \
+        "MEASURED {a_name}->{name} ({}, resumed {}): bytes sent {bytes}, state {} B, source downtime {downtime:.1} ms, \
          VM downtime (pause to resume) {vm_downtime:.1} ms, restore {:.1} ms, total {:.1} ms, \
          need-block requests {}, pause {} ms, state capture {} ms",
         src["storage"]["mode"],
@@ -254,7 +272,12 @@ fn migrate_to_b(
         src["pauseMillis"],
         src["stateMillis"],
     );
-    (b, src, dst)
+    Hop {
+        peer: b,
+        src,
+        dst,
+        last: prev,
+    }
 }
 
 #[test]
@@ -294,10 +317,17 @@ fn lab_live_migration_keeps_the_guest_counting() {
         last = next;
     }
 
-    let (b, src, dst) = migrate_to_b(a, &addr, last, &dir, &[]);
-    assert_eq!(src["storage"]["mode"], "pre-copy");
-    assert_eq!(dst["resumed"], "after-complete");
-    b.kill();
+    let b = migrate_to(a, &addr, last, &dir, "B", &["--laddr", "127.0.0.1:0"]);
+    assert_eq!(b.src["storage"]["mode"], "pre-copy");
+    assert_eq!(b.dst["resumed"], "after-complete");
+
+    // B migrates the VM on to C: a VM that arrived by migration moves again.
+    let b_addr = b.peer.event("listening")["addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let c = migrate_to(b.peer, &b_addr, b.last, &dir, "C", &[]);
+    c.peer.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -306,9 +336,9 @@ fn lab_live_migration_keeps_the_guest_counting() {
 fn lab_post_copy_migration_resumes_at_authority() {
     let dir = scratch("postcopy");
     let (a, addr, last) = start_source(&dir, &["--migration-mode", "post-copy"]);
-    let (b, src, dst) = migrate_to_b(a, &addr, last, &dir, &["--resume-at", "authority"]);
-    assert_eq!(src["storage"]["mode"], "post-copy");
-    assert_eq!(dst["resumed"], "at-authority");
-    b.kill();
+    let b = migrate_to(a, &addr, last, &dir, "B", &["--resume-at", "authority"]);
+    assert_eq!(b.src["storage"]["mode"], "post-copy");
+    assert_eq!(b.dst["resumed"], "at-authority");
+    b.peer.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -75,6 +75,9 @@ struct Args {
     /// How the VM is migrated out.
     #[arg(long, value_enum, default_value_t = MigrationMode::PreCopy)]
     migration_mode: MigrationMode,
+    /// zstd-compress block data sent to the next peer (less traffic, more CPU).
+    #[arg(long)]
+    compress: bool,
 }
 
 fn event(name: &str, fields: serde_json::Value) {
@@ -111,6 +114,7 @@ fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
         tracing::warn!("no secret given (--secret or DRAFTER_SECRET): any peer can take the VM");
     }
     o.migration.secret = Secret::new(secret);
+    o.migration.compression = a.compress;
     o.migration.mode = match a.migration_mode {
         MigrationMode::PreCopy => Mode::PreCopy,
         MigrationMode::PostCopy => Mode::PostCopy,

@@ -154,9 +154,11 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-/// Builds the workspace and the guest artifacts, then, in the lab: real KVM,
-/// and a Linux guest under our VMM snapshotted mid-workload and restored in
-/// new processes (twice) where its counter carries on.
+/// Builds the workspace and the guest artifacts, then, in the lab: real KVM;
+/// a Linux guest under our VMM snapshotted mid-workload and restored in new
+/// processes (twice) where its counter carries on; and a running guest
+/// live-migrated between `drafter-peer` processes (pre-copy over two hops,
+/// then post-copy with userfaultfd), its counter never restarting.
 fn demo(opts: &lab::LabOptions) -> Result<i32> {
     let status = std::process::Command::new(env!("CARGO"))
         .args(["build", "--workspace", "--release"])
@@ -171,6 +173,8 @@ fn demo(opts: &lab::LabOptions) -> Result<i32> {
         &[
             "lab_long_mode_guest_on_real_kvm",
             "lab_snapshot_restores_in_a_new_process_twice",
+            "lab_live_migration_keeps_the_guest_counting",
+            "lab_post_copy_migration_resumes_at_authority",
         ],
     )
 }

@@ -41,7 +41,7 @@ enum MigrationMode {
 
 /// Start a VM and live-migrate it between peers.
 #[derive(Parser, Debug)]
-#[command(name = "drafter-peer", version, about)]
+#[command(name = "drafter-peer", version)]
 struct Args {
     /// Boot a VM from this JSON configuration (drafter-vmm's format).
     #[arg(long, conflicts_with_all = ["state", "raddr"])]

@@ -32,7 +32,7 @@ enum MemoryMode {
 
 /// Run one microVM.
 #[derive(Parser, Debug)]
-#[command(name = "drafter-vmm", version, about)]
+#[command(name = "drafter-vmm", version)]
 struct Args {
     /// JSON VM configuration (flags below override its fields).
     #[arg(long)]

@@ -258,7 +258,10 @@ fn migrate_to(
     let downtime = src["storage"]["downtimeMillis"].as_f64().unwrap_or(0.0);
     let vm_downtime = dst["vmDowntimeMillis"].as_f64().unwrap_or(0.0);
     assert!(bytes > 0, "no bytes sent: {src}");
-    assert!(downtime > 0.0 && vm_downtime >= downtime, "{src} {dst}");
+    // Both sides measure their own window (source: suspend to authority
+    // handed over; destination: the pause time carried in the state to its
+    // resume), on different clocks: each must be there, neither bounds the other.
+    assert!(downtime > 0.0 && vm_downtime > 0.0, "{src} {dst}");
     eprintln!(
         "MEASURED {a_name}->{name} ({}, resumed {}): bytes sent {bytes}, state {} B, source downtime {downtime:.1} ms, \
          VM downtime (pause to resume) {vm_downtime:.1} ms, restore {:.1} ms, total {:.1} ms, \

@@ -168,7 +168,7 @@ fn demo(opts: &lab::LabOptions) -> Result<i32> {
         anyhow::bail!("build failed");
     }
     eprintln!("demo: guest artifacts in {}", guest::ensure()?.display());
-    testrun::run_lab_tests(
+    testrun::run_lab_tests_with(
         opts,
         &[
             "lab_long_mode_guest_on_real_kvm",
@@ -176,5 +176,6 @@ fn demo(opts: &lab::LabOptions) -> Result<i32> {
             "lab_live_migration_keeps_the_guest_counting",
             "lab_post_copy_migration_resumes_at_authority",
         ],
+        true,
     )
 }

@@ -114,6 +114,12 @@ fn lab_binaries(filters: &[&str]) -> Result<Vec<LabBinary>> {
 /// crashed the lab kernel (a stack overflow in its page-fault path under
 /// QEMU's SVM emulation). Returns the number of failed binaries.
 pub fn run_lab_tests(opts: &LabOptions, filters: &[&str]) -> Result<i32> {
+    run_lab_tests_with(opts, filters, false)
+}
+
+/// [`run_lab_tests`], optionally showing the tests' own output as they run
+/// (the demo does, so its measurements are visible).
+pub fn run_lab_tests_with(opts: &LabOptions, filters: &[&str], show_output: bool) -> Result<i32> {
     // Lab tests boot the guest kernel; fetch it on the host (the lab's view of
     // the host is read-only outside the workspace and has no network).
     eprintln!(
@@ -141,9 +147,10 @@ pub fn run_lab_tests(opts: &LabOptions, filters: &[&str]) -> Result<i32> {
     let mut script = String::from("failed=0\n");
     for b in &bins {
         script.push_str(&format!(
-            "cd '{}' && '{}' --ignored --test-threads=1 --exact {} || failed=$((failed+1))\n",
+            "cd '{}' && '{}' --ignored --test-threads=1 {}--exact {} || failed=$((failed+1))\n",
             b.dir.display(),
             b.exe.display(),
+            if show_output { "--nocapture " } else { "" },
             b.tests
                 .iter()
                 .map(|t| format!("'{t}'"))

@@ -3,12 +3,11 @@
 //! secret refused with the VM still running, writable drives refused,
 //! read-only drives carried along.
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use drafter::migration::{
     DestinationOptions, IncomingVm, Resume, SourceOptions, VmMigrationDestination,
@@ -17,32 +16,10 @@ use drafter::migration::{
 use drafter_storage::{MigrationConfig, Secret};
 use drafter_vmm::config::DriveConfig;
 use drafter_vmm::{BuildOptions, ExitStatus, VmConfig, Vmm};
-use vm_memory::{Bytes, GuestAddress};
 
-const COUNTER: u64 = 0x20_0000;
-
-/// `out 0x3f8, 'R'`, then `loop { inc qword [0x200000] }`.
-const COUNT: &[u8] = &[
-    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
-    0xb0, b'R', // mov al, 'R'
-    0xee, // out dx, al
-    0x48, 0xc7, 0xc7, 0x00, 0x00, 0x20, 0x00, // mov rdi, 0x200000
-    0x48, 0xff, 0x07, // inc qword [rdi]
-    0xeb, 0xfb, // jmp -5
-];
-
-struct ChanWriter(Sender<u8>);
-impl Write for ChanWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for b in buf {
-            let _ = self.0.send(*b);
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+#[path = "../../vmm/tests/counting_guest/mod.rs"]
+mod counting_guest;
+use counting_guest::{counter, wait_counter_past, ChanWriter, COUNT};
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("drafter-migr-{}-{name}", std::process::id()));
@@ -71,24 +48,6 @@ fn boot(dir: &Path, drives: Vec<DriveConfig>) -> (Arc<Mutex<Vmm>>, PathBuf) {
     assert_eq!(got.ok(), Some(b'R'), "guest did not start");
     wait_counter_past(&vmm, 0);
     (Arc::new(Mutex::new(vmm)), mem)
-}
-
-fn counter(vmm: &Vmm) -> u64 {
-    vmm.guest_memory()
-        .read_obj::<u64>(GuestAddress(COUNTER))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn wait_counter_past(vmm: &Vmm, past: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let c = counter(vmm);
-        if c > past {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "counter stuck at {c}");
-        std::thread::yield_now();
-    }
 }
 
 fn migration_config(secret: &str) -> MigrationConfig {

@@ -1,27 +1,17 @@
 //! VMs running tiny hand-assembled long-mode programs on the host's /dev/kvm:
 //! pause/resume, dirty log, reset paths, snapshot and restore in every memory mode.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
 
 use drafter_vmm::memory::PageProvider;
 use drafter_vmm::uffd::FilePageProvider;
 use drafter_vmm::{BuildOptions, ExitStatus, RestoreMemory, VmConfig, Vmm};
 use vm_memory::{Bytes, GuestAddress};
 
-const COUNTER: u64 = 0x20_0000;
-
-/// `out 0x3f8, 'R'`, then `loop { inc qword [0x200000] }`.
-const COUNT: &[u8] = &[
-    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
-    0xb0, b'R', // mov al, 'R'
-    0xee, // out dx, al
-    0x48, 0xc7, 0xc7, 0x00, 0x00, 0x20, 0x00, // mov rdi, 0x200000
-    0x48, 0xff, 0x07, // inc qword [rdi]
-    0xeb, 0xfb, // jmp -5
-];
+mod counting_guest;
+use counting_guest::{console, counter, wait_counter_past, COUNT, COUNTER};
 
 /// Writes one byte to each of 16 pages from 0x300000, prints 'D', halts forever.
 const DIRTY16: &[u8] = &[
@@ -43,24 +33,6 @@ const I8042_RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 
 /// `ud2` with an empty IDT: triple fault.
 const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
-
-struct ChanWriter(Sender<u8>);
-impl Write for ChanWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for b in buf {
-            let _ = self.0.send(*b);
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn console() -> (Box<dyn Write + Send>, Receiver<u8>) {
-    let (tx, rx) = channel();
-    (Box::new(ChanWriter(tx)), rx)
-}
 
 fn config(vcpus: u8) -> VmConfig {
     let mut c = VmConfig::new("/nonexistent-flat-program");
@@ -88,25 +60,6 @@ fn expect_byte(rx: &Receiver<u8>, want: u8) {
         .recv_timeout(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("no serial output: {e}"));
     assert_eq!(got, want);
-}
-
-fn counter(vmm: &Vmm) -> u64 {
-    vmm.guest_memory()
-        .read_obj::<u64>(GuestAddress(COUNTER))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Waits (bounded) until the guest's counter passes `past`.
-fn wait_counter_past(vmm: &Vmm, past: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let c = counter(vmm);
-        if c > past {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "counter stuck at {c}");
-        std::thread::yield_now();
-    }
 }
 
 fn tmpdir(name: &str) -> PathBuf {

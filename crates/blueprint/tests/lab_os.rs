@@ -1,6 +1,7 @@
 //! Lab test (issue 5, "Done when" 4): the `os` blueprint plus an `oci` disk
 //! holding a Redis image boot under our VMM; liveness arrives, the agent's
-//! hooks run, and Redis answers PING from the host through the tap.
+//! hooks run, a login prompt shows on the serial console, and Redis answers
+//! PING from the host through the tap.
 
 mod common;
 
@@ -264,7 +265,7 @@ fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
         cid: 3,
         uds_path: uds.clone(),
     });
-    let (tx, _console): (Sender<String>, Receiver<String>) = channel();
+    let (tx, console): (Sender<String>, Receiver<String>) = channel();
     let mut vmm = Vmm::boot(
         config,
         BuildOptions {
@@ -276,6 +277,16 @@ fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         liveness.wait(SLOW).unwrap();
+        // A login prompt on the serial console (agetty prints /etc/issue).
+        let deadline = Instant::now() + SLOW;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match console.recv_timeout(left) {
+                Ok(line) if line.contains("Welcome to Drafter OS") => break,
+                Ok(_) => {}
+                Err(e) => panic!("no login prompt on the serial console: {e}"),
+            }
+        }
         let before = agent.before_suspend(SLOW).unwrap();
         assert_eq!(before.stdout.trim(), "suspend-drafterhost");
         vmm.pause().unwrap();

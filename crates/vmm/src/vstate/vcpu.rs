@@ -40,6 +40,88 @@ pub enum VcpuError {
     /// The pause signal could not be set up.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// KVM refused to restore a saved MSR (KVM_SET_MSRS stops at the first one
+    /// it refuses, so the MSRs after it would not be restored either).
+    #[error(
+        "vCPU {vcpu}: KVM refused to restore MSR {index:#x} \
+         ({restored} of {total} saved MSRs restored)"
+    )]
+    MsrRefused {
+        /// The vCPU's index.
+        vcpu: u8,
+        /// The refused MSR.
+        index: u32,
+        /// How many of the saved MSRs were restored before it.
+        restored: usize,
+        /// How many MSRs the snapshot holds for this vCPU.
+        total: usize,
+    },
+    /// The snapshot's TSC frequency could not be set and the host's differs
+    /// from it by more than [`TSC_KHZ_TOLERANCE_PPM`].
+    #[error(
+        "vCPU {vcpu}: cannot set the TSC to the snapshot's {saved_khz} kHz \
+         (host TSC: {}; more than {TSC_KHZ_TOLERANCE_PPM} ppm off): {err}",
+        host_khz.map_or_else(|| "unknown".to_string(), |k| format!("{k} kHz"))
+    )]
+    TscFrequency {
+        /// The vCPU's index.
+        vcpu: u8,
+        /// The TSC frequency in the snapshot.
+        saved_khz: u32,
+        /// The host's TSC frequency, if KVM reports one.
+        host_khz: Option<u32>,
+        /// Why KVM_SET_TSC_KHZ failed.
+        err: kvm_ioctls::Error,
+    },
+}
+
+/// IA32_TSC: the guest's time stamp counter.
+pub const MSR_IA32_TSC: u32 = 0x10;
+/// IA32_TSC_DEADLINE: the LAPIC timer's deadline, in guest TSC ticks.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Largest difference, in parts per million, between the host's TSC frequency
+/// and a snapshot's at which a failed `KVM_SET_TSC_KHZ` is only a warning.
+///
+/// 250 ppm is KVM's own default `tsc_tolerance_ppm`: within it, KVM itself
+/// does not scale the TSC and runs the guest at the host rate. A guest clock
+/// that runs 250 ppm (about 22 s a day) off is within what NTP disciplines
+/// (up to 500 ppm), and the same CPU model's calibrated TSC frequency differs
+/// between hosts by far less. Beyond it, guest time would visibly drift, so
+/// restore fails instead.
+pub const TSC_KHZ_TOLERANCE_PPM: u64 = 250;
+
+/// Whether a host TSC of `host_khz` is within [`TSC_KHZ_TOLERANCE_PPM`] of a
+/// snapshot's `saved_khz`.
+pub fn tsc_within_tolerance(saved_khz: u32, host_khz: u32) -> bool {
+    let diff = u64::from(saved_khz.abs_diff(host_khz));
+    diff * 1_000_000 <= TSC_KHZ_TOLERANCE_PPM * u64::from(saved_khz)
+}
+
+fn msr_rank(index: u32) -> u8 {
+    match index {
+        MSR_IA32_TSC => 0,
+        MSR_IA32_TSC_DEADLINE => 2,
+        _ => 1,
+    }
+}
+
+/// The order MSRs are saved and restored in: IA32_TSC first, IA32_TSC_DEADLINE
+/// last, every other MSR in between in the order given (KVM's
+/// `KVM_GET_MSR_INDEX_LIST` order); duplicates are dropped.
+///
+/// KVM arms the LAPIC timer from a TSC-deadline write against the guest TSC at
+/// that moment, so the deadline must be written after the TSC it is relative
+/// to, or the timer fires at a time computed against the new process's TSC.
+pub fn msr_save_order(indices: &[u32]) -> Vec<u32> {
+    let mut seen = std::collections::HashSet::with_capacity(indices.len());
+    let mut out: Vec<u32> = indices
+        .iter()
+        .copied()
+        .filter(|i| seen.insert(*i))
+        .collect();
+    out.sort_by_key(|&i| msr_rank(i));
+    out
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -191,8 +273,13 @@ impl Vcpu {
         self.fd.get_regs().map_err(ioctl("GET_REGS"))
     }
 
+    /// Reads the MSRs in `indices`, in that order. KVM lists some MSRs it then
+    /// refuses to read (e.g. ones the guest's CPUID does not enable): those
+    /// are left out of the result (and logged), so that every returned entry
+    /// can be written back.
     fn get_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
         let mut out = Vec::with_capacity(indices.len());
+        let mut skipped = Vec::new();
         let mut rest: Vec<u32> = indices.to_vec();
         while !rest.is_empty() {
             let take = rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES);
@@ -207,14 +294,46 @@ impl Vcpu {
             let n = self.fd.get_msrs(&mut msrs).map_err(ioctl("GET_MSRS"))?;
             out.extend_from_slice(&msrs.as_slice()[..n]);
             // KVM stops at the first MSR it cannot read: skip that one.
-            let consumed = if n < take { n + 1 } else { n };
+            let consumed = if n < take {
+                skipped.push(rest[n]);
+                n + 1
+            } else {
+                n
+            };
             rest.drain(..consumed);
+        }
+        if !skipped.is_empty() {
+            tracing::debug!(
+                "vCPU {}: not saving MSRs KVM lists but cannot read: {skipped:#x?}",
+                self.index
+            );
         }
         Ok(out)
     }
 
+    /// Writes `entries` (already in [`msr_save_order`]) and fails naming the
+    /// first MSR KVM refuses.
+    fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
+        let mut restored = 0;
+        for chunk in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+            let msrs = Msrs::from_entries(chunk).map_err(|_| VcpuError::TooLarge("MSR"))?;
+            let n = self.fd.set_msrs(&msrs).map_err(ioctl("SET_MSRS"))?;
+            if let Some(refused) = chunk.get(n) {
+                return Err(VcpuError::MsrRefused {
+                    vcpu: self.index,
+                    index: refused.index,
+                    restored: restored + n,
+                    total: entries.len(),
+                });
+            }
+            restored += n;
+        }
+        Ok(())
+    }
+
     /// Saves the vCPU's state; the vCPU must not be running. `msr_indices` lists
-    /// the MSRs to save (from `KVM_GET_MSR_INDEX_LIST`).
+    /// the MSRs to save (from `KVM_GET_MSR_INDEX_LIST`); they are saved in
+    /// [`msr_save_order`], leaving out the ones KVM cannot read.
     pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
         let mp_state = self.fd.get_mp_state().map_err(ioctl("GET_MP_STATE"))?;
         let regs = self.fd.get_regs().map_err(ioctl("GET_REGS"))?;
@@ -225,7 +344,7 @@ impl Vcpu {
         let lapic = self.fd.get_lapic().map_err(ioctl("GET_LAPIC"))?;
         let tsc_khz = self.fd.get_tsc_khz().ok();
         let cpuid = self.cpuid.clone();
-        let msrs = self.get_msrs(msr_indices)?;
+        let msrs = self.get_msrs(&msr_save_order(msr_indices))?;
         let events = self
             .fd
             .get_vcpu_events()
@@ -245,12 +364,29 @@ impl Vcpu {
         })
     }
 
-    /// Restores a saved state, in the order KVM requires (CPUID first, events last).
+    /// Restores a saved state, in the order KVM requires (CPUID first, events
+    /// last). Every saved MSR must be restored, and the saved TSC frequency set
+    /// (or the host's be within [`TSC_KHZ_TOLERANCE_PPM`] of it).
     pub fn restore_state(&mut self, s: &VcpuState) -> Result<(), VcpuError> {
         if let Some(khz) = s.tsc_khz {
-            if self.fd.get_tsc_khz().ok() != Some(khz) {
-                if let Err(e) = self.fd.set_tsc_khz(khz) {
-                    tracing::warn!("vCPU {}: cannot scale TSC to {khz} kHz: {e}", self.index);
+            let host_khz = self.fd.get_tsc_khz().ok();
+            if host_khz != Some(khz) {
+                if let Err(err) = self.fd.set_tsc_khz(khz) {
+                    match host_khz {
+                        Some(host) if tsc_within_tolerance(khz, host) => tracing::warn!(
+                            "vCPU {}: cannot set the TSC to the snapshot's {khz} kHz ({err}); \
+                             running at the host's {host} kHz, within {TSC_KHZ_TOLERANCE_PPM} ppm",
+                            self.index
+                        ),
+                        _ => {
+                            return Err(VcpuError::TscFrequency {
+                                vcpu: self.index,
+                                saved_khz: khz,
+                                host_khz,
+                                err,
+                            })
+                        }
+                    }
                 }
             }
         }
@@ -269,12 +405,11 @@ impl Vcpu {
             .set_debug_regs(&s.debugregs)
             .map_err(ioctl("SET_DEBUGREGS"))?;
         self.fd.set_lapic(&s.lapic).map_err(ioctl("SET_LAPIC"))?;
-        let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VcpuError::TooLarge("MSR"))?;
-        let n = self.fd.set_msrs(&msrs).map_err(ioctl("SET_MSRS"))?;
-        if n != s.msrs.len() {
-            let bad = s.msrs.get(n).map(|m| m.index).unwrap_or_default();
-            tracing::warn!("vCPU {}: host refused MSR {bad:#x}", self.index);
-        }
+        // Snapshots are saved in this order already; sorting (stable) also
+        // puts older ones' TSC before their TSC deadline.
+        let mut msrs = s.msrs.clone();
+        msrs.sort_by_key(|m| msr_rank(m.index));
+        self.set_msrs(&msrs)?;
         self.fd
             .set_vcpu_events(&s.events)
             .map_err(ioctl("SET_VCPU_EVENTS"))?;
@@ -344,5 +479,40 @@ impl Drop for Vcpu {
         if self.registered {
             let _ = IMMEDIATE_EXIT.try_with(|c| c.set(std::ptr::null_mut()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msr_order_puts_the_tsc_first_and_its_deadline_last() {
+        let kvm_order = [0x174, 0x6e0, 0x175, 0x10, 0x4b56_4d01, 0x3b, 0xc000_0080];
+        assert_eq!(
+            msr_save_order(&kvm_order),
+            [0x10, 0x174, 0x175, 0x4b56_4d01, 0x3b, 0xc000_0080, 0x6e0]
+        );
+    }
+
+    #[test]
+    fn msr_order_keeps_kvm_order_and_drops_duplicates() {
+        assert_eq!(msr_save_order(&[]), Vec::<u32>::new());
+        assert_eq!(msr_save_order(&[3, 1, 2]), [3, 1, 2]);
+        assert_eq!(
+            msr_save_order(&[0x6e0, 5, 0x10, 5, 0x10, 0x6e0]),
+            [0x10, 5, 0x6e0]
+        );
+    }
+
+    #[test]
+    fn tsc_tolerance_is_250_ppm_of_the_saved_frequency() {
+        assert!(tsc_within_tolerance(2_000_000, 2_000_000));
+        assert!(tsc_within_tolerance(2_000_000, 2_000_500));
+        assert!(tsc_within_tolerance(2_000_000, 1_999_500));
+        assert!(!tsc_within_tolerance(2_000_000, 2_000_501));
+        assert!(!tsc_within_tolerance(2_000_000, 1_999_499));
+        assert!(!tsc_within_tolerance(2_000_000, 0));
+        assert!(tsc_within_tolerance(0, 0));
     }
 }

@@ -216,6 +216,13 @@ fn platform(
     let mut vm = Vm::new()?;
     vm.register_memory(&memory.guest)?;
     let (exits_tx, exits_rx) = channel();
+    if let Some(uffd) = &memory.uffd {
+        // A guest page that cannot be fetched ends the VM.
+        let tx = exits_tx.clone();
+        uffd.on_failure(move |f| {
+            let _ = tx.send(ExitStatus::Error(f.to_string()));
+        });
+    }
     let mut buses = crate::bus::Buses::default();
     let devices = DeviceManager::build(
         &vm,
@@ -509,10 +516,20 @@ impl Vmm {
     }
 
     fn finish(&mut self, status: ExitStatus) -> ExitStatus {
+        // First, so that a vCPU failing on the way out cannot change the status.
+        self.exit.set(status.clone());
+        if let Some(uffd) = &self.memory.uffd {
+            // A vCPU blocked on a guest page the handler cannot fetch leaves
+            // KVM_RUN only once the page is abandoned, which is safe only once
+            // every vCPU has been kicked out of the guest for good.
+            for v in &self.vcpus {
+                let _ = v.request_pause();
+            }
+            uffd.abandon();
+        }
         for v in &mut self.vcpus {
             v.exit();
         }
-        self.exit.set(status.clone());
         self.ended = Some(status.clone());
         status
     }

@@ -117,11 +117,14 @@ impl Conn {
         if self.peer_shutdown & SHUTDOWN_SEND != 0 || self.stream_write_closed {
             return TxOutcome::Reset;
         }
-        self.tx_buf.extend_from_slice(data);
-        if self.tx_buf.len() - self.uncounted > BUF_ALLOC as usize {
+        // We granted the guest BUF_ALLOC bytes beyond what we forwarded: more
+        // than that buffered means it ignores credit. Checked before buffering,
+        // so a connection never holds more than it granted.
+        if self.tx_buf.len() - self.uncounted + data.len() > BUF_ALLOC as usize {
             tracing::warn!("vsock: guest overran its credit");
             return TxOutcome::Reset;
         }
+        self.tx_buf.extend_from_slice(data);
         self.flush()
     }
 
@@ -202,5 +205,34 @@ impl Conn {
                 && self.local_eof
                 && self.to_guest.is_empty());
         guest_done && self.tx_buf.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_ignoring_credit_never_grows_the_buffer_past_what_was_granted() {
+        // The host end never reads: past the socket buffer, data stays in tx_buf.
+        let (ours, _host) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut c = Conn::new(ours, 0, ConnState::Established);
+        let chunk = vec![7u8; 48 * 1024];
+        let mut outcome = TxOutcome::Ok;
+        for _ in 0..1000 {
+            outcome = c.send_to_stream(&chunk);
+            assert!(
+                c.tx_buf.len() <= BUF_ALLOC as usize,
+                "{} bytes buffered, {BUF_ALLOC} granted",
+                c.tx_buf.len()
+            );
+            if outcome == TxOutcome::Reset {
+                break;
+            }
+        }
+        assert_eq!(outcome, TxOutcome::Reset);
+        // Within credit, buffering up to the grant is fine.
+        assert!(c.tx_buf.len() + chunk.len() > BUF_ALLOC as usize);
     }
 }

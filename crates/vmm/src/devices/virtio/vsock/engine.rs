@@ -32,6 +32,18 @@ const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 const MAX_CONNECT_LINE: usize = 64;
 /// First host-side port handed out to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Most connections the device tracks at once, guest- and host-initiated
+/// together (Firecracker's limit too): a guest request beyond it is answered
+/// with RST, a host client beyond it is closed. Also bounds host clients still
+/// in their `CONNECT` handshake.
+pub(super) const MAX_CONNECTIONS: usize = 1024;
+/// Bound on control packets (RST, RESPONSE, credit, ...) waiting for guest RX
+/// buffers. Guest TX packets are only taken while one more cannot overflow it:
+/// a guest that sends without taking its replies is held back (its packets
+/// stay in the TX queue) instead of growing host memory.
+pub(super) const MAX_CONTROL_QUEUE: usize = 256;
+/// Most control packets handling one guest TX packet can queue.
+const CONTROL_PER_TX_PACKET: usize = 2;
 
 /// A host client that connected to the UDS and has not finished its CONNECT line.
 struct Handshake {
@@ -141,8 +153,14 @@ impl VsockEngine {
 
     fn process_all(&mut self) {
         self.send_transport_reset();
-        self.process_tx();
-        self.process_rx();
+        loop {
+            let held_back = self.process_tx();
+            self.process_rx();
+            // Replies went out and made room: take the TX packets held back.
+            if !held_back || self.control_full() {
+                break;
+            }
+        }
         if self.interrupt {
             self.interrupt = false;
             if let Err(e) = self.irq.trigger(VIRTIO_MMIO_INT_VRING) {
@@ -179,9 +197,22 @@ impl VsockEngine {
         self.interrupt = true;
     }
 
-    /// Guest → host packets.
-    fn process_tx(&mut self) {
-        while let Some(chain) = self.queues[TXQ].pop_descriptor_chain(&self.mem) {
+    /// Whether the control queue has no room for what one more guest TX packet
+    /// may queue.
+    fn control_full(&self) -> bool {
+        self.control.len() + CONTROL_PER_TX_PACKET > MAX_CONTROL_QUEUE
+    }
+
+    /// Guest → host packets, until the TX queue is empty (false) or the control
+    /// queue is too full to take more (true: back-pressure).
+    fn process_tx(&mut self) -> bool {
+        loop {
+            if self.control_full() {
+                return true;
+            }
+            let Some(chain) = self.queues[TXQ].pop_descriptor_chain(&self.mem) else {
+                return false;
+            };
             let head = chain.head_index();
             let packet = read_packet(&self.mem, chain);
             self.add_used(TXQ, head, 0);
@@ -230,11 +261,7 @@ impl VsockEngine {
                 TxOutcome::Ok
             }
             OP_CREDIT_REQUEST => {
-                self.control.push_back(Control {
-                    key,
-                    op: OP_CREDIT_UPDATE,
-                    flags: 0,
-                });
+                self.push_control(key, OP_CREDIT_UPDATE, 0);
                 TxOutcome::Ok
             }
             OP_RST => {
@@ -259,11 +286,26 @@ impl VsockEngine {
     }
 
     fn push_control(&mut self, key: ConnKey, op: u16, flags: u32) {
+        if op == OP_CREDIT_UPDATE {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                // The update goes out with at least this count: do not queue
+                // another one for the same bytes while it waits.
+                conn.last_fwd_cnt_sent = conn.fwd_cnt;
+            }
+        }
         self.control.push_back(Control { key, op, flags });
     }
 
     /// Guest-initiated connection to host port P: connect to `<uds_path>_<P>`.
     fn connect_to_host(&mut self, key: ConnKey, hdr: &Header) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            tracing::debug!(
+                "vsock: guest connection to port {} refused: {MAX_CONNECTIONS} connections open",
+                key.local_port
+            );
+            self.push_control(key, OP_RST, 0);
+            return;
+        }
         let path = port_path(&self.uds_path, key.local_port);
         let stream = match UnixStream::connect(&path) {
             Ok(s) => s,
@@ -474,6 +516,12 @@ impl VsockEngine {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.handshakes.len() >= MAX_CONNECTIONS {
+                        tracing::warn!(
+                            "vsock: host client dropped: {MAX_CONNECTIONS} handshakes pending"
+                        );
+                        continue;
+                    }
                     if let Err(e) = self.add_handshake(stream) {
                         tracing::warn!("vsock: cannot accept host client: {e}");
                     }
@@ -551,6 +599,10 @@ impl VsockEngine {
             tracing::debug!("vsock: bad CONNECT line from host client");
             return;
         };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            tracing::warn!("vsock: host client dropped: {MAX_CONNECTIONS} connections open");
+            return;
+        }
         let early_data = hs.line[nl + 1..].to_vec();
         let key = ConnKey {
             local_port: self.alloc_local_port(),

@@ -6,7 +6,10 @@
 //! * Guest → host: a guest connection to host (CID 2) port `P` becomes a Unix
 //!   connection to `<uds_path>_<P>`; the guest sees a reset if nothing listens.
 //!
-//! Credit-based flow control bounds buffering in both directions. After a
+//! Credit-based flow control bounds buffering in both directions (a guest that
+//! ignores its credit is reset). At most 1024 connections are open at once (a
+//! guest request beyond that is reset), and a guest that sends without taking
+//! the control replies it is owed is held back rather than queued for. After a
 //! snapshot restore every connection is gone: the device sends
 //! VIRTIO_VSOCK_EVENT_TRANSPORT_RESET so guest sockets close; guest listeners survive.
 

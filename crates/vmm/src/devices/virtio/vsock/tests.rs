@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::conn::BUF_ALLOC;
-use super::engine::{port_path, EVQ, RXQ, TXQ};
+use super::engine::{port_path, EVQ, MAX_CONNECTIONS, MAX_CONTROL_QUEUE, RXQ, TXQ};
 use super::packet::*;
 use super::*;
 use crate::devices::virtio::testing::{page_dirty, temp_path, Buf, TestDriver, DATA_START};
@@ -409,4 +409,207 @@ fn malformed_tx_packets_are_dropped() {
     g.d.wait_used(TXQ);
     // Still alive.
     host_connect(&mut g, &path, 60);
+}
+
+/// Raises the open-file limit to what a test with `n` descriptors needs.
+fn allow_open_files(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit/setrlimit to read and write.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < n {
+            lim.rlim_cur = n.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+#[test]
+fn guest_connections_beyond_the_cap_are_reset() {
+    allow_open_files(3 * MAX_CONNECTIONS as u64 + 256);
+    let path = uds();
+    let listener = UnixListener::bind(port_path(&path, 1024)).unwrap();
+    // The host accepts every connection and keeps it open, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let acceptor = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept() {
+            if stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            held.push(s);
+        }
+        held
+    });
+    let mut g = Guest::new(&path);
+    for i in 0..MAX_CONNECTIONS as u32 {
+        g.send(g.hdr(10_000 + i, 1024, OP_REQUEST, 0), &[]);
+        let (h, _) = g.recv();
+        assert_eq!(
+            (h.op, h.dst_port),
+            (OP_RESPONSE, 10_000 + i),
+            "connection {i}"
+        );
+    }
+    // More: over the cap, whatever the host would say.
+    for extra in 0..3 {
+        g.send(g.hdr(20_000 + extra, 1024, OP_REQUEST, 0), &[]);
+        let (h, _) = g.recv();
+        assert_eq!((h.op, h.dst_port), (OP_RST, 20_000 + extra));
+    }
+    // Host clients are held to the same cap: this one is closed, not forwarded.
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(b"CONNECT 52\n").unwrap();
+    let mut rest = Vec::new();
+    let end = s.read_to_end(&mut rest);
+    assert!(end.is_ok() && rest.is_empty(), "{end:?}, got {rest:?}");
+    // Closing one makes room for another.
+    g.send(g.hdr(10_000, 1024, OP_RST, 0), &[]);
+    g.send(g.hdr(20_000, 1024, OP_REQUEST, 0), &[]);
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.dst_port), (OP_RESPONSE, 20_000));
+    drop(g);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = UnixStream::connect(port_path(&path, 1024));
+    let held = acceptor.join().unwrap();
+    assert_eq!(held.len(), MAX_CONNECTIONS + 1);
+    let _ = std::fs::remove_file(port_path(&path, 1024));
+}
+
+/// Polls queue `q` for used entries for up to `ms` after the last one seen;
+/// returns how many arrived.
+fn drain_used(g: &mut Guest, q: usize, ms: u64) -> usize {
+    let mut n = 0;
+    let mut last = std::time::Instant::now();
+    while last.elapsed() < std::time::Duration::from_millis(ms) {
+        if g.d.try_used(q).is_some() {
+            n += 1;
+            last = std::time::Instant::now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    n
+}
+
+#[test]
+fn a_guest_flooding_requests_is_held_back_by_the_control_queue_bound() {
+    let path = uds();
+    // A guest that posts no RX buffers: every reply the device owes it waits.
+    let mut g = Guest {
+        d: TestDriver::new(Box::new(Vsock::new(GUEST_CID, &path).unwrap()), 256),
+        rx_bufs: HashMap::new(),
+        rx_slot: 0,
+        tx_slot: 0,
+    };
+    let total = 3 * MAX_CONTROL_QUEUE;
+    // Requests to a port nobody listens on: each one owes the guest an RST.
+    let post = |g: &mut Guest, i: usize| {
+        let hdr = g.hdr(30_000 + i as u32, 7777, OP_REQUEST, 0);
+        let addr = TX_POOL + (i % 256) as u64 * 0x100;
+        g.d.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(addr))
+            .unwrap();
+        g.d.add_chain(TXQ, &[Buf::r(addr, HDR_LEN as u32)]);
+    };
+    let (mut posted, mut consumed) = (0, 0);
+    loop {
+        while posted < total && posted - consumed < 128 {
+            post(&mut g, posted);
+            posted += 1;
+        }
+        g.d.kick(TXQ);
+        let n = drain_used(&mut g, TXQ, 1000);
+        consumed += n;
+        if n == 0 || consumed == total {
+            break;
+        }
+    }
+    assert!(
+        consumed <= MAX_CONTROL_QUEUE,
+        "the device took {consumed} requests it cannot answer (bound {MAX_CONTROL_QUEUE})"
+    );
+    assert!(
+        consumed + 2 >= MAX_CONTROL_QUEUE,
+        "stalled early at {consumed}"
+    );
+
+    // Once the guest takes its replies, the device takes requests again and
+    // answers every one: back-pressure loses nothing.
+    for _ in 0..32 {
+        g.post_rx();
+    }
+    g.d.kick(RXQ);
+    let mut resets = 0;
+    while resets < total {
+        let (h, _) = g.recv();
+        assert_eq!(h.op, OP_RST);
+        resets += 1;
+        consumed += std::iter::from_fn(|| g.d.try_used(TXQ)).count();
+        while posted < total && posted - consumed < 128 {
+            post(&mut g, posted);
+            posted += 1;
+            g.d.kick(TXQ);
+        }
+    }
+    consumed += drain_used(&mut g, TXQ, 100);
+    assert_eq!(consumed, total);
+}
+
+#[test]
+fn a_guest_ignoring_credit_gets_its_connection_reset() {
+    let path = uds();
+    let listener = UnixListener::bind(port_path(&path, 1024)).unwrap();
+    let mut g = Guest::new(&path);
+    g.send(g.hdr(5000, 1024, OP_REQUEST, 0), &[]);
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.buf_alloc), (OP_RESPONSE, BUF_ALLOC));
+    // The host never reads: past the socket buffer, the device can only hold
+    // what it granted the guest.
+    let (host, _) = listener.accept().unwrap();
+    let chunk = vec![0x5au8; 60 * 1024];
+    let mut sent = 0usize;
+    'flood: loop {
+        g.send(g.hdr(5000, 1024, OP_RW, 0), &chunk);
+        sent += chunk.len();
+        // Credit updates may come; the guest ignores them and looks for a reset.
+        while let Some((id, _)) = g.d.try_used(RXQ) {
+            let addr = g.rx_bufs.remove(&(id as u16)).unwrap();
+            let mut raw = [0u8; HDR_LEN];
+            g.d.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
+            g.post_rx();
+            g.d.kick(RXQ);
+            let h = Header::from_bytes(&raw);
+            if h.op == OP_RST {
+                assert_eq!(h.dst_port, 5000);
+                break 'flood;
+            }
+            assert_eq!(h.op, OP_CREDIT_UPDATE);
+        }
+        assert!(
+            sent < 16 << 20,
+            "no reset after {sent} bytes, the host read none"
+        );
+    }
+    assert!(
+        sent > BUF_ALLOC as usize,
+        "reset within credit after {sent} bytes"
+    );
+    // The connection is gone: more data is answered with RST, and the host
+    // sees the end of the stream.
+    g.send(g.hdr(5000, 1024, OP_RW, 0), b"more");
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.dst_port), (OP_RST, 5000));
+    let mut host = host;
+    host.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).unwrap();
+    assert!(got.len() <= sent);
+    let _ = std::fs::remove_file(port_path(&path, 1024));
 }

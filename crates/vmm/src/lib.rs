@@ -12,6 +12,7 @@ pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod dirty;
+pub mod heap;
 pub mod memory;
 pub mod persist;
 pub mod uffd;

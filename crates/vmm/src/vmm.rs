@@ -248,6 +248,7 @@ impl Vmm {
     /// Builds a VM from `config` and starts it running.
     pub fn boot(config: VmConfig, opts: BuildOptions) -> Result<Vmm, Error> {
         validate(&config)?;
+        crate::heap::keep_heap_mapped();
         let backend = match &opts.shared_memory_file {
             Some(p) => MemoryBackend::SharedFile(p.clone()),
             None => MemoryBackend::Anonymous,
@@ -290,6 +291,7 @@ impl Vmm {
     ) -> Result<Vmm, Error> {
         let snap: Snapshot = persist::read_state_file(state_path)?;
         validate(&snap.config)?;
+        crate::heap::keep_heap_mapped();
         if snap.vcpus.len() != usize::from(snap.config.vcpus) {
             return Err(Error::Config(format!(
                 "state file has {} vCPUs, its configuration says {}",

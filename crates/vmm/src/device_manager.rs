@@ -131,6 +131,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl DeviceManager {
     /// Builds every device of `config` (from `saved` state when restoring),
     /// registers its EventFds with `vm` and maps it on `pio`/`mmio`.
+    ///
+    /// Restoring has no side effects on the guest: no device I/O starts and no
+    /// interrupt is signalled (KVM's interrupt-controller state, restored after
+    /// this, would wipe it). [`DeviceManager::resume`] starts restored devices
+    /// and signals the interrupts that were pending when the snapshot was taken.
     pub fn build(
         vm: &Vm,
         mem: &GuestMemory,
@@ -254,10 +259,18 @@ impl DeviceManager {
         }
     }
 
-    /// Restarts device I/O.
+    /// Restarts device I/O. After a restore, the first call also activates the
+    /// virtio devices that were live and re-signals interrupts that were
+    /// pending (virtio InterruptStatus, the UART's IIR): call it only once the
+    /// VM's interrupt controllers and vCPUs are restored.
     pub fn resume(&self) -> Result<(), DeviceSetupError> {
-        for t in &self.virtio {
-            lock(t).resume().map_err(err)?;
+        lock(&self.serial)
+            .resume()
+            .map_err(|e| err(format!("serial interrupt: {e}")))?;
+        for (i, t) in self.virtio.iter().enumerate() {
+            lock(t)
+                .resume()
+                .map_err(|e| err(format!("virtio device {i}: {e}")))?;
         }
         Ok(())
     }

@@ -283,7 +283,10 @@ impl Vmm {
     }
 
     /// Restores a VM from a state file and memory; it starts paused — call
-    /// [`Vmm::resume`]. `console` defaults as for [`Vmm::boot`].
+    /// [`Vmm::resume`]. `console` defaults as for [`Vmm::boot`]. Restoring has
+    /// no side effects on the guest: devices start their I/O, and interrupts
+    /// pending at snapshot time are signalled again, when the VM is first
+    /// resumed, after the interrupt controllers and vCPUs are restored.
     pub fn restore(
         state_path: &Path,
         memory: RestoreMemory,
@@ -408,7 +411,8 @@ impl Vmm {
         Ok(())
     }
 
-    /// Resumes every vCPU.
+    /// Resumes every vCPU, after the devices (first resume after a restore:
+    /// starts restored devices and re-signals their pending interrupts).
     pub fn resume(&mut self) -> Result<(), Error> {
         self.check_running()?;
         if !self.paused {

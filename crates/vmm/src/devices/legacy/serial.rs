@@ -1,15 +1,14 @@
 //! COM1: a 16550A UART (vm-superio) whose output goes to any writer and whose
 //! input, only when asked, comes from a reader such as stdin.
 
+use std::cell::Cell;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{SerialEvents, SerialState};
-use vm_superio::Serial;
+use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
-
-use super::EventFdTrigger;
 
 /// COM1 base PIO port.
 pub const COM1_PIO_BASE: u16 = 0x3f8;
@@ -41,7 +40,50 @@ impl SerialEvents for InputSpace {
     }
 }
 
-type Uart = Serial<EventFdTrigger, InputSpace, Box<dyn Write + Send>>;
+/// The UART's interrupt line (an irqfd EventFd). While held, an interrupt is
+/// remembered instead of signalled: a restored UART re-raises the interrupt it
+/// had pending when saved, and that must reach KVM only once the saved
+/// interrupt-controller state is in place, or the restore wipes it.
+struct IrqLine {
+    evt: EventFd,
+    held: Cell<bool>,
+    deferred: Cell<bool>,
+}
+
+impl IrqLine {
+    fn new(evt: EventFd, held: bool) -> Self {
+        Self {
+            evt,
+            held: Cell::new(held),
+            deferred: Cell::new(false),
+        }
+    }
+
+    /// Stops holding; signals an interrupt raised while held.
+    fn release(&self) -> io::Result<()> {
+        self.held.set(false);
+        if self.deferred.get() {
+            self.evt.write(1)?;
+            self.deferred.set(false);
+        }
+        Ok(())
+    }
+}
+
+impl Trigger for IrqLine {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        if self.held.get() {
+            self.deferred.set(true);
+            Ok(())
+        } else {
+            self.evt.write(1)
+        }
+    }
+}
+
+type Uart = Serial<IrqLine, InputSpace, Box<dyn Write + Send>>;
 
 /// Saved UART registers and pending input.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,11 +123,13 @@ impl SerialDevice {
     pub fn new(irq_evt: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
         let space = Arc::new(EventFd::new(0)?);
         let uart =
-            Serial::with_events(EventFdTrigger::new(irq_evt), InputSpace(space.clone()), out);
+            Serial::with_events(IrqLine::new(irq_evt, false), InputSpace(space.clone()), out);
         Ok(Self { uart, space })
     }
 
-    /// Rebuilds the UART from a snapshot.
+    /// Rebuilds the UART from a snapshot. Its interrupt line is held: an
+    /// interrupt pending in the saved state (shown by its IIR) is signalled by
+    /// [`SerialDevice::resume`], once the VM's interrupt controllers are restored.
     pub fn restore(
         irq_evt: EventFd,
         out: Box<dyn Write + Send>,
@@ -106,7 +150,7 @@ impl SerialDevice {
         };
         let uart = Serial::from_state(
             &state,
-            EventFdTrigger::new(irq_evt),
+            IrqLine::new(irq_evt, true),
             InputSpace(space.clone()),
             out,
         )
@@ -133,7 +177,14 @@ impl SerialDevice {
 
     /// The interrupt EventFd.
     pub fn irq_evt(&self) -> &EventFd {
-        self.uart.interrupt_evt().eventfd()
+        &self.uart.interrupt_evt().evt
+    }
+
+    /// Lets interrupts through to the guest after [`SerialDevice::restore`],
+    /// signalling one that was pending when saved (or raised since). A no-op
+    /// otherwise.
+    pub fn resume(&mut self) -> io::Result<()> {
+        self.uart.interrupt_evt().release()
     }
 
     /// Guest `in` at `COM1_PIO_BASE + offset`.
@@ -267,6 +318,44 @@ mod tests {
         }
         fwd.join().unwrap();
         assert_eq!(got, input);
+    }
+
+    #[test]
+    fn a_restored_pending_interrupt_is_signalled_on_resume_only() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(irq.try_clone().unwrap(), Box::new(io::sink())).unwrap();
+        s.write(IER, 0x02); // THR empty interrupt, not yet taken by the guest
+        assert_eq!(irq.read().unwrap(), 1);
+        let snap = s.save();
+        assert_eq!(snap.interrupt_identification & 0x0f, 0x02);
+
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut r =
+            SerialDevice::restore(irq.try_clone().unwrap(), Box::new(io::sink()), &snap).unwrap();
+        assert!(irq.read().is_err(), "interrupt signalled during restore");
+        // Input arriving before the VM runs is held too.
+        r.write(IER, 0x03);
+        r.enqueue_input(b"x");
+        assert!(irq.read().is_err(), "interrupt signalled before resume");
+        r.resume().unwrap();
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(r.read(2) & 0x01, 0, "IIR shows the pending interrupt");
+        // Nothing more to signal; from now on interrupts go straight through.
+        r.resume().unwrap();
+        assert!(irq.read().is_err());
+        assert_eq!(r.read(0), b'x');
+        r.enqueue_input(b"y");
+        assert_eq!(irq.read().unwrap(), 1);
+
+        // A restored UART without a pending interrupt signals nothing on resume.
+        let quiet = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), Box::new(io::sink()))
+            .unwrap()
+            .save();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut q =
+            SerialDevice::restore(irq.try_clone().unwrap(), Box::new(io::sink()), &quiet).unwrap();
+        q.resume().unwrap();
+        assert!(irq.read().is_err());
     }
 
     #[test]

@@ -103,6 +103,12 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_select: u32,
     config_generation: u32,
+    /// Restored from a snapshot of a live device that has not been activated
+    /// yet: [`MmioTransport::resume`] activates it on the restored queues.
+    activate_on_resume: bool,
+    /// Restored with a non-zero InterruptStatus: [`MmioTransport::resume`]
+    /// signals the interrupt again (the saved one never reached this VM's irqchip).
+    raise_on_resume: bool,
 }
 
 impl MmioTransport {
@@ -138,12 +144,18 @@ impl MmioTransport {
             driver_features: 0,
             queue_select: 0,
             config_generation: 0,
+            activate_on_resume: false,
+            raise_on_resume: false,
         })
     }
 
     /// Rebuilds a transport from a snapshot around a freshly built `device` (same
-    /// configuration as when saved). If the device was live, it is activated on
-    /// the restored queues right away.
+    /// configuration as when saved), without side effects: no I/O thread starts,
+    /// guest memory is not touched and no interrupt is signalled. A device that
+    /// was live is activated on the restored queues, and an interrupt pending at
+    /// snapshot time is signalled again, by the first [`MmioTransport::resume`]
+    /// — call it once the VM's interrupt controllers and vCPUs are restored.
+    /// Until then [`MmioTransport::save`] returns the restored state.
     pub fn restore(
         mut device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
@@ -177,12 +189,11 @@ impl MmioTransport {
         t.queue_select = state.queue_select;
         t.config_generation = state.config_generation;
         t.irq.set_status(state.interrupt_status);
+        t.raise_on_resume = state.interrupt_status != 0;
         if t.status & status::FEATURES_OK != 0 {
             t.device.set_acked_features(t.driver_features);
         }
-        if t.status & status::DRIVER_OK != 0 && t.status & status::FAILED == 0 {
-            t.activate()?;
-        }
+        t.activate_on_resume = t.status & status::DRIVER_OK != 0 && t.status & status::FAILED == 0;
         Ok(t)
     }
 
@@ -207,16 +218,30 @@ impl MmioTransport {
         self.status
     }
 
-    /// Stops the device's I/O so its state can be saved. Idempotent.
+    /// Stops the device's I/O so its state can be saved. Idempotent. A restored
+    /// device not yet activated has no I/O; its restored queues stay as they are.
     pub fn pause(&mut self) {
         if let Some(queues) = self.device.quiesce() {
             self.queues = queues;
         }
     }
 
-    /// Restarts the device's I/O after [`MmioTransport::pause`].
+    /// Restarts the device's I/O after [`MmioTransport::pause`]. After
+    /// [`MmioTransport::restore`], the first call signals the saved pending
+    /// interrupt again and activates a device that was live on the restored
+    /// queues; if activation fails the error is returned and the next call
+    /// tries again.
     pub fn resume(&mut self) -> Result<(), DeviceError> {
-        if self.device.is_activated() {
+        if self.raise_on_resume {
+            if self.irq.status() != 0 {
+                self.irq.eventfd().write(1)?;
+            }
+            self.raise_on_resume = false;
+        }
+        if self.activate_on_resume {
+            self.activate()?;
+            self.activate_on_resume = false;
+        } else if self.device.is_activated() {
             self.device.resume()?;
         }
         Ok(())
@@ -439,6 +464,8 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.queue_select = 0;
+        self.activate_on_resume = false;
+        self.raise_on_resume = false;
         self.irq.set_status(0);
     }
 }
@@ -447,7 +474,9 @@ impl MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::block::Block;
-    use crate::devices::virtio::testing::{guest_memory, temp_path, Buf, TestDriver, DATA_START};
+    use crate::devices::virtio::testing::{
+        clear_dirty, guest_memory, page_dirty, temp_path, Buf, TestDriver, DATA_START,
+    };
     use crate::devices::virtio::vsock::Vsock;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -576,6 +605,148 @@ mod tests {
     }
 
     const VIRTIO_MMIO_INT_VRING_BIT: u32 = super::super::VIRTIO_MMIO_INT_VRING;
+
+    /// Whether a thread of this process is named `name`.
+    fn thread_named(name: &str) -> bool {
+        std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
+            std::fs::read_to_string(t.unwrap().path().join("comm"))
+                .is_ok_and(|c| c.trim_end() == name)
+        })
+    }
+
+    /// Waits (10 s limit) for a thread named `name`: a new thread names itself.
+    fn wait_thread_named(name: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !thread_named(name) {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Used-ring index of queue 0 as the device left it in guest memory.
+    fn used_idx(mem: &GuestMemory, state: &MmioState) -> u16 {
+        mem.read_obj(GuestAddress(state.queues[0].used_ring + 2))
+            .unwrap()
+    }
+
+    /// Polls `evt` until it is readable (10 s limit).
+    fn wait_readable(evt: &EventFd) {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(evt),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        assert_eq!(n, 1, "no interrupt");
+    }
+
+    /// A GET_ID request on queue 0, made available but not processed.
+    fn queue_get_id(d: &mut TestDriver) {
+        let mut hdr = [0u8; 16];
+        hdr[0] = 8; // GET_ID
+        d.mem.write_slice(&hdr, GuestAddress(DATA_START)).unwrap();
+        d.mem
+            .write_obj(0xffu8, GuestAddress(DATA_START + 0x200))
+            .unwrap();
+        d.add_chain(
+            0,
+            &[
+                Buf::r(DATA_START, 16),
+                Buf::w(DATA_START + 0x100, 20),
+                Buf::w(DATA_START + 0x200, 1),
+            ],
+        );
+    }
+
+    #[test]
+    fn restoring_a_live_device_starts_nothing_until_resume() {
+        let path = temp_path("rord");
+        std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
+        let mut d = TestDriver::new(Box::new(Block::new("rord", &path, false).unwrap()), 16);
+        assert!(wait_thread_named("blk-rord"));
+        let state = d.transport.save();
+        // The guest queued a request the device never saw before the snapshot.
+        queue_get_id(&mut d);
+        let mem = d.mem.clone();
+        drop(d);
+        assert!(!thread_named("blk-rord"));
+        clear_dirty(&mem);
+
+        let irq_evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = IrqTrigger::from_eventfd(irq_evt.try_clone().unwrap());
+        let dev = Block::new("rord", &path, false).unwrap();
+        let mut t = MmioTransport::restore(Box::new(dev), mem.clone(), irq, &state).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!t.device().is_activated(), "activated before resume");
+        assert!(
+            !thread_named("blk-rord"),
+            "I/O thread started before resume"
+        );
+        assert_eq!(used_idx(&mem, &state), 0, "request served before resume");
+        for addr in [state.queues[0].used_ring, DATA_START] {
+            assert!(!page_dirty(&mem, addr), "guest memory written at {addr:#x}");
+        }
+        assert!(irq_evt.read().is_err(), "interrupt before resume");
+        assert_eq!(t.status() & status::DRIVER_OK, status::DRIVER_OK);
+        // A snapshot of the restored, never resumed device is the restored state.
+        assert_eq!(t.save(), state);
+
+        t.resume().unwrap();
+        assert!(t.device().is_activated());
+        assert!(wait_thread_named("blk-rord"));
+        wait_readable(&irq_evt);
+        assert!(irq_evt.read().unwrap() > 0);
+        assert_eq!(used_idx(&mem, &state), 1);
+        let mut id = [0u8; 4];
+        mem.read_slice(&mut id, GuestAddress(DATA_START + 0x100))
+            .unwrap();
+        assert_eq!(&id, b"rord");
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(DATA_START + 0x200))
+                .unwrap(),
+            0
+        );
+        drop(t);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_pending_interrupt_is_raised_again_on_resume() {
+        let (dev, path) = block("irqagain");
+        let mut d = TestDriver::new(dev, 16);
+        queue_get_id(&mut d);
+        d.kick(0);
+        // Served, interrupt not acknowledged by the guest when the snapshot is taken.
+        while d.try_used(0).is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let state = d.transport.save();
+        assert_eq!(state.interrupt_status, VIRTIO_MMIO_INT_VRING_BIT);
+        let mem = d.mem.clone();
+        drop(d);
+
+        let irq_evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = IrqTrigger::from_eventfd(irq_evt.try_clone().unwrap());
+        let dev = Box::new(Block::new("d", &path, false).unwrap());
+        let mut t = MmioTransport::restore(dev, mem, irq, &state).unwrap();
+        assert!(irq_evt.read().is_err(), "interrupt before resume");
+        t.resume().unwrap();
+        assert!(irq_evt.read().unwrap() > 0, "pending interrupt not raised");
+        assert_eq!(reg(&mut t, REG_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING_BIT);
+        // Only once: a later pause/resume has nothing new to signal.
+        t.pause();
+        t.resume().unwrap();
+        assert!(irq_evt.read().is_err(), "interrupt raised twice");
+        assert_eq!(reg(&mut t, REG_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING_BIT);
+        set(&mut t, REG_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING_BIT);
+        assert_eq!(reg(&mut t, REG_INTERRUPT_STATUS), 0);
+        drop(t);
+        std::fs::remove_file(path).unwrap();
+    }
 
     #[test]
     fn reset_stops_the_device_and_it_can_be_set_up_again() {

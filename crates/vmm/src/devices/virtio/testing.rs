@@ -95,7 +95,8 @@ impl TestDriver {
         d
     }
 
-    /// Restores a transport from `state` around `device` (fresh memory copy is the caller's).
+    /// Restores a transport from `state` around `device` (fresh memory copy is
+    /// the caller's) and resumes it, as the VMM does when the restored VM runs.
     pub fn restored(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
@@ -104,7 +105,8 @@ impl TestDriver {
     ) -> Self {
         let irq_evt = EventFd::new(0).unwrap();
         let irq = IrqTrigger::from_eventfd(irq_evt.try_clone().unwrap());
-        let transport = MmioTransport::restore(device, mem.clone(), irq, state).unwrap();
+        let mut transport = MmioTransport::restore(device, mem.clone(), irq, state).unwrap();
+        transport.resume().unwrap();
         Self {
             mem,
             transport,

@@ -4,14 +4,17 @@
 //! more are `mmap`ed and `munmap`ed one by one, and arena tops are trimmed
 //! with `madvise(MADV_DONTNEED)`. Each of those unmaps pages of the process's
 //! address space, so the kernel sends a TLB-shootdown IPI to every CPU running
-//! one of its threads — including the CPUs running vCPU threads in guest mode.
-//! A migration moving blocks through the heap does this thousands of times a
-//! second. Under nested virtualization (the lab: KVM on TCG's emulated SVM)
-//! that IPI storm on the vCPU's CPU reset busy guests (triple fault) or
-//! crashed the host kernel (kernel stack overflow in the vCPU thread) in
-//! every run; with the heap kept mapped the same migrations completed. On
-//! bare metal each shootdown is still a forced VM exit, so keeping freed
-//! memory in the process is also the faster choice.
+//! one of its threads — including the CPUs running vCPU threads in guest
+//! mode, each IPI a forced VM exit. A migration that moves blocks through the
+//! heap in the VMM's own process did that continually; with these settings a
+//! whole migration makes a few dozen such calls (counted with strace in the
+//! lab).
+//!
+//! This was first tried against busy guests resetting during migration in
+//! the lab (issue #9, defect 0). It is not the fix for that: the resets and
+//! hangs still happen with it (see `repro_fast_writer_migrates_with_memory_intact`
+//! in `crates/drafter/tests/lab_migration.rs`). It stays because it removes
+//! needless VM exits.
 //!
 //! There is no crate for glibc's `mallopt`; `libc` exposes it directly.
 

@@ -25,6 +25,11 @@ pub const MARKER: &str = "DRAFTER-GUEST-UP";
 /// Builds a busybox initramfs whose `/init` mounts the basics, loads the virtio
 /// and vsock modules, prints [`MARKER`], runs `body`, then powers off.
 pub fn initramfs(body: &str) -> Vec<u8> {
+    initramfs_with(body, &[])
+}
+
+/// Like [`initramfs`], with extra executables (`(path in the guest, bytes)`).
+pub fn initramfs_with(body: &str, programs: &[(&str, &[u8])]) -> Vec<u8> {
     let g = guest_dir();
     let busybox = std::fs::read(g.join("busybox")).unwrap_or_else(|e| {
         panic!(
@@ -53,6 +58,9 @@ pub fn initramfs(body: &str) -> Vec<u8> {
     for m in order.lines().filter(|l| !l.trim().is_empty()) {
         let bytes = std::fs::read(g.join("modules").join(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
         c.file(&format!("lib/modules/{m}"), 0o644, &bytes);
+    }
+    for (path, bytes) in programs {
+        c.file(path, 0o755, bytes);
     }
     let init = init_script(&order, body);
     c.file("init", 0o755, init.as_bytes());

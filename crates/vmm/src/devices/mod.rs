@@ -24,8 +24,10 @@
 //! With vCPUs paused, `transport.save()` stops the device's I/O thread and returns
 //! a serializable [`virtio::MmioState`]; `transport.resume()` continues. To restore,
 //! build the same device from the same configuration and call
-//! [`virtio::MmioTransport::restore`] with the guest memory and the saved state; a
-//! live device is re-activated on the saved queue positions. vsock drops its
+//! [`virtio::MmioTransport::restore`] with the guest memory and the saved state. That
+//! starts nothing: a live device is activated on the saved queue positions, and an
+//! interrupt pending at snapshot time is signalled again, on the first
+//! `transport.resume()`, after the VMM restored the irqchip and vCPUs. vsock drops its
 //! connections on restore and tells the guest with a TRANSPORT_RESET event.
 //!
 //! # Legacy devices

@@ -97,6 +97,14 @@ impl Peer {
     pub fn start(origin: Origin, options: PeerOptions) -> Result<Peer, PeerError> {
         let dir = &options.work_dir;
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        if !matches!(origin, Origin::Migrate { .. }) {
+            // A receive into this directory whose process died left its
+            // (RAM-sized) files behind; a migration in does this itself.
+            let removed = VmMigrationDestination::clean_unfinished(dir)?;
+            if !removed.is_empty() {
+                tracing::warn!(files = ?removed, "removed the files of an unfinished receive");
+            }
+        }
         let memory_file = dir.join("memory.bin");
         let (vmm, memory_file, incoming) = match origin {
             Origin::Boot(config) => {

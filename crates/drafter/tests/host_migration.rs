@@ -238,14 +238,32 @@ fn read_only_drives_travel_with_the_vm() {
     assert!(drives[0].read_only);
     assert!(std::fs::read(&drives[0].path).unwrap_or_default() == data);
     incoming.finish_transfer().unwrap_or_else(|e| panic!("{e}"));
+    // The finished receive's files under their own names, no marker.
+    assert_eq!(
+        names_in(&dir.join("dst")),
+        ["drive-oci", "memory.bin", "state.bin"]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Sends `devices` (name, content, size) from a plain storage source (no VM)
 /// to a VM destination; returns the destination's result.
 fn receive_raw(name: &str, devices: &[(&str, &[u8], u64)]) -> Result<IncomingVm, VmMigrationError> {
-    use drafter_storage::{BlockDevice, MemoryDevice, MigrationSource, SourceDevice};
     let dir = scratch(name);
+    let result = receive_raw_into(dir.join("dst"), devices, Resume::AfterComplete, false);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// [`receive_raw`] into `dst`; with `cut`, the link is cut when the source
+/// is about to suspend (every device fully sent once, no authority moved).
+fn receive_raw_into(
+    dst: PathBuf,
+    devices: &[(&str, &[u8], u64)],
+    resume: Resume,
+    cut: bool,
+) -> Result<IncomingVm, VmMigrationError> {
+    use drafter_storage::{BlockDevice, MemoryDevice, MigrationSource, SourceDevice};
     let sources = devices
         .iter()
         .map(|(n, content, size)| {
@@ -255,12 +273,253 @@ fn receive_raw(name: &str, devices: &[(&str, &[u8], u64)]) -> Result<IncomingVm,
         })
         .collect();
     let source = MigrationSource::new(sources, migration_config("s"));
-    let (link, dest) = receive(dir.join("dst"), "s", Resume::AfterComplete);
-    let sender = std::thread::spawn(move || source.migrate(link, || Ok(())));
+    let (link, dest) = receive(dst, "s", resume);
+    let cutter = link.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    let sender = std::thread::spawn(move || {
+        source.migrate(link, move || {
+            if cut {
+                let _ = cutter.shutdown(std::net::Shutdown::Both);
+                return Err("link cut by the test".into());
+            }
+            Ok(())
+        })
+    });
     let result = dest.join().unwrap_or_else(|_| panic!("destination thread"));
     let _ = sender.join();
-    let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A work directory holding a previous VM's files and an unrelated one.
+fn lived_in_work_dir(dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap_or_else(|e| panic!("{e}"));
+    for (name, content) in [
+        ("memory.bin", &b"previous VM's memory"[..]),
+        ("state.bin", b"previous VM's state"),
+        ("notes.txt", b"not ours"),
+    ] {
+        std::fs::write(dst.join(name), content).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+fn assert_lived_in_work_dir_untouched(dst: &Path, what: &str) {
+    assert_eq!(
+        names_in(dst),
+        ["memory.bin", "notes.txt", "state.bin"],
+        "{what}: files left in {}",
+        dst.display()
+    );
+    for (name, content) in [
+        ("memory.bin", &b"previous VM's memory"[..]),
+        ("state.bin", b"previous VM's state"),
+        ("notes.txt", b"not ours"),
+    ] {
+        assert_eq!(
+            std::fs::read(dst.join(name)).unwrap_or_default(),
+            content,
+            "{what}: {name} changed"
+        );
+    }
+}
+
+#[test]
+fn a_failed_receive_removes_its_files_and_keeps_those_it_found() {
+    let dir = scratch("failed-receive");
+    let dst = dir.join("dst");
+    let mem = 32u64 << 20;
+    let pattern: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8 + 1).collect();
+    let frame = drafter::migration::StateFrame {
+        paused_at: std::time::SystemTime::now(),
+        state: b"not a drafter state file".to_vec(),
+    }
+    .encode();
+    let drive = vec![7u8; 200_000];
+
+    // The link is cut after the full pass, before authority moved.
+    lived_in_work_dir(&dst);
+    let r = receive_raw_into(
+        dst.clone(),
+        &[
+            ("memory", &pattern, mem),
+            ("state", &frame, 1 << 20),
+            ("drive/oci", &drive, drive.len() as u64),
+        ],
+        Resume::AfterComplete,
+        true,
+    );
+    let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(!e.is_empty(), "the receive of a cut link succeeded");
+    assert_lived_in_work_dir_untouched(&dst, &format!("cut link ({e})"));
+
+    // Everything arrived but the state is garbage: no VM to keep.
+    let r = receive_raw_into(
+        dst.clone(),
+        &[
+            ("memory", &pattern, mem),
+            ("state", b"\x7fELF garbage", 1 << 20),
+            ("drive/oci", &drive, drive.len() as u64),
+        ],
+        Resume::AfterComplete,
+        false,
+    );
+    let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("holds no VM state"), "{e}");
+    assert_lived_in_work_dir_untouched(&dst, "garbage state");
+
+    // At authority the VM is not all here when its restore fails.
+    let r = receive_raw_into(
+        dst.clone(),
+        &[
+            ("memory", &pattern, mem),
+            ("state", &frame, 1 << 20),
+            ("drive/oci", &drive, drive.len() as u64),
+        ],
+        Resume::AtAuthority,
+        false,
+    );
+    match r {
+        Err(VmMigrationError::Restore { dir, .. }) => {
+            panic!("kept files of a VM not fully received in {}", dir.display())
+        }
+        Err(e) => assert!(e.to_string().contains("not a drafter VM state file"), "{e}"),
+        Ok(_) => panic!("restored a VM from a bogus state"),
+    }
+    assert_lived_in_work_dir_untouched(&dst, "restore failure at authority");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_fully_received_vm_whose_restore_fails_keeps_its_files_and_names_their_directory() {
+    let dir = scratch("restore-fails");
+    let dst = dir.join("dst");
+    std::fs::create_dir_all(&dst).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dst.join("notes.txt"), b"not ours").unwrap_or_else(|e| panic!("{e}"));
+    let mem = 32u64 << 20;
+    let payload = b"not a drafter state file".to_vec();
+    let frame = drafter::migration::StateFrame {
+        paused_at: std::time::SystemTime::now(),
+        state: payload.clone(),
+    }
+    .encode();
+    let drive = vec![7u8; 200_000];
+    let r = receive_raw_into(
+        dst.clone(),
+        &[
+            ("memory", b"memory!", mem),
+            ("state", &frame, 1 << 20),
+            ("drive/oci", &drive, drive.len() as u64),
+        ],
+        Resume::AfterComplete,
+        false,
+    );
+    let e = match r {
+        Err(e @ VmMigrationError::Restore { .. }) => e,
+        other => panic!("expected a restore error, got {:?}", other.err()),
+    };
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("kept in {}", dst.display())),
+        "the error does not name {}: {msg}",
+        dst.display()
+    );
+    assert!(matches!(&e, VmMigrationError::Restore { dir, .. } if *dir == dst));
+    assert_eq!(
+        names_in(&dst),
+        ["drive-oci", "memory.bin", "notes.txt", "state.bin"]
+    );
+    let memory = std::fs::read(dst.join("memory.bin")).unwrap_or_default();
+    assert_eq!(memory.len() as u64, mem);
+    assert!(memory.starts_with(b"memory!"));
+    assert_eq!(
+        std::fs::read(dst.join("state.bin")).unwrap_or_default(),
+        payload
+    );
+    assert_eq!(
+        std::fs::read(dst.join("drive-oci")).unwrap_or_default(),
+        drive
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn leftovers_of_a_receive_that_died_are_removed_before_the_next_one() {
+    let dir = scratch("crashed-receive");
+    let dst = dir.join("dst");
+    std::fs::create_dir_all(&dst).unwrap_or_else(|e| panic!("{e}"));
+    // What a receive killed with SIGKILL leaves: its marker listing the
+    // files it made, and those files (a RAM-sized memory file among them).
+    let marker = dst.join(VmMigrationDestination::MARKER);
+    std::fs::write(
+        &marker,
+        "memory.bin.partial\ndrive-old.partial\nstate.bin\nnotes.txt\n../outside\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let big =
+        std::fs::File::create(dst.join("memory.bin.partial")).unwrap_or_else(|e| panic!("{e}"));
+    big.set_len(1 << 30).unwrap_or_else(|e| panic!("{e}"));
+    drop(big);
+    for name in ["drive-old.partial", "state.bin", "notes.txt"] {
+        std::fs::write(dst.join(name), b"stale").unwrap_or_else(|e| panic!("{e}"));
+    }
+    std::fs::write(dir.join("outside"), b"outside").unwrap_or_else(|e| panic!("{e}"));
+
+    // While a receive holds the marker, no other receive uses the directory.
+    let held = std::fs::File::open(&marker).unwrap_or_else(|e| panic!("{e}"));
+    held.try_lock().unwrap_or_else(|e| panic!("{e}"));
+    let (_link, dest) = receive(dst.clone(), "s", Resume::AfterComplete);
+    let e = dest
+        .join()
+        .unwrap_or_else(|_| panic!("thread"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("another receive into"), "{e}");
+    assert!(dst.join("memory.bin.partial").exists());
+    let e = VmMigrationDestination::clean_unfinished(&dst)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("in progress"), "{e}");
+    drop(held);
+
+    let (vmm, mem) = boot(&dir, Vec::new());
+    let source =
+        VmMigrationSource::new(vmm, &mem, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
+    let (link, dest) = receive(dst.clone(), "s", Resume::AfterComplete);
+    source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
+    let mut incoming = joined(dest);
+    let c = counter(incoming.vmm());
+    wait_counter_past(incoming.vmm(), c);
+    // Only what the marker listed and a receive makes was removed; the
+    // received VM's files replaced the stale ones.
+    assert_eq!(names_in(&dst), ["memory.bin", "notes.txt", "state.bin"]);
+    assert_eq!(
+        std::fs::metadata(dst.join("memory.bin"))
+            .map(|m| m.len())
+            .ok(),
+        Some(32 << 20)
+    );
+    assert_ne!(
+        std::fs::read(dst.join("state.bin")).unwrap_or_default(),
+        b"stale"
+    );
+    assert_eq!(
+        std::fs::read(dst.join("notes.txt")).unwrap_or_default(),
+        b"stale"
+    );
+    assert!(dir.join("outside").exists());
+    drop(incoming);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

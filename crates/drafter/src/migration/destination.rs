@@ -1,5 +1,8 @@
 //! Receiving a VM and restoring it in this process.
 
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -39,7 +42,11 @@ pub enum Resume {
 /// How a VM is received.
 pub struct DestinationOptions {
     /// Where the memory file (`memory.bin`), the state (`state.bin`) and
-    /// drives (`drive-<name>`) are stored; created if missing.
+    /// drives (`drive-<name>`) are stored; created if missing. While a
+    /// receive runs its files carry a `.partial` suffix and are listed in
+    /// [`VmMigrationDestination::MARKER`]; a receive that fails removes them,
+    /// and one that finds the leftovers of a receive that died removes those
+    /// first. Other files in the directory are never touched.
     pub work_dir: PathBuf,
     /// When the VM resumes.
     pub resume: Resume,
@@ -62,7 +69,7 @@ impl DestinationOptions {
 
     /// The memory file a received VM runs from.
     pub fn memory_file(&self) -> PathBuf {
-        self.work_dir.join("memory.bin")
+        self.work_dir.join(MEMORY_FILE)
     }
 }
 
@@ -75,6 +82,9 @@ pub struct IncomingVm {
     memory_file: Option<PathBuf>,
     session: Option<DestinationSession>,
     report: VmMigrationReport,
+    /// The receive's files while the transfer is not finished
+    /// ([`Resume::AtAuthority`]); removed if it never finishes.
+    files: Option<ReceiveFiles>,
 }
 
 impl IncomingVm {
@@ -94,10 +104,19 @@ impl IncomingVm {
     }
 
     /// Waits until every block arrived (at once for
-    /// [`Resume::AfterComplete`]) and returns the full report.
+    /// [`Resume::AfterComplete`]) and returns the full report. If the
+    /// transfer fails, the files this receive created are removed (the VM
+    /// cannot continue without the missing pages).
     pub fn finish_transfer(&mut self) -> Result<VmMigrationReport, VmMigrationError> {
         if let Some(session) = self.session.take() {
+            // On any error `files` is dropped with the session's error, which
+            // removes what this receive created.
+            let files = self.files.take();
             self.report.storage = session.wait_complete()?;
+            if let Some(mut f) = files {
+                f.commit(MEMORY_FILE)?;
+                f.finish()?;
+            }
         }
         Ok(self.report.clone())
     }
@@ -109,12 +128,235 @@ impl IncomingVm {
     }
 }
 
-fn make_device(work_dir: &Path, info: &DeviceInfo) -> Result<DestinationDevice, String> {
+/// The memory file's name in the work directory.
+const MEMORY_FILE: &str = "memory.bin";
+/// The state file's name in the work directory.
+const STATE_FILE: &str = "state.bin";
+/// Suffix of a file whose receive has not finished.
+const PARTIAL: &str = ".partial";
+
+fn drive_file(drive: &str) -> String {
+    format!("drive-{drive}")
+}
+
+fn drive_path(work_dir: &Path, drive: &str) -> PathBuf {
+    work_dir.join(drive_file(drive))
+}
+
+/// True for the names a receive creates (so the only names a marker may
+/// make us remove).
+fn is_receive_file(name: &str) -> bool {
+    let base = name.strip_suffix(PARTIAL).unwrap_or(name);
+    base == MEMORY_FILE
+        || base == STATE_FILE
+        || base
+            .strip_prefix("drive-")
+            .is_some_and(|d| drive_device_name(d).is_ok())
+}
+
+/// The files one receive creates in its work directory. Each is listed in
+/// the locked marker ([`VmMigrationDestination::MARKER`]) before it is
+/// created, so a receive whose process dies leaves a list of what to remove;
+/// the marker goes once the receive's files are complete. Dropped before
+/// [`Self::finish`], it removes every file it created.
+struct ReceiveFiles {
+    dir: PathBuf,
+    marker: Option<File>,
+    /// Names created (partial and final), in order.
+    created: Vec<String>,
+}
+
+impl ReceiveFiles {
+    /// Locks the work directory's marker, removes what an unfinished earlier
+    /// receive left (returned), and starts an empty list.
+    fn start(dir: &Path) -> Result<(ReceiveFiles, Vec<PathBuf>), VmMigrationError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| VmMigrationError::io(format!("creating {}", dir.display()), e))?;
+        let path = dir.join(VmMigrationDestination::MARKER);
+        let mut marker = lock_marker(dir, &path)?;
+        let mut listed = Vec::new();
+        marker
+            .read_to_end(&mut listed)
+            .map_err(|e| VmMigrationError::io(format!("reading {}", path.display()), e))?;
+        let mut removed = Vec::new();
+        for name in String::from_utf8_lossy(&listed).lines() {
+            if !is_receive_file(name) {
+                tracing::warn!(marker = %path.display(), name, "ignoring an unexpected name in the receive marker");
+                continue;
+            }
+            let stale = dir.join(name);
+            match std::fs::remove_file(&stale) {
+                Ok(()) => removed.push(stale),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(VmMigrationError::io(
+                        format!("removing {} left by an unfinished receive", stale.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        marker
+            .set_len(0)
+            .map_err(|e| VmMigrationError::io(format!("truncating {}", path.display()), e))?;
+        Ok((
+            ReceiveFiles {
+                dir: dir.to_path_buf(),
+                marker: Some(marker),
+                created: Vec::new(),
+            },
+            removed,
+        ))
+    }
+
+    fn marker_path(&self) -> PathBuf {
+        self.dir.join(VmMigrationDestination::MARKER)
+    }
+
+    /// Lists `name` in the marker (once) and returns its path.
+    fn record(&mut self, name: &str) -> Result<PathBuf, VmMigrationError> {
+        if !self.created.iter().any(|n| n == name) {
+            let marker_path = self.marker_path();
+            let marker = self.marker.as_mut().ok_or_else(|| {
+                VmMigrationError::io(
+                    format!("recording {name} in {}", marker_path.display()),
+                    std::io::Error::other("the receive is already finished"),
+                )
+            })?;
+            marker
+                .write_all(format!("{name}\n").as_bytes())
+                .map_err(|e| {
+                    VmMigrationError::io(
+                        format!("recording {name} in {}", marker_path.display()),
+                        e,
+                    )
+                })?;
+            self.created.push(name.to_string());
+        }
+        Ok(self.dir.join(name))
+    }
+
+    /// The partial file that becomes `name` on [`Self::commit`], refused if
+    /// this receive already made it (a device announced twice).
+    fn partial(&mut self, name: &str) -> Result<PathBuf, VmMigrationError> {
+        let partial = format!("{name}{PARTIAL}");
+        if self.created.contains(&partial) {
+            return Err(VmMigrationError::io(
+                format!("creating {}", self.dir.join(&partial).display()),
+                std::io::Error::new(ErrorKind::AlreadyExists, "device announced twice"),
+            ));
+        }
+        self.record(&partial)
+    }
+
+    /// Renames the complete partial file to `name`, replacing any file of
+    /// that name.
+    fn commit(&mut self, name: &str) -> Result<PathBuf, VmMigrationError> {
+        let from = self.dir.join(format!("{name}{PARTIAL}"));
+        let to = self.record(name)?;
+        std::fs::rename(&from, &to).map_err(|e| {
+            VmMigrationError::io(
+                format!("renaming {} to {}", from.display(), to.display()),
+                e,
+            )
+        })?;
+        Ok(to)
+    }
+
+    /// Writes the partial file that becomes `name` with `bytes`.
+    fn write_partial(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf, VmMigrationError> {
+        let path = self.partial(name)?;
+        std::fs::write(&path, bytes)
+            .map_err(|e| VmMigrationError::io(format!("writing {}", path.display()), e))?;
+        Ok(path)
+    }
+
+    /// The receive's files are complete: removes the marker so they are
+    /// kept. Dropping `self` then removes nothing.
+    fn finish(&mut self) -> Result<(), VmMigrationError> {
+        let path = self.marker_path();
+        if let Some(marker) = &self.marker {
+            // An empty marker lists nothing to remove, even if unlinking fails.
+            marker
+                .set_len(0)
+                .map_err(|e| VmMigrationError::io(format!("truncating {}", path.display()), e))?;
+        }
+        self.created.clear();
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(marker = %path.display(), error = %e, "cannot remove the (empty) receive marker");
+        }
+        self.marker = None;
+        Ok(())
+    }
+}
+
+impl Drop for ReceiveFiles {
+    fn drop(&mut self) {
+        if self.marker.is_none() {
+            return;
+        }
+        for name in self.created.iter().rev() {
+            let path = self.dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::debug!(file = %path.display(), "removed a failed receive's file")
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot remove a failed receive's file")
+                }
+            }
+        }
+        if let Err(e) = std::fs::remove_file(self.marker_path()) {
+            tracing::warn!(error = %e, "cannot remove the receive marker");
+        }
+    }
+}
+
+/// Opens and locks the marker at `path`, checking that the file locked is
+/// still the one at `path` (a receive that finished may have removed it
+/// between the open and the lock).
+fn lock_marker(dir: &Path, path: &Path) -> Result<File, VmMigrationError> {
+    let io = |what: &str, e| VmMigrationError::io(format!("{what} {}", path.display()), e);
+    for _ in 0..16 {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| io("opening", e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(VmMigrationError::io(
+                    format!(
+                        "another receive into {} is in progress ({} is locked)",
+                        dir.display(),
+                        path.display()
+                    ),
+                    std::io::Error::from(ErrorKind::ResourceBusy),
+                ))
+            }
+            Err(TryLockError::Error(e)) => return Err(io("locking", e)),
+        }
+        let locked = file.metadata().map_err(|e| io("inspecting", e))?;
+        match std::fs::metadata(path) {
+            Ok(m) if m.ino() == locked.ino() && m.dev() == locked.dev() => return Ok(file),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io("inspecting", e)),
+        }
+    }
+    Err(io(
+        "locking",
+        std::io::Error::other("the marker keeps being replaced"),
+    ))
+}
+
+fn make_device(files: &mut ReceiveFiles, info: &DeviceInfo) -> Result<DestinationDevice, String> {
     let backing: Arc<dyn BlockDevice> = if info.name == MEMORY_DEVICE {
-        Arc::new(
-            FileDevice::create(work_dir.join("memory.bin"), info.size, info.block_size)
-                .map_err(|e| e.to_string())?,
-        )
+        let path = files.partial(MEMORY_FILE).map_err(|e| e.to_string())?;
+        Arc::new(FileDevice::create(path, info.size, info.block_size).map_err(|e| e.to_string())?)
     } else if info.name == STATE_DEVICE {
         if info.size > MAX_STATE_CAPACITY {
             return Err(format!(
@@ -125,10 +367,10 @@ fn make_device(work_dir: &Path, info: &DeviceInfo) -> Result<DestinationDevice, 
         Arc::new(MemoryDevice::new(info.size, info.block_size).map_err(|e| e.to_string())?)
     } else if let Some(drive) = info.name.strip_prefix(DRIVE_PREFIX) {
         drive_device_name(drive).map_err(|e| e.to_string())?;
-        Arc::new(
-            FileDevice::create(drive_path(work_dir, drive), info.size, info.block_size)
-                .map_err(|e| e.to_string())?,
-        )
+        let path = files
+            .partial(&drive_file(drive))
+            .map_err(|e| e.to_string())?;
+        Arc::new(FileDevice::create(path, info.size, info.block_size).map_err(|e| e.to_string())?)
     } else {
         return Err("not a device of a VM migration".into());
     };
@@ -138,32 +380,56 @@ fn make_device(work_dir: &Path, info: &DeviceInfo) -> Result<DestinationDevice, 
     })
 }
 
-fn drive_path(work_dir: &Path, drive: &str) -> PathBuf {
-    work_dir.join(format!("drive-{drive}"))
-}
-
 impl VmMigrationDestination {
+    /// The file in a work directory that lists the files of a receive in
+    /// progress (one name a line) and is locked while it runs. It is removed
+    /// once the received files are complete; if it is found unlocked, the
+    /// receive that wrote it died, and the files it lists are removed.
+    pub const MARKER: &'static str = "receiving.lock";
+
+    /// Removes what an unfinished receive (one whose process died) left in
+    /// `work_dir`, as listed in its [`Self::MARKER`]; returns the files
+    /// removed. Fails if a receive into `work_dir` is running. [`Self::accept`]
+    /// does this itself.
+    pub fn clean_unfinished(work_dir: &Path) -> Result<Vec<PathBuf>, VmMigrationError> {
+        let marker = work_dir.join(Self::MARKER);
+        match std::fs::symlink_metadata(&marker) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(VmMigrationError::io(
+                    format!("inspecting {}", marker.display()),
+                    e,
+                ))
+            }
+        }
+        let (mut files, removed) = ReceiveFiles::start(work_dir)?;
+        files.finish()?;
+        Ok(removed)
+    }
+
     /// Receives a VM over `link` and restores it here, resuming it as
     /// `options.resume` says. Returns with the VM running.
+    ///
+    /// If the receive fails, the files it created are removed, unless the
+    /// VM arrived completely ([`Resume::AfterComplete`]) and only its
+    /// restore failed: then [`VmMigrationError::Restore`] names the
+    /// directory that keeps them.
     pub fn accept<L: Link>(
         link: L,
         options: DestinationOptions,
     ) -> Result<IncomingVm, VmMigrationError> {
         let work_dir = options.work_dir.clone();
-        std::fs::create_dir_all(&work_dir)
-            .map_err(|e| VmMigrationError::io(format!("creating {}", work_dir.display()), e))?;
-        // A state file left by an earlier run must not pass for this one's.
-        let stale = work_dir.join("state.bin");
-        if let Err(e) = std::fs::remove_file(&stale) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(VmMigrationError::io(
-                    format!("removing {}", stale.display()),
-                    e,
-                ));
-            }
+        let (mut files, stale) = ReceiveFiles::start(&work_dir)?;
+        if !stale.is_empty() {
+            tracing::warn!(
+                dir = %work_dir.display(),
+                files = ?stale,
+                "removed the files of an unfinished earlier receive"
+            );
         }
         let session = MigrationDestination::accept(link, &options.migration, |info| {
-            make_device(&work_dir, info)
+            make_device(&mut files, info)
         })?;
         let device = |name: &str| {
             session.device(name).ok_or_else(|| {
@@ -187,45 +453,65 @@ impl VmMigrationDestination {
             session.abort();
             e
         };
-        let (session, storage, restore_memory, resumed) = match options.resume {
-            Resume::AfterComplete => {
-                let report = session.wait_complete()?;
-                (
-                    None,
-                    report,
-                    RestoreMemory::Shared(memory_file.clone()),
-                    "after-complete",
-                )
-            }
+        let (session, storage, resumed) = match options.resume {
+            Resume::AfterComplete => (None, session.wait_complete()?, "after-complete"),
             Resume::AtAuthority => {
                 session.wait_authority()?;
                 if let Err(e) = fetch_all(&drives) {
                     return Err(fail(&session, e));
                 }
-                let provider = LazyPageProvider::new(memory.clone());
-                (
-                    Some(session),
-                    Default::default(),
-                    RestoreMemory::Userfault(Box::new(provider)),
-                    "at-authority",
-                )
+                (Some(session), Default::default(), "at-authority")
+            }
+        };
+        let start = Instant::now();
+        // The drives are put in place before the restore (the VM's
+        // configuration names them); after complete, so are the state and
+        // memory. At authority the state is restored from its partial file,
+        // so a state.bin found here is only replaced by a VM that resumed.
+        let prepared = (|| {
+            let frame = StateFrame::read_from(&*state)?;
+            let mut state_path = files.write_partial(STATE_FILE, &frame.state)?;
+            for (name, _) in &drives {
+                files.commit(&drive_file(name))?;
+            }
+            if options.resume == Resume::AfterComplete {
+                state_path = files.commit(STATE_FILE)?;
+                files.commit(MEMORY_FILE)?;
+                // The VM is all here: its files stay even if the restore fails.
+                files.finish()?;
+            }
+            Ok::<_, VmMigrationError>((frame, state_path))
+        })();
+        let (frame, state_path) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(s) = &session {
+                    s.abort();
+                }
+                return Err(e);
+            }
+        };
+        let restore_memory = match options.resume {
+            Resume::AfterComplete => RestoreMemory::Shared(memory_file.clone()),
+            Resume::AtAuthority => {
+                RestoreMemory::Userfault(Box::new(LazyPageProvider::new(memory.clone())))
             }
         };
         let restored = restore(
             &work_dir,
-            &state,
+            &state_path,
             memory.size(),
             &drives,
             restore_memory,
             options.console,
         );
-        let (vmm, frame, restore_millis) = match restored {
-            Ok(r) => r,
+        let vmm = match restored {
+            Ok(vmm) => vmm,
             Err(e) => {
                 if let Some(s) = &session {
                     s.abort();
                 }
-                if options.resume == Resume::AfterComplete && work_dir.join("state.bin").exists() {
+                if options.resume == Resume::AfterComplete {
                     return Err(VmMigrationError::Restore {
                         dir: work_dir,
                         source: Box::new(e),
@@ -234,6 +520,15 @@ impl VmMigrationDestination {
                 return Err(e);
             }
         };
+        let restore_millis = start.elapsed().as_secs_f64() * 1e3;
+        if options.resume == Resume::AtAuthority {
+            if let Err(e) = files.commit(STATE_FILE) {
+                if let Some(s) = &session {
+                    s.abort();
+                }
+                return Err(e);
+            }
+        }
         let downtime = SystemTime::now()
             .duration_since(frame.paused_at)
             .ok()
@@ -250,6 +545,7 @@ impl VmMigrationDestination {
                 resumed: Some(resumed.into()),
                 ..VmMigrationReport::default()
             },
+            files: (options.resume == Resume::AtAuthority).then_some(files),
         })
     }
 }
@@ -274,26 +570,20 @@ fn fetch_all(drives: &[(String, Arc<LazyDevice>)]) -> Result<(), VmMigrationErro
     Ok(())
 }
 
-/// Restores and resumes the VM from the received state; returns it, the
-/// state frame and the milliseconds the restore took.
+/// Restores and resumes the VM from the received state file.
 fn restore(
     work_dir: &Path,
-    state: &LazyDevice,
+    state_path: &Path,
     memory_size: u64,
     drives: &[(String, Arc<LazyDevice>)],
     memory: RestoreMemory,
     console: Option<ConsoleOut>,
-) -> Result<(Vmm, StateFrame, f64), VmMigrationError> {
-    let start = Instant::now();
-    let frame = StateFrame::read_from(state)?;
-    let state_path = work_dir.join("state.bin");
-    std::fs::write(&state_path, &frame.state)
-        .map_err(|e| VmMigrationError::io(format!("writing {}", state_path.display()), e))?;
+) -> Result<Vmm, VmMigrationError> {
     let mut snap: Snapshot =
-        persist::read_state_file(&state_path).map_err(drafter_vmm::Error::from)?;
+        persist::read_state_file(state_path).map_err(drafter_vmm::Error::from)?;
     if snap.memory_size != memory_size {
         return Err(VmMigrationError::MemoryFileSize {
-            path: work_dir.join("memory.bin"),
+            path: work_dir.join(MEMORY_FILE),
             actual: memory_size,
             expected: snap.memory_size,
         });
@@ -308,9 +598,9 @@ fn restore(
             }
             d.path = drive_path(work_dir, &d.name);
         }
-        persist::write_state_file(&state_path, &snap).map_err(drafter_vmm::Error::from)?;
+        persist::write_state_file(state_path, &snap).map_err(drafter_vmm::Error::from)?;
     }
-    let mut vmm = Vmm::restore(&state_path, memory, console)?;
+    let mut vmm = Vmm::restore(state_path, memory, console)?;
     vmm.resume()?;
-    Ok((vmm, frame, start.elapsed().as_secs_f64() * 1e3))
+    Ok(vmm)
 }

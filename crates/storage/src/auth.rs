@@ -92,7 +92,10 @@ pub fn handshake<L: Read + Write>(
     if let Err(e) = &result {
         if !matches!(
             e,
-            ProtocolError::Peer(_) | ProtocolError::Io(_) | ProtocolError::Closed
+            ProtocolError::Peer(_)
+                | ProtocolError::Io(_)
+                | ProtocolError::Closed
+                | ProtocolError::TimedOut
         ) {
             let _ = link.write_all(
                 &Message::Error {

@@ -34,7 +34,24 @@
 //!                                            ◀── [VerifyResult{id,mismatched,sample}…]
 //!                                            ◀── Event(Completed)
 //!  Error{message} may be sent by either side at any point before closing.
+//!  Keepalive{} is sent by either side, at any point after its handshake,
+//!  whenever it has had nothing else to send for a while (version 2).
 //! ```
+//!
+//! # Liveness
+//!
+//! Each side's writer sends a Keepalive when it has been idle for a third of
+//! the link timeout, and each reader gives up ([`ProtocolError::TimedOut`])
+//! when nothing at all arrived for the link timeout. This catches a peer
+//! whose process is frozen (its kernel keeps the TCP connection open and
+//! ACKs data, so TCP keepalive never fires) as well as a silently dropped
+//! link. Keepalive frames carry no payload and are ignored by readers.
+//!
+//! # Versions
+//!
+//! The Hello carries [`VERSION`]; peers speaking another version are refused
+//! during the handshake, before any device frame. Version 2 added the
+//! Keepalive frame (a version 1 peer would reject it as an unknown type).
 
 use std::io::{self, Read};
 use std::ops::Deref;
@@ -43,8 +60,8 @@ use crate::device::{block_count, block_len, validate_block_size, MAX_BLOCK_SIZE}
 
 /// Protocol magic, the first bytes of the Hello payload.
 pub const MAGIC: [u8; 4] = *b"DRFT";
-/// Protocol version spoken by this implementation.
-pub const VERSION: u16 = 1;
+/// Protocol version spoken by this implementation (2: Keepalive frames).
+pub const VERSION: u16 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 5;
 /// Most devices per migration.
@@ -76,6 +93,9 @@ pub enum ProtocolError {
     /// The connection ended inside a frame.
     #[error("truncated frame")]
     Truncated,
+    /// Nothing arrived within the read timeout set on the link.
+    #[error("timed out: nothing received from the peer within the read timeout")]
+    TimedOut,
     /// A frame type this version does not know.
     #[error("unknown frame type {0}")]
     UnknownType(u8),
@@ -340,6 +360,9 @@ pub enum Message {
         /// Up to [`MAX_SAMPLE`] of their indices.
         sample: Vec<u64>,
     },
+    /// Either side: "still here" while it has nothing else to send (no
+    /// payload; readers ignore it). Since version 2.
+    Keepalive,
 }
 
 const T_HELLO: u8 = 1;
@@ -360,8 +383,12 @@ const T_DIRTY: u8 = 12;
 pub const T_EVENT: u8 = 13;
 const T_VERIFY_HASHES: u8 = 14;
 const T_VERIFY_RESULT: u8 = 15;
+/// Frame type byte of Keepalive frames.
+pub const T_KEEPALIVE: u8 = 16;
 /// Number of frame type codes (for per-type counters).
-pub const FRAME_TYPES: usize = 16;
+pub const FRAME_TYPES: usize = 17;
+/// A complete Keepalive frame (type, zero length).
+pub const KEEPALIVE_FRAME: [u8; HEADER_LEN] = [T_KEEPALIVE, 0, 0, 0, 0];
 
 /// Name of a frame type byte.
 pub fn kind_name(ty: u8) -> &'static str {
@@ -381,6 +408,7 @@ pub fn kind_name(ty: u8) -> &'static str {
         T_EVENT => "Event",
         T_VERIFY_HASHES => "VerifyHashes",
         T_VERIFY_RESULT => "VerifyResult",
+        T_KEEPALIVE => "Keepalive",
         _ => "unknown",
     }
 }
@@ -401,6 +429,7 @@ fn max_payload(ty: u8) -> Option<usize> {
         T_DIRTY => 4 + 8 * MAX_LIST,
         T_EVENT => 1,
         T_VERIFY_RESULT => 12 + 8 * MAX_SAMPLE,
+        T_KEEPALIVE => 0,
         _ => return None,
     })
 }
@@ -424,6 +453,7 @@ impl Message {
             Message::Event(_) => T_EVENT,
             Message::VerifyHashes { .. } => T_VERIFY_HASHES,
             Message::VerifyResult { .. } => T_VERIFY_RESULT,
+            Message::Keepalive => T_KEEPALIVE,
         }
     }
 
@@ -526,6 +556,7 @@ impl Message {
                     out.extend_from_slice(&b.to_le_bytes());
                 }
             }
+            Message::Keepalive => {}
         }
         let len = (out.len() - start - HEADER_LEN) as u32;
         out[start + 1..start + HEADER_LEN].copy_from_slice(&len.to_le_bytes());
@@ -705,6 +736,7 @@ impl Message {
                     sample: u64_list(rest),
                 }
             }
+            T_KEEPALIVE => Message::Keepalive,
             _ => return Err(ProtocolError::UnknownType(ty)),
         };
         if d.pos != payload.len() {
@@ -788,6 +820,24 @@ impl<'a> Dec<'a> {
     }
 }
 
+/// True if `e` is a read or write timeout set on a socket (SO_RCVTIMEO and
+/// SO_SNDTIMEO report EAGAIN, which std maps to `WouldBlock`).
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// A read error as a protocol error: timeouts become [`ProtocolError::TimedOut`].
+fn read_error(e: io::Error) -> ProtocolError {
+    if is_timeout(&e) {
+        ProtocolError::TimedOut
+    } else {
+        ProtocolError::Io(e)
+    }
+}
+
 /// Reads exactly `buf.len()` bytes; `Ok(false)` if the stream ended before the
 /// first byte, [`ProtocolError::Truncated`] if it ended later.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, ProtocolError> {
@@ -798,7 +848,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, ProtocolError> {
             Ok(0) => return Err(ProtocolError::Truncated),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ProtocolError::Io(e)),
+            Err(e) => return Err(read_error(e)),
         }
     }
     Ok(true)
@@ -898,7 +948,10 @@ fn read_rest(
     // Bounded by the type's limit (checked by read_header); read_to_end into
     // reserved capacity avoids zero-filling a buffer about to be overwritten.
     payload.reserve(len as usize);
-    let got = r.take(u64::from(len)).read_to_end(&mut payload)?;
+    let got = r
+        .take(u64::from(len))
+        .read_to_end(&mut payload)
+        .map_err(read_error)?;
     if got != len as usize {
         return Err(ProtocolError::Truncated);
     }
@@ -1118,6 +1171,37 @@ mod tests {
             mismatched: 2,
             sample: vec![4, 8],
         });
+        round_trip(Message::Keepalive);
+        assert_eq!(Message::Keepalive.to_frame(), KEEPALIVE_FRAME);
+        let mut with_payload = KEEPALIVE_FRAME.to_vec();
+        with_payload[1] = 1;
+        with_payload.push(0);
+        assert!(matches!(
+            read_frame(&mut &with_payload[..]),
+            Err(ProtocolError::Oversized { .. })
+        ));
+    }
+
+    #[test]
+    fn read_timeouts_are_reported_as_timeouts() {
+        struct Stalled;
+        impl Read for Stalled {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+        assert!(matches!(
+            read_frame(&mut Stalled),
+            Err(ProtocolError::TimedOut)
+        ));
+        // A timeout inside a payload, too.
+        let f = Message::NeedBlock {
+            device: 0,
+            index: 1,
+        }
+        .to_frame();
+        let mut r = (&f[..7]).chain(Stalled);
+        assert!(matches!(read_frame(&mut r), Err(ProtocolError::TimedOut)));
     }
 
     #[test]

@@ -7,9 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::protocol::FRAME_TYPES;
+use crate::protocol::{is_timeout, FRAME_TYPES, KEEPALIVE_FRAME};
 
 /// A bidirectional byte stream a migration runs over (TCP, Unix socket, …).
 pub trait Link: Read + Write + Send + 'static {
@@ -19,6 +19,20 @@ pub trait Link: Read + Write + Send + 'static {
     fn shutdown_link(&self);
     /// Sets the read timeout (`None` blocks forever).
     fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// Sets the write timeout (`None` blocks forever): a write that makes no
+    /// progress for this long fails with a timeout error. The default does
+    /// nothing (the writer then relies on the reader noticing a dead peer).
+    fn set_link_write_timeout(&self, _t: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
+    /// Asks the transport itself to notice a vanished peer host or a dropped
+    /// link within about `timeout` (on TCP: keepalive probes and
+    /// TCP_USER_TIMEOUT). A frozen peer process is not noticed this way (its
+    /// kernel keeps answering); the migrator's keepalive frames catch that.
+    /// The default does nothing.
+    fn detect_dead_peer(&self, _timeout: Duration) -> io::Result<()> {
+        Ok(())
+    }
     /// Caps kernel send/receive buffering, so a priority frame never waits
     /// behind megabytes of bulk data already handed to the kernel.
     fn limit_buffers(&self, _bytes: usize) -> io::Result<()> {
@@ -63,6 +77,27 @@ impl Link for TcpStream {
     fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
     }
+    fn set_link_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(t)
+    }
+    fn detect_dead_peer(&self, timeout: Duration) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        // Probe after a third of the timeout of silence, then every third,
+        // three times; TCP_USER_TIMEOUT caps both the probes and data left
+        // unacknowledged at the whole timeout.
+        let step = usize::try_from(timeout.as_millis().div_ceil(3000))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let millis = usize::try_from(timeout.as_millis())
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let fd = self.as_fd();
+        set_int_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+        set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, step)?;
+        set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, step)?;
+        set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+        set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, millis)
+    }
     fn limit_buffers(&self, bytes: usize) -> io::Result<()> {
         use std::os::fd::AsFd;
         self.set_nodelay(true)?;
@@ -88,6 +123,9 @@ impl Link for UnixStream {
     }
     fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
+    }
+    fn set_link_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(t)
     }
     fn limit_buffers(&self, bytes: usize) -> io::Result<()> {
         use std::os::fd::AsFd;
@@ -125,7 +163,7 @@ struct Queues {
     bulk: VecDeque<Vec<u8>>,
     bulk_bytes: usize,
     closing: bool,
-    failed: Option<String>,
+    failed: Option<WriterStopped>,
     pushed: u64,
     written: u64,
     /// Producers blocked in wait_for_space/drain (wake them only then).
@@ -147,17 +185,54 @@ pub struct FrameQueue {
     spare: Mutex<Vec<Vec<u8>>>,
     /// The link's write side, shared by the writer thread and direct writers.
     out: Mutex<BufWriter<Box<dyn Link>>>,
+    /// The link's timeout, if any (keepalive interval and error reports).
+    link_timeout: Option<Duration>,
 }
 
 const SPARE_BUFFERS: usize = 32;
 
+/// Which way a link went quiet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// Nothing at all (not even a keepalive frame) arrived from the peer.
+    Receiving,
+    /// The peer accepted none of the data being written to it.
+    Sending,
+}
+
+impl std::fmt::Display for Silence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Silence::Receiving => "nothing received from the peer",
+            Silence::Sending => "the peer accepted no data",
+        })
+    }
+}
+
+/// The peer showed no sign of life for the link timeout: its host or the
+/// link is down, or its process is frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("link timeout: {silence} for {secs:.1} s (peer frozen, unreachable or link dead)", secs = .waited.as_secs_f64())]
+pub struct LinkTimeout {
+    /// Which way the link went quiet.
+    pub silence: Silence,
+    /// How long it was quiet.
+    pub waited: Duration,
+}
+
 /// Error returned when the writer has stopped.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("connection writer stopped: {0}")]
-pub struct WriterStopped(pub String);
+pub enum WriterStopped {
+    /// The connection failed, was closed or aborted.
+    #[error("connection writer stopped: {0}")]
+    Failed(String),
+    /// The link timed out (see [`FrameQueue::fail_with`]).
+    #[error(transparent)]
+    TimedOut(#[from] LinkTimeout),
+}
 
 impl FrameQueue {
-    fn new(link: Box<dyn Link>, bulk_limit: usize) -> Self {
+    fn new(link: Box<dyn Link>, bulk_limit: usize, link_timeout: Option<Duration>) -> Self {
         FrameQueue {
             q: Mutex::new(Queues {
                 priority: VecDeque::new(),
@@ -176,6 +251,18 @@ impl FrameQueue {
             counters: WireCounters::default(),
             spare: Mutex::new(Vec::new()),
             out: Mutex::new(BufWriter::with_capacity(64 * 1024, link)),
+            link_timeout,
+        }
+    }
+
+    /// What a failed write means: a link timeout if the write timed out.
+    fn write_failure(&self, e: &io::Error) -> WriterStopped {
+        match self.link_timeout {
+            Some(waited) if is_timeout(e) => WriterStopped::TimedOut(LinkTimeout {
+                silence: Silence::Sending,
+                waited,
+            }),
+            _ => WriterStopped::Failed(format!("write failed: {e}")),
         }
     }
 
@@ -186,10 +273,10 @@ impl FrameQueue {
     fn push(&self, frame: Vec<u8>, priority: bool) -> Result<(), WriterStopped> {
         let mut q = self.lock();
         if let Some(f) = &q.failed {
-            return Err(WriterStopped(f.clone()));
+            return Err(f.clone());
         }
         if q.closing {
-            return Err(WriterStopped("connection closing".into()));
+            return Err(WriterStopped::Failed("connection closing".into()));
         }
         q.pushed += 1;
         if priority {
@@ -236,10 +323,10 @@ impl FrameQueue {
         {
             let mut q = self.lock();
             if let Some(f) = &q.failed {
-                return Err(WriterStopped(f.clone()));
+                return Err(f.clone());
             }
             if q.closing {
-                return Err(WriterStopped("connection closing".into()));
+                return Err(WriterStopped::Failed("connection closing".into()));
             }
             q.pushed += 1;
         }
@@ -247,9 +334,9 @@ impl FrameQueue {
         if let Err(e) = out.write_all(&frame).and_then(|()| out.flush()) {
             out.get_ref().shutdown_link();
             drop(out);
-            let why = format!("write failed: {e}");
-            self.fail(why.clone());
-            return Err(WriterStopped(why));
+            let why = self.write_failure(&e);
+            self.fail_with(why.clone());
+            return Err(why);
         }
         drop(out);
         self.counters
@@ -280,7 +367,7 @@ impl FrameQueue {
         let mut q = self.lock();
         loop {
             if let Some(f) = &q.failed {
-                return Err(WriterStopped(f.clone()));
+                return Err(f.clone());
             }
             if q.bulk_bytes < self.bulk_limit || q.closing {
                 return Ok(());
@@ -296,7 +383,7 @@ impl FrameQueue {
         let target = q.pushed;
         loop {
             if let Some(f) = &q.failed {
-                return Err(WriterStopped(f.clone()));
+                return Err(f.clone());
             }
             if q.written >= target {
                 return Ok(());
@@ -323,8 +410,20 @@ impl FrameQueue {
         self.recycle(buf);
     }
 
+    /// Why the queue failed, if it did.
+    pub fn failure(&self) -> Option<WriterStopped> {
+        self.lock().failed.clone()
+    }
+
     /// Marks the queue failed (e.g. the reader saw the connection die).
     pub fn fail(&self, why: String) {
+        self.fail_with(WriterStopped::Failed(why));
+    }
+
+    /// Marks the queue failed with `why`, which blocked and later producers
+    /// get (unless it had already failed): e.g. the reader saw the link time
+    /// out, so a producer waiting for space learns why at once.
+    pub fn fail_with(&self, why: WriterStopped) {
         let mut q = self.lock();
         if q.failed.is_none() {
             q.failed = Some(why);
@@ -347,9 +446,19 @@ pub struct FrameWriter {
 impl FrameWriter {
     /// Starts a writer thread on `link`; at most `bulk_limit` bytes of bulk
     /// frames are queued before [`FrameQueue::wait_for_space`] blocks.
-    pub fn start(link: Box<dyn Link>, bulk_limit: usize) -> io::Result<Self> {
+    ///
+    /// With a `link_timeout`, the thread sends a Keepalive frame whenever it
+    /// has written nothing for a third of it (so the peer's reader, which
+    /// gives up after the timeout, knows this side is alive), and a write
+    /// that times out (see [`Link::set_link_write_timeout`]) fails the queue
+    /// with [`WriterStopped::TimedOut`].
+    pub fn start(
+        link: Box<dyn Link>,
+        bulk_limit: usize,
+        link_timeout: Option<Duration>,
+    ) -> io::Result<Self> {
         let control = link.try_clone_link()?;
-        let queue = Arc::new(FrameQueue::new(link, bulk_limit));
+        let queue = Arc::new(FrameQueue::new(link, bulk_limit, link_timeout));
         let q = queue.clone();
         let thread = std::thread::Builder::new()
             .name("drafter-frame-writer".into())
@@ -408,20 +517,34 @@ impl Drop for FrameWriter {
     }
 }
 
+/// What the writer thread sends next.
+enum Next {
+    /// A queued frame, and whether it is a priority frame.
+    Queued(Vec<u8>, bool),
+    /// A keepalive: nothing was sent for a while.
+    Keepalive,
+}
+
 fn writer_loop(q: &FrameQueue) {
+    // The peer's reader gives up after the link timeout without a byte from
+    // us: while idle, send a keepalive every third of it.
+    let keepalive_every = q
+        .link_timeout
+        .map(|t| (t / 3).max(Duration::from_millis(1)));
+    let mut last_write = Instant::now();
     loop {
-        let (frame, priority) = {
+        let next = {
             let mut g = q.lock();
             loop {
                 if g.failed.is_some() {
                     return;
                 }
                 if let Some(f) = g.priority.pop_front() {
-                    break (f, true);
+                    break Next::Queued(f, true);
                 }
                 if let Some(f) = g.bulk.pop_front() {
                     g.bulk_bytes -= f.len();
-                    break (f, false);
+                    break Next::Queued(f, false);
                 }
                 if g.closing {
                     drop(g);
@@ -440,10 +563,12 @@ fn writer_loop(q: &FrameQueue) {
                 };
                 match flushed {
                     Some(Err(e)) => {
-                        q.fail(format!("write failed: {e}"));
+                        q.out().get_ref().shutdown_link();
+                        q.fail_with(q.write_failure(&e));
                         return;
                     }
                     Some(Ok(())) => {
+                        last_write = Instant::now();
                         g = q.lock();
                         continue;
                     }
@@ -453,10 +578,30 @@ fn writer_loop(q: &FrameQueue) {
                 if !g.priority.is_empty() || !g.bulk.is_empty() || g.closing || g.failed.is_some() {
                     continue;
                 }
+                let Some(every) = keepalive_every else {
+                    g.writer_waiting = true;
+                    g = q.wake_writer.wait(g).unwrap_or_else(|p| p.into_inner());
+                    g.writer_waiting = false;
+                    continue;
+                };
+                let due = last_write + every;
+                let now = Instant::now();
+                if now >= due {
+                    break Next::Keepalive;
+                }
                 g.writer_waiting = true;
-                g = q.wake_writer.wait(g).unwrap_or_else(|p| p.into_inner());
+                g = match q.wake_writer.wait_timeout(g, due - now) {
+                    Ok((g, _)) => g,
+                    Err(p) => p.into_inner().0,
+                };
                 g.writer_waiting = false;
             }
+        };
+        // Keepalives are not queued frames: they count as bytes on the wire,
+        // never as written frames (which drain() waits for).
+        let (frame, priority, queued) = match next {
+            Next::Queued(f, p) => (f, p, true),
+            Next::Keepalive => (KEEPALIVE_FRAME.to_vec(), true, false),
         };
         let ty = frame.first().copied().unwrap_or(0);
         let res = {
@@ -476,10 +621,14 @@ fn writer_loop(q: &FrameQueue) {
             r
         };
         if let Err(e) = res {
-            q.fail(format!("write failed: {e}"));
+            q.fail_with(q.write_failure(&e));
             return;
         }
+        last_write = Instant::now();
         q.counters.add(ty, frame.len() as u64);
+        if !queued {
+            continue;
+        }
         q.recycle(frame);
         let mut g = q.lock();
         g.written += 1;
@@ -490,5 +639,82 @@ fn writer_loop(q: &FrameQueue) {
         if wake {
             q.wake_producer.notify_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{read_frame, Message};
+
+    #[test]
+    fn an_idle_writer_sends_keepalives_that_drain_does_not_wait_for() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let timeout = Duration::from_millis(150);
+        let mut w = FrameWriter::start(Box::new(a), 1 << 20, Some(timeout)).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(read_frame(&mut b).unwrap(), Message::Keepalive);
+        }
+        // About one every third of the timeout, never slower.
+        assert!(start.elapsed() < 6 * timeout, "{:?}", start.elapsed());
+        let q = w.queue().clone();
+        q.push_bulk(
+            Message::Dirty {
+                device: 0,
+                blocks: vec![1],
+            }
+            .to_frame(),
+        )
+        .unwrap();
+        q.drain().unwrap();
+        let m = loop {
+            match read_frame(&mut b).unwrap() {
+                Message::Keepalive => {}
+                m => break m,
+            }
+        };
+        assert_eq!(
+            m,
+            Message::Dirty {
+                device: 0,
+                blocks: vec![1]
+            }
+        );
+        assert!(q.counters.of(crate::protocol::T_KEEPALIVE) >= 15);
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn a_writer_whose_peer_stops_reading_times_out() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let timeout = Duration::from_millis(200);
+        a.set_link_write_timeout(Some(timeout)).unwrap();
+        a.limit_buffers(16 * 1024).unwrap();
+        let w = FrameWriter::start(Box::new(a), 64 * 1024, Some(timeout)).unwrap();
+        let q = w.queue().clone();
+        let start = Instant::now();
+        let err = loop {
+            if let Err(e) = q.wait_for_space() {
+                break e;
+            }
+            if let Err(e) = q.push_bulk(vec![0u8; 16 * 1024]) {
+                break e;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "writer never timed out"
+            );
+        };
+        let WriterStopped::TimedOut(t) = err else {
+            panic!("expected a timeout, got {err}");
+        };
+        assert_eq!(t.silence, Silence::Sending);
+        assert_eq!(t.waited, timeout);
+        assert!(
+            err.to_string().contains("the peer accepted no data"),
+            "{err}"
+        );
     }
 }

@@ -47,8 +47,8 @@ enum Bad {
 fn bad() -> impl Strategy<Value = Bad> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 1..512).prop_map(Bad::Garbage),
-        (1u8..16, 0x0200_0000u32..=u32::MAX).prop_map(|(ty, len)| Bad::Oversized { ty, len }),
-        (16u8..=255).prop_map(Bad::UnknownType),
+        (1u8..17, 0x0200_0000u32..=u32::MAX).prop_map(|(ty, len)| Bad::Oversized { ty, len }),
+        (17u8..=255).prop_map(Bad::UnknownType),
         (0usize..4, 0usize..64).prop_map(|(frame, keep)| Bad::Truncated { frame, keep }),
         (BLOCKS..u64::MAX).prop_map(Bad::BlockIndex),
         prop_oneof![1usize..4096, 4097usize..70_000].prop_map(Bad::BlockLength),

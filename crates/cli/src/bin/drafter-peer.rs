@@ -15,6 +15,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use drafter::migration::{Resume, SourceOptions};
@@ -78,6 +79,19 @@ struct Args {
     /// zstd-compress block data sent to the next peer (less traffic, more CPU).
     #[arg(long)]
     compress: bool,
+    /// Seconds without any sign of life from the other peer (data or
+    /// keepalive, sent every third of this) after which a migration fails;
+    /// a VM that still holds authority then keeps running here. 0 waits
+    /// forever.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
+    link_timeout: Duration,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    Duration::try_from_secs_f64(v).map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn event(name: &str, fields: serde_json::Value) {
@@ -115,6 +129,7 @@ fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
     }
     o.migration.secret = Secret::new(secret);
     o.migration.compression = a.compress;
+    o.migration.link_timeout = a.link_timeout;
     o.migration.mode = match a.migration_mode {
         MigrationMode::PreCopy => Mode::PreCopy,
         MigrationMode::PostCopy => Mode::PostCopy,

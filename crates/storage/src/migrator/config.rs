@@ -83,6 +83,15 @@ pub struct MigrationConfig {
     pub secret: Secret,
     /// Limit for the handshake (and, on the destination, the device list).
     pub handshake_timeout: Duration,
+    /// Liveness bound for everything after the handshake: each side sends a
+    /// keepalive frame when it has had nothing to send for a third of this,
+    /// and a migration fails with [`Cause::LinkTimeout`](super::Cause::LinkTimeout)
+    /// when nothing at all arrived from the peer, or the peer accepted none
+    /// of our data, for this long (a frozen peer process, a host gone, a
+    /// silently dropped link). On TCP links, kernel keepalive probes and
+    /// TCP_USER_TIMEOUT are set to the same bound. [`Duration::ZERO`]
+    /// disables all of this (waits are then unbounded).
+    pub link_timeout: Duration,
     /// Bulk bytes queued ahead of the socket before the sender waits.
     pub bulk_queue_bytes: usize,
     /// Send the final dirty blocks' data before handing authority over
@@ -105,10 +114,18 @@ impl Default for MigrationConfig {
             verify: false,
             secret: Secret::default(),
             handshake_timeout: Duration::from_secs(10),
+            link_timeout: Duration::from_secs(10),
             bulk_queue_bytes: 512 * 1024,
             socket_buffer_bytes: Some(64 * 1024),
             final_data_before_authority: false,
         }
+    }
+}
+
+impl MigrationConfig {
+    /// [`Self::link_timeout`], or `None` if disabled.
+    pub(crate) fn link_timeout_bound(&self) -> Option<Duration> {
+        Some(self.link_timeout).filter(|t| !t.is_zero())
     }
 }
 

@@ -4,7 +4,7 @@ use std::io::{BufReader, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Cause, MigrationConfig, MigrationError};
 use crate::auth::{handshake, Role};
@@ -15,7 +15,7 @@ use crate::protocol::{
     Message, ProtocolError, MAX_DEVICES, MAX_HASHES, MAX_SAMPLE,
 };
 use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
-use crate::transport::{FrameQueue, FrameWriter, Link};
+use crate::transport::{FrameQueue, FrameWriter, Link, LinkTimeout};
 
 /// What the backing store of a new destination device holds before any
 /// block arrives.
@@ -46,7 +46,20 @@ struct DestState {
     authority: bool,
     done: bool,
     error: Option<String>,
+    /// Set with `error` when the link timed out.
+    timeout: Option<LinkTimeout>,
     report: MigrationReport,
+}
+
+impl DestState {
+    /// Why the migration failed, if it did.
+    fn failure(&self) -> Option<Cause> {
+        match (&self.error, self.timeout) {
+            (_, Some(t)) => Some(Cause::LinkTimeout(t)),
+            (Some(e), None) => Some(Cause::Connection(e.clone())),
+            (None, None) => None,
+        }
+    }
 }
 
 struct DestShared {
@@ -93,6 +106,8 @@ impl MigrationDestination {
         let control = link.try_clone_link().map_err(|e| io(Phase::Handshake, e))?;
         link.set_link_read_timeout(Some(config.handshake_timeout))
             .map_err(|e| io(Phase::Handshake, e))?;
+        link.set_link_write_timeout(Some(config.handshake_timeout))
+            .map_err(|e| io(Phase::Handshake, e))?;
         handshake(&mut link, Role::Destination, &config.secret)
             .map_err(|e| err(Phase::Handshake, e.into()))?;
         let handshake_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -108,6 +123,7 @@ impl MigrationDestination {
                         return Ok(())
                     }
                     Message::Error { message } => return Err(ProtocolError::Peer(message)),
+                    Message::Keepalive => {}
                     m => {
                         return Err(ProtocolError::Unexpected {
                             got: m.kind(),
@@ -117,7 +133,9 @@ impl MigrationDestination {
                 }
             }
         })();
-        let refuse = |link: &mut Box<dyn Link>, e: Cause| {
+        if let Err(e) = list {
+            // Bounded by the handshake's write timeout, still set.
+            let e = Cause::from(e);
             let _ = link.write_all(
                 &Message::Error {
                     message: e.to_string(),
@@ -125,17 +143,42 @@ impl MigrationDestination {
                 .to_frame(),
             );
             link.shutdown_link();
-            err(Phase::DeviceInfo, e)
-        };
-        if let Err(e) = list {
-            return Err(refuse(&mut link, e.into()));
+            return Err(err(Phase::DeviceInfo, e));
         }
-        link.set_link_read_timeout(None)
+        // From here on every read and write is bounded by the link timeout
+        // (socket options, shared by the reader and writer handles).
+        let link_timeout = config.link_timeout_bound();
+        link.set_link_read_timeout(link_timeout)
             .map_err(|e| io(Phase::DeviceInfo, e))?;
+        link.set_link_write_timeout(link_timeout)
+            .map_err(|e| io(Phase::DeviceInfo, e))?;
+        if let Some(t) = link_timeout {
+            link.detect_dead_peer(t)
+                .map_err(|e| io(Phase::DeviceInfo, e))?;
+        }
         if let Some(b) = config.socket_buffer_bytes {
             link.limit_buffers(b)
                 .map_err(|e| io(Phase::DeviceInfo, e))?;
         }
+        // The writer (and its keepalives) starts before the factory runs, so
+        // a slow factory does not look like a dead destination to the source.
+        let mut writer = FrameWriter::start(
+            link.try_clone_link()
+                .map_err(|e| io(Phase::DeviceInfo, e))?,
+            config.bulk_queue_bytes,
+            link_timeout,
+        )
+        .map_err(|e| io(Phase::DeviceInfo, e))?;
+        let refuse = |writer: &mut FrameWriter, e: Cause| {
+            let _ = writer.queue().write_direct(
+                Message::Error {
+                    message: e.to_string(),
+                }
+                .to_frame(),
+            );
+            writer.abort();
+            err(Phase::DeviceInfo, e)
+        };
 
         let mut made = Vec::new();
         for info in table.devices() {
@@ -143,7 +186,7 @@ impl MigrationDestination {
                 Ok(d) => d,
                 Err(e) => {
                     return Err(refuse(
-                        &mut link,
+                        &mut writer,
                         Cause::Caller(format!("device {:?}: {e}", info.name)),
                     ))
                 }
@@ -157,17 +200,11 @@ impl MigrationDestination {
                     info.size,
                     info.block_size
                 ));
-                return Err(refuse(&mut link, e));
+                return Err(refuse(&mut writer, e));
             }
             made.push(d);
         }
 
-        let writer = FrameWriter::start(
-            link.try_clone_link()
-                .map_err(|e| io(Phase::DeviceInfo, e))?,
-            config.bulk_queue_bytes,
-        )
-        .map_err(|e| io(Phase::DeviceInfo, e))?;
         let queue = writer.queue().clone();
         let mut devices = Vec::new();
         let mut bases = Vec::new();
@@ -194,7 +231,7 @@ impl MigrationDestination {
                     }
                     .to_frame(),
                 )
-                .map_err(|e| err(Phase::DeviceInfo, Cause::Connection(e.to_string())))?;
+                .map_err(|e| err(Phase::DeviceInfo, e.into()))?;
             bases.push(is_base);
             devices.push((info.clone(), lazy));
         }
@@ -205,6 +242,7 @@ impl MigrationDestination {
                 authority: false,
                 done: false,
                 error: None,
+                timeout: None,
                 report: MigrationReport {
                     role: "destination".into(),
                     phases: vec![PhaseTiming {
@@ -226,6 +264,7 @@ impl MigrationDestination {
             verify: vec![None; devices.len()],
             start,
             scratch: Vec::new(),
+            link_timeout,
         };
         let reader = std::thread::Builder::new()
             .name("drafter-migration-destination".into())
@@ -256,19 +295,15 @@ fn send_base_hashes(
             dev.read_at(&mut buf[..len], idx * u64::from(info.block_size))?;
             hashes.push(*blake3::hash(&buf[..len]).as_bytes());
         }
-        queue
-            .wait_for_space()
-            .map_err(|e| Cause::Connection(e.to_string()))?;
-        queue
-            .push_bulk(
-                Message::BaseHashes {
-                    device: info.id,
-                    start,
-                    hashes,
-                }
-                .to_frame(),
-            )
-            .map_err(|e| Cause::Connection(e.to_string()))?;
+        queue.wait_for_space()?;
+        queue.push_bulk(
+            Message::BaseHashes {
+                device: info.id,
+                start,
+                hashes,
+            }
+            .to_frame(),
+        )?;
         start = end;
     }
     Ok(())
@@ -302,8 +337,8 @@ impl DestinationSession {
             if g.authority {
                 return Ok(());
             }
-            if let Some(e) = &g.error {
-                return Err(failed(g.phase, false, Cause::Connection(e.clone())));
+            if let Some(cause) = g.failure() {
+                return Err(failed(g.phase, false, cause));
             }
             g = self.shared.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
@@ -317,8 +352,8 @@ impl DestinationSession {
                 if g.done {
                     break Ok(g.report.clone());
                 }
-                if let Some(e) = &g.error {
-                    break Err(failed(g.phase, g.authority, Cause::Connection(e.clone())));
+                if let Some(cause) = g.failure() {
+                    break Err(failed(g.phase, g.authority, cause));
                 }
                 g = self.shared.cv.wait(g).unwrap_or_else(|p| p.into_inner());
             }
@@ -370,6 +405,8 @@ struct Receiver {
     verify: Vec<Option<(u64, Vec<u64>)>>,
     start: Instant,
     scratch: Vec<u8>,
+    /// The read timeout set on the link (None: unbounded).
+    link_timeout: Option<Duration>,
 }
 
 impl Receiver {
@@ -383,12 +420,10 @@ impl Receiver {
                 n: self.received.clone(),
             },
         );
-        let result = self.receive(&mut r);
-        let result = result.and_then(|()| {
-            writer
-                .finish()
-                .map_err(|e| Cause::Connection(e.to_string()))
-        });
+        let result = self
+            .receive(&mut r)
+            .map_err(|e| e.of_receive(self.link_timeout, self.queue.failure()));
+        let result = result.and_then(|()| Ok(writer.finish()?));
         let mut g = self.shared.lock();
         g.report.bytes_received = self.received.load(Ordering::Relaxed);
         g.report.bytes_sent = self.queue.counters.total();
@@ -415,12 +450,7 @@ impl Receiver {
             Err(e) => {
                 let msg = e.to_string();
                 tracing::warn!(phase = %g.phase, error = %msg, "incoming migration failed");
-                if !matches!(
-                    e,
-                    Cause::Protocol(
-                        ProtocolError::Peer(_) | ProtocolError::Io(_) | ProtocolError::Closed
-                    )
-                ) {
+                if !e.link_is_gone() {
                     let _ = writer.queue().push_priority(
                         Message::Error {
                             message: msg.clone(),
@@ -432,6 +462,9 @@ impl Receiver {
                 writer.abort();
                 for (_, d) in &self.devices {
                     d.fail(&msg);
+                }
+                if let Cause::LinkTimeout(t) = e {
+                    g.timeout = Some(t);
                 }
                 g.error = Some(msg);
             }
@@ -477,6 +510,10 @@ impl Receiver {
                         (Err(_), Some(std::io::ErrorKind::UnexpectedEof)) => {
                             return Err(ProtocolError::Truncated.into())
                         }
+                        (
+                            Err(_),
+                            Some(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+                        ) => return Err(ProtocolError::TimedOut.into()),
                         (Err(e), Some(_)) => return Err(Cause::Connection(e.to_string())),
                         (Err(e), None) => return Err(e.into()),
                     }
@@ -544,8 +581,7 @@ impl Receiver {
                         d.set_authoritative();
                     }
                     self.queue
-                        .push_priority(Message::Event(Event::AuthorityAccepted).to_frame())
-                        .map_err(|e| Cause::Connection(e.to_string()))?;
+                        .push_priority(Message::Event(Event::AuthorityAccepted).to_frame())?;
                     self.set_phase(Phase::AuthorityTransferred);
                     self.shared.lock().authority = true;
                     self.shared.cv.notify_all();
@@ -571,25 +607,24 @@ impl Receiver {
                     }
                     for (id, v) in self.verify.iter().enumerate() {
                         if let Some((mismatched, sample)) = v {
-                            self.queue
-                                .push_bulk(
-                                    Message::VerifyResult {
-                                        device: id as u32,
-                                        mismatched: *mismatched,
-                                        sample: sample.clone(),
-                                    }
-                                    .to_frame(),
-                                )
-                                .map_err(|e| Cause::Connection(e.to_string()))?;
+                            self.queue.push_bulk(
+                                Message::VerifyResult {
+                                    device: id as u32,
+                                    mismatched: *mismatched,
+                                    sample: sample.clone(),
+                                }
+                                .to_frame(),
+                            )?;
                         }
                     }
                     self.queue
-                        .push_bulk(Message::Event(Event::Completed).to_frame())
-                        .map_err(|e| Cause::Connection(e.to_string()))?;
+                        .push_bulk(Message::Event(Event::Completed).to_frame())?;
                     self.set_phase(Phase::Complete);
                     return Ok(());
                 }
                 Message::Error { message } => return Err(ProtocolError::Peer(message).into()),
+                // The source is alive; nothing else to do.
+                Message::Keepalive => {}
                 m => {
                     return Err(ProtocolError::Unexpected {
                         got: m.kind(),

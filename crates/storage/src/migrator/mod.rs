@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::StorageError;
 use crate::protocol::ProtocolError;
 use crate::report::Phase;
-use crate::transport::Link;
+use crate::transport::{Link, LinkTimeout, Silence, WriterStopped};
 
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,58 @@ pub enum Cause {
     /// The caller's suspend hook or device factory failed.
     #[error("{0}")]
     Caller(String),
+    /// The peer showed no sign of life for the link timeout
+    /// ([`MigrationConfig::link_timeout`]).
+    #[error(transparent)]
+    LinkTimeout(#[from] LinkTimeout),
+}
+
+impl Cause {
+    /// True if this failure means the peer cannot hear us any more, so
+    /// telling it why (an Error frame) is pointless.
+    pub(crate) fn link_is_gone(&self) -> bool {
+        matches!(
+            self,
+            Cause::Protocol(
+                ProtocolError::Peer(_)
+                    | ProtocolError::Io(_)
+                    | ProtocolError::Closed
+                    | ProtocolError::TimedOut
+            ) | Cause::LinkTimeout(_)
+        )
+    }
+
+    /// The cause of a receive loop's failure on a link whose read timeout
+    /// is `link_timeout`: a read timeout becomes [`Cause::LinkTimeout`], and
+    /// so does any read error after the writer timed out (it shuts the link
+    /// down, so the reader then sees the connection closed).
+    pub(crate) fn of_receive(
+        self,
+        link_timeout: Option<std::time::Duration>,
+        writer: Option<WriterStopped>,
+    ) -> Cause {
+        match (self, link_timeout, writer) {
+            (Cause::Protocol(ProtocolError::TimedOut), Some(waited), _) => {
+                Cause::LinkTimeout(LinkTimeout {
+                    silence: Silence::Receiving,
+                    waited,
+                })
+            }
+            (Cause::Protocol(_) | Cause::Connection(_), _, Some(WriterStopped::TimedOut(t))) => {
+                Cause::LinkTimeout(t)
+            }
+            (c, _, _) => c,
+        }
+    }
+}
+
+impl From<WriterStopped> for Cause {
+    fn from(e: WriterStopped) -> Self {
+        match e {
+            WriterStopped::TimedOut(t) => Cause::LinkTimeout(t),
+            WriterStopped::Failed(why) => Cause::Connection(why),
+        }
+    }
 }
 
 /// A failed migration: where it failed and who holds authority now.

@@ -17,7 +17,7 @@ use crate::protocol::{
     ProtocolError, BLOCK_FRAME_DATA, MAX_HASHES, MAX_LIST, T_ZERO_BLOCKS,
 };
 use crate::report::{DeviceReport, MigrationReport, Phase, PhaseTiming};
-use crate::transport::{FrameQueue, FrameWriter, Link};
+use crate::transport::{FrameQueue, FrameWriter, Link, WriterStopped};
 
 /// A device to migrate.
 pub struct SourceDevice {
@@ -276,6 +276,7 @@ fn reader_loop(
     shared: Arc<Shared>,
     tx: Sender<Result<Message, Cause>>,
     counter: Arc<AtomicU64>,
+    link_timeout: Option<Duration>,
 ) {
     let mut r = BufReader::with_capacity(
         8 * 1024,
@@ -301,13 +302,21 @@ fn reader_loop(
                 let _ = tx.send(Err(ProtocolError::Peer(message).into()));
                 return;
             }
+            // The destination is alive; nothing else to do.
+            Ok(Message::Keepalive) => {}
             Ok(m) => {
                 if tx.send(Ok(m)).is_err() {
                     return;
                 }
             }
             Err(e) => {
-                let _ = tx.send(Err(e.into()));
+                let cause = Cause::from(e).of_receive(link_timeout, shared.queue.failure());
+                if let Cause::LinkTimeout(t) = &cause {
+                    // Wake a sender blocked on backpressure or a drain now,
+                    // with the reason, instead of at its own write timeout.
+                    shared.queue.fail_with(WriterStopped::TimedOut(*t));
+                }
+                let _ = tx.send(Err(cause));
                 return;
             }
         }
@@ -386,7 +395,7 @@ impl Run<'_> {
     }
 
     fn push_bulk(&self, m: &Message) -> Result<(), Cause> {
-        self.queue()?.push_bulk(m.to_frame()).map_err(proto)
+        Ok(self.queue()?.push_bulk(m.to_frame())?)
     }
 
     fn check_cancel(&self) -> Result<(), Cause> {
@@ -550,12 +559,12 @@ impl Run<'_> {
         let shared = self.shared()?;
         // Wait for queue space before taking the lock, so need-block replies
         // never wait behind backpressure.
-        shared.queue.wait_for_space().map_err(proto)?;
+        shared.queue.wait_for_space()?;
         let _g = shared.lock(dev);
         match shared.classify(dev, idx)? {
             Block::Data(f) => {
                 self.flush_run()?;
-                shared.queue.push_bulk(f).map_err(proto)?;
+                shared.queue.push_bulk(f)?;
                 shared.data_blocks.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -605,16 +614,13 @@ impl Run<'_> {
         let _g = shared.lock(dev);
         let dirty = tracker.take_dirty()?;
         for chunk in dirty.chunks(MAX_LIST) {
-            shared
-                .queue
-                .push_bulk(
-                    Message::Dirty {
-                        device: dev,
-                        blocks: chunk.to_vec(),
-                    }
-                    .to_frame(),
-                )
-                .map_err(proto)?;
+            shared.queue.push_bulk(
+                Message::Dirty {
+                    device: dev,
+                    blocks: chunk.to_vec(),
+                }
+                .to_frame(),
+            )?;
         }
         Ok(dirty)
     }
@@ -636,9 +642,20 @@ impl Run<'_> {
         self.control = Some(control);
         link.set_link_read_timeout(Some(cfg.handshake_timeout))
             .map_err(ProtocolError::Io)?;
-        handshake(&mut link, Role::Source, &cfg.secret)?;
-        link.set_link_read_timeout(None)
+        link.set_link_write_timeout(Some(cfg.handshake_timeout))
             .map_err(ProtocolError::Io)?;
+        handshake(&mut link, Role::Source, &cfg.secret)?;
+        // From here on every read and write is bounded by the link timeout
+        // (the socket options are shared by every handle of the connection:
+        // the reader thread, the writer thread and need-block replies).
+        let link_timeout = cfg.link_timeout_bound();
+        link.set_link_read_timeout(link_timeout)
+            .map_err(ProtocolError::Io)?;
+        link.set_link_write_timeout(link_timeout)
+            .map_err(ProtocolError::Io)?;
+        if let Some(t) = link_timeout {
+            link.detect_dead_peer(t).map_err(ProtocolError::Io)?;
+        }
         if let Some(b) = cfg.socket_buffer_bytes {
             link.limit_buffers(b).map_err(ProtocolError::Io)?;
         }
@@ -657,6 +674,7 @@ impl Run<'_> {
         let writer = FrameWriter::start(
             link.try_clone_link().map_err(ProtocolError::Io)?,
             cfg.bulk_queue_bytes,
+            link_timeout,
         )
         .map_err(ProtocolError::Io)?;
         let shared = Arc::new(Shared {
@@ -688,7 +706,7 @@ impl Run<'_> {
         self.reader = Some(
             std::thread::Builder::new()
                 .name("drafter-migration-source-reader".into())
-                .spawn(move || reader_loop(link, s2, tx, counter))
+                .spawn(move || reader_loop(link, s2, tx, counter, link_timeout))
                 .map_err(ProtocolError::Io)?,
         );
         self.reports = src
@@ -806,11 +824,11 @@ impl Run<'_> {
     fn transfer_authority(&mut self) -> Result<(), Cause> {
         self.flush_run()?;
         let queue = self.queue()?;
-        queue.drain().map_err(proto)?;
+        queue.drain()?;
         self.poll(None)?;
         self.authority_pushed = true;
         self.push_bulk(&Message::Event(Event::AuthorityTransferred))?;
-        queue.drain().map_err(proto)?;
+        queue.drain()?;
         self.enter(Phase::AuthorityTransferred);
         Ok(())
     }
@@ -892,7 +910,7 @@ impl Run<'_> {
                     .read_at(&mut buf[..len], idx * u64::from(d.info.block_size))?;
                 hashes.push(*blake3::hash(&buf[..len]).as_bytes());
             }
-            shared.queue.wait_for_space().map_err(proto)?;
+            shared.queue.wait_for_space()?;
             self.push_bulk(&Message::VerifyHashes {
                 device: dev,
                 start,

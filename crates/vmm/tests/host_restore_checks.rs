@@ -3,13 +3,12 @@
 //! snapshots of a flat-program VM on the host's /dev/kvm, edited on disk.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use drafter_vmm::persist::{read_state_file, write_state_file};
-use drafter_vmm::{BuildOptions, RestoreMemory, Snapshot, VmConfig, Vmm};
+use drafter_vmm::{RestoreMemory, Snapshot, VmConfig, Vmm};
 
 mod counting_guest;
-use counting_guest::{console, wait_counter_past, COUNT};
+use counting_guest::{console, snapshot_counting_vm};
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -23,30 +22,10 @@ fn tmpdir(name: &str) -> PathBuf {
 
 /// Snapshots a running two-vCPU counting VM into `dir`; returns (state, memory).
 fn snapshot(dir: &Path) -> (PathBuf, PathBuf) {
-    let (out, rx) = console();
     let mut config = VmConfig::new("/nonexistent-flat-program");
     config.vcpus = 2;
     config.memory_mib = 32;
-    let mut vmm = Vmm::boot(
-        config,
-        BuildOptions {
-            console: Some(out),
-            flat_program: Some(COUNT.to_vec()),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("boot: {e}"));
-    let r = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("no serial output: {e}"));
-    assert_eq!(r, b'R');
-    wait_counter_past(&vmm, 1000);
-    vmm.pause().unwrap_or_else(|e| panic!("{e}"));
-    let state = dir.join("state");
-    let mem = dir.join("mem");
-    vmm.snapshot(&state, &mem).unwrap_or_else(|e| panic!("{e}"));
-    vmm.stop();
-    (state, mem)
+    snapshot_counting_vm(config, dir)
 }
 
 fn restore_error(state: &Path, mem: &Path) -> String {

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use drafter_vmm::config::DriveConfig;
 use drafter_vmm::devices::virtio::{DeviceState, MmioState, QueueSnapshot, VIRTIO_F_VERSION_1};
 use drafter_vmm::persist::{read_state_file, write_state_file};
-use drafter_vmm::{BuildOptions, RestoreMemory, Snapshot, VmConfig, Vmm};
+use drafter_vmm::{RestoreMemory, Snapshot, VmConfig, Vmm};
 use vm_memory::{Bytes, GuestAddress};
 
 mod counting_guest;
-use counting_guest::{console, counter, wait_counter_past, COUNT};
+use counting_guest::{console, counter, snapshot_counting_vm, wait_counter_past};
 
 const DRIVE: &str = "ordr";
 /// The split virtqueue the edited snapshot's driver set up (16 entries).
@@ -50,27 +50,7 @@ fn snapshot(dir: &Path) -> (PathBuf, PathBuf) {
         path: disk,
         read_only: false,
     });
-    let (out, rx) = console();
-    let mut vmm = Vmm::boot(
-        config,
-        BuildOptions {
-            console: Some(out),
-            flat_program: Some(COUNT.to_vec()),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("boot: {e}"));
-    let r = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("no serial output: {e}"));
-    assert_eq!(r, b'R');
-    wait_counter_past(&vmm, 1000);
-    vmm.pause().unwrap_or_else(|e| panic!("{e}"));
-    let state = dir.join("state");
-    let mem = dir.join("mem");
-    vmm.snapshot(&state, &mem).unwrap_or_else(|e| panic!("{e}"));
-    vmm.stop();
-    (state, mem)
+    snapshot_counting_vm(config, dir)
 }
 
 /// Makes the drive live in `snap`, as a driver that negotiated VERSION_1 and

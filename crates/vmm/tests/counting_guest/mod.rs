@@ -64,3 +64,32 @@ pub fn wait_counter_past(vmm: &Vmm, past: u64) -> u64 {
         std::thread::yield_now();
     }
 }
+
+/// Boots `config` running [`COUNT`], waits until it has counted past 1000,
+/// pauses it and snapshots it into `dir`; returns (state file, memory file).
+pub fn snapshot_counting_vm(
+    config: drafter_vmm::VmConfig,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (out, rx) = console();
+    let mut vmm = Vmm::boot(
+        config,
+        drafter_vmm::BuildOptions {
+            console: Some(out),
+            flat_program: Some(COUNT.to_vec()),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("boot: {e}"));
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("no serial output: {e}"));
+    assert_eq!(r, b'R');
+    wait_counter_past(&vmm, 1000);
+    vmm.pause().unwrap_or_else(|e| panic!("{e}"));
+    let state = dir.join("state");
+    let mem = dir.join("mem");
+    vmm.snapshot(&state, &mem).unwrap_or_else(|e| panic!("{e}"));
+    vmm.stop();
+    (state, mem)
+}

@@ -411,9 +411,6 @@ fn repro_fast_writer_migrates_with_memory_intact() {
     let image = initramfs_with("/bin/memwriter 64 16", &[("bin/memwriter", &writer)]);
     std::fs::write(&init, image).unwrap_or_else(|e| panic!("{e}"));
     let cfg = write_config_with(&dir, init, 256);
-    // A writer that never converges: bound the dirty cycles so the test
-    // stays short; the stop copies what is left.
-    let devices = r#"[{"name":"memory","maxCycles":3,"cycleThrottle":200000000}]"#;
     let a = PeerProcess::spawn(
         "A",
         &[
@@ -425,8 +422,6 @@ fn repro_fast_writer_migrates_with_memory_intact() {
             "127.0.0.1:0",
             "--secret",
             SECRET,
-            "--devices",
-            devices,
         ],
     );
     let addr = a.event("listening")["addr"]

@@ -278,7 +278,14 @@ fn run(a: Args) -> Result<ExitStatus, String> {
             Event::Exited => break,
         }
     }
-    Ok(vmm.wait())
+    let status = vmm.wait();
+    // Commands that arrived as the VM ended learn how it ended.
+    while let Ok(ev) = rx.try_recv() {
+        if let Event::Control(_, reply) = ev {
+            let _ = reply.send(format!("error the VM has ended ({status:?})"));
+        }
+    }
+    Ok(status)
 }
 
 fn main() -> ExitCode {

@@ -262,6 +262,25 @@ fn migrate_through_freezing_proxy(
     }
 }
 
+/// Checks that the source of `run` failed in `phase` within [`BOUND`] of the
+/// freeze (which happened `when`), keeping authority and never pausing the
+/// VM; returns the freeze time and the source's error.
+fn source_gave_up<'a>(run: &'a Run, when: &str, phase: Phase) -> (Instant, &'a MigrationError) {
+    let frozen = run
+        .frozen_at
+        .unwrap_or_else(|| panic!("did not freeze {when}"));
+    let err = run.source.as_ref().expect_err("the source must fail");
+    assert!(
+        run.source_done - frozen <= BOUND,
+        "the source gave up {:?} after the freeze: {err}",
+        run.source_done - frozen
+    );
+    assert!(err.source_keeps_authority, "{err}");
+    assert!(!run.suspended, "the VM was never paused");
+    assert_eq!(err.phase, phase, "{err}");
+    (frozen, err)
+}
+
 #[test]
 fn frozen_destination_in_full_pass_fails_the_source_within_the_link_timeout() {
     // 32 MiB, mostly random: far more than every socket buffer on the way,
@@ -270,17 +289,8 @@ fn frozen_destination_in_full_pass_fails_the_source_within_the_link_timeout() {
         8192,
         |p| matches!(p, Progress::Blocks { done, .. } if *done >= 128),
     );
-    let frozen = run.frozen_at.expect("froze during the full pass");
-    let err = run.source.expect_err("the source must fail");
-    assert!(
-        run.source_done - frozen <= BOUND,
-        "the source gave up {:?} after the freeze: {err}",
-        run.source_done - frozen
-    );
-    assert!(err.source_keeps_authority, "{err}");
-    assert!(!run.suspended, "the VM was never paused");
-    assert_eq!(err.phase, Phase::FullPass, "{err}");
-    assert_link_timeout(&err, None);
+    let (frozen, err) = source_gave_up(&run, "during the full pass", Phase::FullPass);
+    assert_link_timeout(err, None);
     // The destination, cut off from the source's keepalives, gives up too.
     let derr = run.dest.expect_err("the destination must fail");
     assert!(run.dest_done - frozen <= BOUND, "{derr}");
@@ -294,17 +304,8 @@ fn frozen_destination_in_dirty_cycles_fails_the_source_within_the_link_timeout()
     // silence of the destination (no keepalives) can reveal the freeze.
     let run =
         migrate_through_freezing_proxy(256, |p| matches!(p, Progress::Cycle { cycle: 2, .. }));
-    let frozen = run.frozen_at.expect("froze during the dirty cycles");
-    let err = run.source.expect_err("the source must fail");
-    assert!(
-        run.source_done - frozen <= BOUND,
-        "the source gave up {:?} after the freeze: {err}",
-        run.source_done - frozen
-    );
-    assert!(err.source_keeps_authority, "{err}");
-    assert!(!run.suspended, "the VM was never paused");
-    assert_eq!(err.phase, Phase::DirtyCycles, "{err}");
-    assert_link_timeout(&err, Some(Silence::Receiving));
+    let (_, err) = source_gave_up(&run, "during the dirty cycles", Phase::DirtyCycles);
+    assert_link_timeout(err, Some(Silence::Receiving));
 }
 
 #[test]

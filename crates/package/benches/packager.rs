@@ -1,0 +1,2 @@
+//! Packager benchmark (placeholder).
+fn main() {}

@@ -91,7 +91,7 @@ fn migrate_once(dir: &Path, memory: u64, fill: u64, resume: Resume, block: u32) 
     };
     opts.memory.block_size = block;
     opts.memory.cycle_throttle = Duration::from_millis(100);
-    let source = VmMigrationSource::new(vmm.clone(), &mem, opts).unwrap_or_else(|e| panic!("{e}"));
+    let source = VmMigrationSource::new(vmm.clone(), opts).unwrap_or_else(|e| panic!("{e}"));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
     let dst = dir.join("dst");

@@ -40,9 +40,6 @@ pub enum PeerError {
     /// A migration failed.
     #[error(transparent)]
     Migration(#[from] VmMigrationError),
-    /// The VM cannot be migrated out.
-    #[error("this VM cannot be migrated out: {0}")]
-    NotMigratable(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PeerError {
@@ -86,7 +83,6 @@ pub struct PeerOptions {
 /// A running VM owned by this peer.
 pub struct Peer {
     vmm: Arc<Mutex<Vmm>>,
-    memory_file: Option<PathBuf>,
     exit: ExitWaiter,
     incoming: Option<VmMigrationReport>,
 }
@@ -106,18 +102,19 @@ impl Peer {
             }
         }
         let memory_file = dir.join("memory.bin");
-        let (vmm, memory_file, incoming) = match origin {
+        let (vmm, incoming) = match origin {
             Origin::Boot(config) => {
-                remove_stale(&memory_file)?;
+                // Anonymous memory: nothing RAM-sized on disk, and the
+                // migration source reads guest RAM through the VMM's mapping.
                 let vmm = Vmm::boot(
                     config,
                     BuildOptions {
                         console: options.console,
-                        shared_memory_file: Some(memory_file.clone()),
+                        shared_memory_file: None,
                         flat_program: None,
                     },
                 )?;
-                (vmm, Some(memory_file), None)
+                (vmm, None)
             }
             Origin::Snapshot { state, memory } => {
                 copy_memory(&memory, &memory_file)?;
@@ -127,7 +124,7 @@ impl Peer {
                     options.console,
                 )?;
                 vmm.resume()?;
-                (vmm, Some(memory_file), None)
+                (vmm, None)
             }
             Origin::Migrate { raddr } => {
                 let link =
@@ -142,14 +139,13 @@ impl Peer {
                     },
                 )?;
                 let report = incoming.finish_transfer()?;
-                let (vmm, memory_file) = incoming.into_parts()?;
-                (vmm, memory_file, Some(report))
+                let (vmm, _memory_file) = incoming.into_parts()?;
+                (vmm, Some(report))
             }
         };
         let exit = vmm.exit_waiter();
         Ok(Peer {
             vmm: Arc::new(Mutex::new(vmm)),
-            memory_file,
             exit,
             incoming,
         })
@@ -176,12 +172,7 @@ impl Peer {
         observer: Option<Observer>,
         mut on_failure: impl FnMut(&VmMigrationError),
     ) -> Result<VmMigrationReport, PeerError> {
-        let Some(memory_file) = &self.memory_file else {
-            return Err(PeerError::NotMigratable(
-                "its memory is not backed by a file (it resumed at authority)".into(),
-            ));
-        };
-        let mut source = VmMigrationSource::new(self.vmm.clone(), memory_file, options)?;
+        let mut source = VmMigrationSource::new(self.vmm.clone(), options)?;
         if let Some(o) = observer {
             source = source.with_observer(o);
         }

@@ -27,6 +27,14 @@ pub enum VmMigrationError {
         /// The VM's RAM size.
         expected: u64,
     },
+    /// The VMM's guest memory does not add up to the configured RAM.
+    #[error("guest memory holds {actual} bytes, the VM's configuration says {expected}")]
+    GuestMemorySize {
+        /// Bytes mapped.
+        actual: u64,
+        /// Bytes configured.
+        expected: u64,
+    },
     /// A local device could not be opened or used.
     #[error(transparent)]
     Storage(#[from] drafter_storage::StorageError),

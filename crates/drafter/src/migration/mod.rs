@@ -23,6 +23,7 @@
 mod destination;
 mod dirty_source;
 mod error;
+mod guest_memory;
 mod page_provider;
 mod report;
 mod source;
@@ -31,6 +32,7 @@ mod state;
 pub use destination::{DestinationOptions, IncomingVm, Resume, VmMigrationDestination};
 pub use dirty_source::{page_indices, VmMemoryDirtySource};
 pub use error::VmMigrationError;
+pub use guest_memory::GuestMemoryDevice;
 pub use page_provider::LazyPageProvider;
 pub use report::VmMigrationReport;
 pub use source::{SourceOptions, VmMigrationSource};

@@ -12,6 +12,7 @@ use drafter_storage::{
 use drafter_vmm::Vmm;
 
 use super::dirty_source::VmMemoryDirtySource;
+use super::guest_memory::GuestMemoryDevice;
 use super::error::VmMigrationError;
 use super::report::VmMigrationReport;
 use super::state::{StateFrame, DEFAULT_STATE_CAPACITY};
@@ -48,10 +49,9 @@ impl Default for SourceOptions {
     }
 }
 
-/// Migrates a running VM, whose RAM is a MAP_SHARED memory file, to one
-/// destination per [`Self::migrate`] call.
+/// Migrates a running VM to one destination per [`Self::migrate`] call.
 ///
-/// Devices: "memory" (the memory file, dirty pages from KVM's dirty log),
+/// Devices: "memory" (guest RAM, dirty pages from KVM's dirty log),
 /// "state" (the snapshot state, written after the VM is paused so the final
 /// dirty cycle carries it) and `drive/<name>` for each read-only drive.
 /// Writable drives are refused: guest writes to them bypass the engine.
@@ -66,14 +66,11 @@ fn tracked(dev: Arc<dyn BlockDevice>, cfg: &DeviceConfig) -> TrackedDevice {
 }
 
 impl VmMigrationSource {
-    /// Prepares to migrate `vmm`, whose guest RAM is backed by `memory_file`
-    /// (booted with `BuildOptions::shared_memory_file` or restored with
-    /// `RestoreMemory::Shared`).
-    pub fn new(
-        vmm: Arc<Mutex<Vmm>>,
-        memory_file: &Path,
-        options: SourceOptions,
-    ) -> Result<Self, VmMigrationError> {
+    /// Prepares to migrate `vmm`. Guest RAM is read through the VMM's own
+    /// mapping, so any memory backend migrates: anonymous, a MAP_SHARED file,
+    /// or userfaultfd (a VM that resumed at authority moves on once its pages
+    /// arrive; a page still missing is fetched as the engine reads it).
+    pub fn new(vmm: Arc<Mutex<Vmm>>, options: SourceOptions) -> Result<Self, VmMigrationError> {
         let (ram, drives) = {
             let v = vmm.lock().unwrap_or_else(|p| p.into_inner());
             // The VMM sizes guest RAM (all regions together) from the config.
@@ -94,11 +91,16 @@ impl VmMigrationSource {
                 options.drives.clone(),
             ));
         }
-        // Read-only: the engine only reads guest memory; the guest writes it.
-        let file = FileDevice::open_read_only(memory_file, options.memory.block_size)?;
+        // The engine reads guest RAM through the VMM's mapping, whatever
+        // backs it; only the guest writes it.
+        let guest = vmm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .guest_memory()
+            .clone();
+        let file = GuestMemoryDevice::new(guest, options.memory.block_size)?;
         if file.size() != ram {
-            return Err(VmMigrationError::MemoryFileSize {
-                path: memory_file.to_path_buf(),
+            return Err(VmMigrationError::GuestMemorySize {
                 actual: file.size(),
                 expected: ram,
             });
@@ -187,8 +189,7 @@ impl VmMigrationSource {
     }
 
     /// Pauses the VM and captures its state. Guest memory needs no sync: the
-    /// engine reads the MAP_SHARED memory file through the page cache, which
-    /// is the guest's memory itself.
+    /// engine reads it through the VMM's own mapping.
     fn suspend(
         &self,
         state_path: &Path,

@@ -93,7 +93,10 @@ fn malformed_devices_json_is_refused() {
             vec!["invalid devices configuration", "unknown field `output`"],
         ),
         (r#"{"name":"disk"}"#, vec!["invalid devices configuration"]),
-        (r#"[{"name":"a/b","path":"x"}]"#, vec!["invalid device name", "a/b"]),
+        (
+            r#"[{"name":"a/b","path":"x"}]"#,
+            vec!["invalid device name", "a/b"],
+        ),
         (
             r#"[{"name":"manifest.json","path":"x"}]"#,
             vec!["invalid device name", "reserved"],
@@ -183,14 +186,21 @@ fn an_existing_output_needs_force() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = ok(serde_json::from_slice(&out.stdout));
     assert_eq!(report["operation"], "extract");
     assert_eq!(report["bytes"], 65_537 + (2 << 20));
     assert_eq!(report["devices"][0]["name"], "disk");
     for (name, input) in &devs {
         let output = d.join("out").join(name);
-        assert!(ok(std::fs::read(input)) == ok(std::fs::read(&output)), "{name}");
+        assert!(
+            ok(std::fs::read(input)) == ok(std::fs::read(&output)),
+            "{name}"
+        );
     }
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -15,8 +15,7 @@ use std::time::Instant;
 
 use clap::{ArgAction, Parser};
 use drafter_package::{
-    archive, extract, parse_device_specs, DeviceEntry, PackageError, Progress,
-    DEFAULT_DEVICES_JSON,
+    archive, extract, parse_device_specs, DeviceEntry, PackageError, Progress, DEFAULT_DEVICES_JSON,
 };
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 

@@ -80,7 +80,7 @@ struct Sample {
 }
 
 fn migrate_once(dir: &Path, memory: u64, fill: u64, resume: Resume, block: u32) -> Sample {
-    let (vmm, mem) = boot(dir, memory, fill);
+    let (vmm, _) = boot(dir, memory, fill);
     let vmm = Arc::new(Mutex::new(vmm));
     let mut opts = SourceOptions {
         migration: MigrationConfig {

@@ -28,18 +28,18 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// Boots the counting guest with RAM in `dir/mem` and waits until it runs.
-fn boot(dir: &Path, drives: Vec<DriveConfig>) -> (Arc<Mutex<Vmm>>, PathBuf) {
+/// Boots the counting guest (anonymous memory: the migration source reads
+/// guest RAM through the VMM's mapping) and waits until it runs.
+fn boot(drives: Vec<DriveConfig>) -> Arc<Mutex<Vmm>> {
     let mut c = VmConfig::new("/nonexistent-flat-program");
     c.memory_mib = 32;
     c.drives = drives;
-    let mem = dir.join("mem");
     let (tx, rx): (Sender<u8>, Receiver<u8>) = channel();
     let vmm = Vmm::boot(
         c,
         BuildOptions {
             console: Some(Box::new(ChanWriter(tx))),
-            shared_memory_file: Some(mem.clone()),
+            shared_memory_file: None,
             flat_program: Some(COUNT.to_vec()),
         },
     )
@@ -47,7 +47,7 @@ fn boot(dir: &Path, drives: Vec<DriveConfig>) -> (Arc<Mutex<Vmm>>, PathBuf) {
     let got = rx.recv_timeout(Duration::from_secs(20));
     assert_eq!(got.ok(), Some(b'R'), "guest did not start");
     wait_counter_past(&vmm, 0);
-    (Arc::new(Mutex::new(vmm)), mem)
+    Arc::new(Mutex::new(vmm))
 }
 
 fn migration_config(secret: &str) -> MigrationConfig {
@@ -95,8 +95,8 @@ fn joined(dest: Incoming) -> IncomingVm {
 /// from where it stopped, with the source's VM gone.
 fn migrate_and_check(name: &str, resume: Resume) {
     let dir = scratch(name);
-    let (vmm, mem) = boot(&dir, Vec::new());
-    let source = VmMigrationSource::new(vmm.clone(), &mem, source_options("s3cret"))
+    let vmm = boot(Vec::new());
+    let source = VmMigrationSource::new(vmm.clone(), source_options("s3cret"))
         .unwrap_or_else(|e| panic!("{e}"));
     let (link, dest) = receive(dir.join("dst"), "s3cret", resume);
     let report = source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
@@ -162,8 +162,8 @@ fn at_authority_resume_fetches_pages_on_demand() {
 #[test]
 fn wrong_secret_is_refused_and_the_vm_keeps_running_then_a_retry_succeeds() {
     let dir = scratch("secret");
-    let (vmm, mem) = boot(&dir, Vec::new());
-    let source = VmMigrationSource::new(vmm.clone(), &mem, source_options("right"))
+    let vmm = boot(Vec::new());
+    let source = VmMigrationSource::new(vmm.clone(), source_options("right"))
         .unwrap_or_else(|e| panic!("{e}"));
     let (link, dest) = receive(dir.join("dst-wrong"), "wrong", Resume::AfterComplete);
     let err = source.migrate(link).err();
@@ -198,8 +198,8 @@ fn writable_drives_are_refused_with_the_vm_untouched() {
         path: dir.join("disk"),
         read_only: false,
     };
-    let (vmm, mem) = boot(&dir, vec![drive]);
-    let err = VmMigrationSource::new(vmm.clone(), &mem, SourceOptions::default()).err();
+    let vmm = boot(vec![drive]);
+    let err = VmMigrationSource::new(vmm.clone(), SourceOptions::default()).err();
     assert!(
         matches!(&err, Some(VmMigrationError::WritableDrive(n)) if n == "disk"),
         "{err:?}"
@@ -226,9 +226,8 @@ fn read_only_drives_travel_with_the_vm() {
         path: dir.join("oci"),
         read_only: true,
     };
-    let (vmm, mem) = boot(&dir, vec![drive]);
-    let source =
-        VmMigrationSource::new(vmm, &mem, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
+    let vmm = boot(vec![drive]);
+    let source = VmMigrationSource::new(vmm, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
     let (link, dest) = receive(dir.join("dst"), "s", Resume::AtAuthority);
     source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
     let mut incoming = joined(dest);
@@ -492,9 +491,8 @@ fn leftovers_of_a_receive_that_died_are_removed_before_the_next_one() {
     assert!(e.contains("in progress"), "{e}");
     drop(held);
 
-    let (vmm, mem) = boot(&dir, Vec::new());
-    let source =
-        VmMigrationSource::new(vmm, &mem, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
+    let vmm = boot(Vec::new());
+    let source = VmMigrationSource::new(vmm, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
     let (link, dest) = receive(dst.clone(), "s", Resume::AfterComplete);
     source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
     let mut incoming = joined(dest);
@@ -581,9 +579,8 @@ fn garbage_or_missing_state_from_the_wire_is_refused_with_a_named_error() {
 #[test]
 fn a_migrated_vm_migrates_on_from_its_received_memory_file() {
     let dir = scratch("chain");
-    let (vmm, mem) = boot(&dir, Vec::new());
-    let source =
-        VmMigrationSource::new(vmm, &mem, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
+    let vmm = boot(Vec::new());
+    let source = VmMigrationSource::new(vmm, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
     let (link, dest) = receive(dir.join("b"), "s", Resume::AfterComplete);
     source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
     let (vmm_b, mem_b) = joined(dest).into_parts().unwrap_or_else(|e| panic!("{e}"));
@@ -591,7 +588,7 @@ fn a_migrated_vm_migrates_on_from_its_received_memory_file() {
     assert_eq!(mem_b, dir.join("b").join("memory.bin"));
     let on_b = wait_counter_past(&vmm_b, 0);
     let vmm_b = Arc::new(Mutex::new(vmm_b));
-    let source = VmMigrationSource::new(vmm_b.clone(), &mem_b, source_options("s"))
+    let source = VmMigrationSource::new(vmm_b.clone(), source_options("s"))
         .unwrap_or_else(|e| panic!("{e}"));
     let (link, dest) = receive(dir.join("c"), "s", Resume::AfterComplete);
     source
@@ -600,6 +597,38 @@ fn a_migrated_vm_migrates_on_from_its_received_memory_file() {
     let mut on_c = joined(dest);
     let left_b = counter(&vmm_b.lock().unwrap_or_else(|p| p.into_inner()));
     assert!(left_b > on_b);
+    let first = counter(on_c.vmm());
+    assert!(
+        first >= left_b,
+        "C starts at {first}, B stopped at {left_b}"
+    );
+    wait_counter_past(on_c.vmm(), first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 9, defect 8: a VM that resumed at authority (guest RAM filled on
+/// demand through userfaultfd, no memory file) is migrated on once its
+/// pages have arrived, and keeps counting on the third host.
+#[test]
+fn a_vm_that_resumed_at_authority_migrates_on() {
+    let dir = scratch("postcopy-chain");
+    let vmm = boot(Vec::new());
+    let source = VmMigrationSource::new(vmm, source_options("s")).unwrap_or_else(|e| panic!("{e}"));
+    let (link, dest) = receive(dir.join("b"), "s", Resume::AtAuthority);
+    source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
+    let (vmm_b, mem_b) = joined(dest).into_parts().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mem_b, None, "an at-authority resume has no memory file");
+    let on_b = wait_counter_past(&vmm_b, 0);
+    let vmm_b = Arc::new(Mutex::new(vmm_b));
+    let source = VmMigrationSource::new(vmm_b.clone(), source_options("s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (link, dest) = receive(dir.join("c"), "s", Resume::AfterComplete);
+    source
+        .migrate(link)
+        .unwrap_or_else(|e| panic!("second hop: {e}"));
+    let mut on_c = joined(dest);
+    let left_b = counter(&vmm_b.lock().unwrap_or_else(|p| p.into_inner()));
+    assert!(left_b > on_b, "B did not run: {on_b} -> {left_b}");
     let first = counter(on_c.vmm());
     assert!(
         first >= left_b,

@@ -7,9 +7,9 @@
 //! it). Reads race with a running guest, as with any pre-copy: the dirty log
 //! reports every page written after it was read.
 
+use drafter_storage::error::Result;
 use drafter_storage::{BlockDevice, StorageError};
 use drafter_vmm::memory::GuestMemory;
-use drafter_storage::error::Result;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 /// One guest RAM region in the memory file layout.
@@ -130,7 +130,8 @@ mod tests {
         let dev = GuestMemoryDevice::new(mem.guest.clone(), 4096).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(dev.size(), 8 << 20);
         let mut buf = vec![0u8; 3 * 4096];
-        dev.read_at(&mut buf, 2 * 4096).unwrap_or_else(|e| panic!("{e}"));
+        dev.read_at(&mut buf, 2 * 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(buf[..4086].iter().all(|b| *b == 0));
         assert!(buf[4086..9086].iter().all(|b| *b == 7));
         assert!(buf[9086..].iter().all(|b| *b == 0));

@@ -12,8 +12,8 @@ use drafter_storage::{
 use drafter_vmm::Vmm;
 
 use super::dirty_source::VmMemoryDirtySource;
-use super::guest_memory::GuestMemoryDevice;
 use super::error::VmMigrationError;
+use super::guest_memory::GuestMemoryDevice;
 use super::report::VmMigrationReport;
 use super::state::{StateFrame, DEFAULT_STATE_CAPACITY};
 use super::{drive_device_name, MEMORY_DEVICE, STATE_DEVICE};

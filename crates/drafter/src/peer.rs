@@ -161,10 +161,14 @@ impl Peer {
         self.exit.clone()
     }
 
-    /// Accepts peers on `listener` until one receives the VM. A migration
-    /// that fails before authority moved leaves the VM running here;
-    /// `on_failure` hears of it and the next peer is awaited. A failure after
-    /// authority moved is returned (the VM is stopped).
+    /// Accepts peers on `listener` until one receives the VM. `on_failure`
+    /// hears of every failed migration. One that leaves authority here (the
+    /// destination provably does not run the VM) resumes the VM here and the
+    /// next peer is awaited. Any other failure is returned: authority moved
+    /// (the VM is stopped here), or it is unknown (Commit sent, no
+    /// acknowledgement: the VM is kept paused and saved to
+    /// [`SourceOptions::unresolved_dir`], see
+    /// [`VmMigrationError::AuthorityUnknown`]).
     pub fn serve(
         &self,
         listener: &TcpListener,
@@ -187,7 +191,10 @@ impl Peer {
                     tracing::warn!(%peer, error = %e, "migration failed; the VM keeps running here");
                     on_failure(&e);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    on_failure(&e);
+                    return Err(e.into());
+                }
             }
         }
     }

@@ -17,7 +17,7 @@
 //!  DevicesListed{N} ──────────────────────────▶
 //!                                            ◀── DeviceAck{id, has_base} × N
 //!                                            ◀── BaseHashes{id,start,[blake3]}… (if has_base)
-//!  [post-copy: Event(AuthorityTransferred) here, then the full pass is the tail]
+//!  [post-copy: suspend and HandoverOffered here, then the full pass is the tail]
 //!  full pass, least volatile first:
 //!    BlockData{id,idx,zstd?,bytes} | ZeroBlocks{id,start,count}
 //!    | AlreadyHave{id,start,count} ──────────▶  (bulk queue, ≤ 1 block per frame)
@@ -26,17 +26,25 @@
 //!  dirty cycles: Dirty{id,[idx]} then BlockData… ▶  (Dirty invalidates, data refills)
 //!  ── all devices ready: suspend hook (caller pauses the VM) ──
 //!  Dirty{id,[final idx]} ─────────────────────▶
-//!  Event(AuthorityTransferred) ───────────────▶  destination may resume now
-//!                                            ◀── Event(AuthorityAccepted)
-//!  tail: BlockData for the final dirty blocks ▶  (NeedBlock still answered first)
+//!  Event(HandoverOffered) ────────────────────▶  source paused; destination may
+//!  tail: BlockData for the final dirty blocks ▶  fetch and prepare, not write
 //!  [VerifyHashes{id,start,[blake3]}…] ────────▶
 //!  Event(AllSent) ────────────────────────────▶
+//!                                            ◀── Event(ReadyToRun)  (whenever it has what it needs)
+//!  Event(Commit) ─────────────────────────────▶  authority moves when this is *received*
+//!                                            ◀── Event(Running)     (after the VM resumed there)
 //!                                            ◀── [VerifyResult{id,mismatched,sample}…]
-//!                                            ◀── Event(Completed)
-//!  Error{message} may be sent by either side at any point before closing.
+//!                                            ◀── Event(Completed)   (every block present)
+//!  Error{message} may be sent by either side at any point before closing;
+//!  a destination never sends one after it received Commit (except to
+//!  decline a Commit it did not act on: see the migrator module).
 //!  Keepalive{} is sent by either side, at any point after its handshake,
 //!  whenever it has had nothing else to send for a while (version 2).
 //! ```
+//!
+//! The handover (`HandoverOffered`, `ReadyToRun`, `Commit`, `Running`) is a
+//! two-phase commit; its rules, and who holds authority after a fault at each
+//! step, are described in [`crate::migrator`].
 //!
 //! # Liveness
 //!
@@ -52,6 +60,9 @@
 //! The Hello carries [`VERSION`]; peers speaking another version are refused
 //! during the handshake, before any device frame. Version 2 added the
 //! Keepalive frame (a version 1 peer would reject it as an unknown type).
+//! Version 3 replaced the one-way `AuthorityTransferred`/`AuthorityAccepted`
+//! events (authority moved when the source *sent* it) with the acknowledged
+//! handover `HandoverOffered`, `ReadyToRun`, `Commit`, `Running`.
 
 use std::io::{self, Read};
 use std::ops::Deref;
@@ -60,8 +71,9 @@ use crate::device::{block_count, block_len, validate_block_size, MAX_BLOCK_SIZE}
 
 /// Protocol magic, the first bytes of the Hello payload.
 pub const MAGIC: [u8; 4] = *b"DRFT";
-/// Protocol version spoken by this implementation (2: Keepalive frames).
-pub const VERSION: u16 = 2;
+/// Protocol version spoken by this implementation (2: Keepalive frames;
+/// 3: the acknowledged handover).
+pub const VERSION: u16 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 5;
 /// Most devices per migration.
@@ -162,30 +174,43 @@ pub enum ProtocolError {
 pub enum Event {
     /// Source: every block has been sent; nothing follows but verification.
     AllSent,
-    /// Source: the destination now holds authority and may resume.
-    AuthorityTransferred,
-    /// Destination: authority received.
-    AuthorityAccepted,
-    /// Destination: every block is present; the migration is complete.
+    /// Destination: every block is present and the VM runs here; the
+    /// migration is complete.
     Completed,
+    /// Source: the VM is paused and the final dirty lists were sent; the
+    /// destination may fetch blocks and prepare the VM, but not run it.
+    HandoverOffered,
+    /// Destination: it has everything it needs to run the VM (restored and
+    /// paused) and asks for authority.
+    ReadyToRun,
+    /// Source: authority is the destination's; the source never resumes the
+    /// VM after sending this (unless the destination declines it).
+    Commit,
+    /// Destination: the VM runs here (resumed after Commit was received).
+    Running,
 }
 
 impl Event {
     fn code(self) -> u8 {
         match self {
             Event::AllSent => 1,
-            Event::AuthorityTransferred => 2,
-            Event::AuthorityAccepted => 3,
+            // 2 and 3 were version 2's AuthorityTransferred / AuthorityAccepted.
             Event::Completed => 4,
+            Event::HandoverOffered => 5,
+            Event::ReadyToRun => 6,
+            Event::Commit => 7,
+            Event::Running => 8,
         }
     }
 
     fn from_code(c: u8) -> Option<Self> {
         Some(match c {
             1 => Event::AllSent,
-            2 => Event::AuthorityTransferred,
-            3 => Event::AuthorityAccepted,
             4 => Event::Completed,
+            5 => Event::HandoverOffered,
+            6 => Event::ReadyToRun,
+            7 => Event::Commit,
+            8 => Event::Running,
             _ => return None,
         })
     }
@@ -1160,7 +1185,21 @@ mod tests {
             device: 0,
             blocks: vec![1, 5, 9],
         });
-        round_trip(Message::Event(Event::AuthorityTransferred));
+        for e in [
+            Event::AllSent,
+            Event::Completed,
+            Event::HandoverOffered,
+            Event::ReadyToRun,
+            Event::Commit,
+            Event::Running,
+        ] {
+            round_trip(Message::Event(e));
+        }
+        // Version 2's authority events are gone.
+        for code in [2u8, 3] {
+            let frame = [T_EVENT, 1, 0, 0, 0, code];
+            assert!(read_frame(&mut &frame[..]).is_err());
+        }
         round_trip(Message::VerifyHashes {
             device: 0,
             start: 0,

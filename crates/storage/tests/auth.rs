@@ -44,7 +44,7 @@ fn wrong_secret_is_refused_on_both_sides_and_no_device_is_created() {
         .map(|_| ())
     });
     let err = src.migrate(a, || Ok(())).expect_err("refused");
-    assert!(err.source_keeps_authority);
+    assert!(err.source_keeps_authority());
     assert!(err.to_string().contains("authentication failed"), "{err}");
     let derr = dest.join().unwrap().expect_err("refused");
     assert!(derr.to_string().contains("authentication failed"), "{derr}");

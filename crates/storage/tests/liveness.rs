@@ -275,7 +275,7 @@ fn source_gave_up<'a>(run: &'a Run, when: &str, phase: Phase) -> (Instant, &'a M
         "the source gave up {:?} after the freeze: {err}",
         run.source_done - frozen
     );
-    assert!(err.source_keeps_authority, "{err}");
+    assert!(err.source_keeps_authority(), "{err}");
     assert!(!run.suspended, "the VM was never paused");
     assert_eq!(err.phase, phase, "{err}");
     (frozen, err)
@@ -294,7 +294,7 @@ fn frozen_destination_in_full_pass_fails_the_source_within_the_link_timeout() {
     // The destination, cut off from the source's keepalives, gives up too.
     let derr = run.dest.expect_err("the destination must fail");
     assert!(run.dest_done - frozen <= BOUND, "{derr}");
-    assert!(derr.source_keeps_authority, "{derr}");
+    assert!(derr.source_keeps_authority(), "{derr}");
     assert_link_timeout(&derr, Some(Silence::Receiving));
 }
 
@@ -319,7 +319,7 @@ fn frozen_source_after_the_full_pass_fails_the_destination_within_the_link_timeo
         "the destination gave up {:?} after the freeze: {derr}",
         run.dest_done - frozen
     );
-    assert!(derr.source_keeps_authority, "{derr}");
+    assert!(derr.source_keeps_authority(), "{derr}");
     assert_link_timeout(&derr, Some(Silence::Receiving));
     assert!(
         derr.to_string().contains("nothing received from the peer"),
@@ -327,7 +327,7 @@ fn frozen_source_after_the_full_pass_fails_the_destination_within_the_link_timeo
     );
     // The source (which sees the proxy frozen as well) keeps authority.
     let err = run.source.expect_err("the source fails too");
-    assert!(err.source_keeps_authority && !run.suspended, "{err}");
+    assert!(err.source_keeps_authority() && !run.suspended, "{err}");
 }
 
 #[test]
@@ -431,7 +431,7 @@ fn frozen_destination_over_a_unix_socket_fails_the_source_within_the_link_timeou
         "took {:?}: {err}",
         start.elapsed()
     );
-    assert!(err.source_keeps_authority, "{err}");
+    assert!(err.source_keeps_authority(), "{err}");
     assert_eq!(err.phase, Phase::FullPass, "{err}");
     assert_link_timeout(&err, None);
     let _ = release.send(());
@@ -485,7 +485,7 @@ fn frozen_source_over_a_unix_socket_fails_the_destination_within_the_link_timeou
         "took {:?}: {derr}",
         start.elapsed()
     );
-    assert!(derr.source_keeps_authority, "{derr}");
+    assert!(derr.source_keeps_authority(), "{derr}");
     assert_eq!(derr.phase, Phase::FullPass, "{derr}");
     assert_link_timeout(&derr, Some(Silence::Receiving));
     let _ = release.send(());

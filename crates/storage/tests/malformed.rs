@@ -28,12 +28,21 @@ fn cfg() -> MigrationConfig {
 #[derive(Debug, Clone)]
 enum Bad {
     Garbage(Vec<u8>),
-    Oversized { ty: u8, len: u32 },
+    Oversized {
+        ty: u8,
+        len: u32,
+    },
     UnknownType(u8),
-    Truncated { frame: usize, keep: usize },
+    Truncated {
+        frame: usize,
+        keep: usize,
+    },
     BlockIndex(u64),
     BlockLength(usize),
-    ZeroRun { start: u64, count: u64 },
+    ZeroRun {
+        start: u64,
+        count: u64,
+    },
     DirtyIndex(u64),
     DeviceId(u32),
     CompressedGarbage(Vec<u8>),
@@ -41,6 +50,8 @@ enum Bad {
     AlreadyHaveWithoutBase,
     AllSentBeforeAuthority,
     DoubleAuthority,
+    /// Commit without the destination's ReadyToRun.
+    CommitUnasked,
     DeviceInfoAgain,
 }
 
@@ -64,6 +75,7 @@ fn bad() -> impl Strategy<Value = Bad> {
         Just(Bad::AlreadyHaveWithoutBase),
         Just(Bad::AllSentBeforeAuthority),
         Just(Bad::DoubleAuthority),
+        Just(Bad::CommitUnasked),
         Just(Bad::DeviceInfoAgain),
     ]
 }
@@ -111,7 +123,7 @@ fn bad_bytes(b: &Bad) -> Vec<u8> {
                     count: 3,
                 }
                 .to_frame(),
-                _ => Message::Event(Event::AuthorityTransferred).to_frame(),
+                _ => Message::Event(Event::HandoverOffered).to_frame(),
             };
             f[..(*keep).min(f.len() - 1)].to_vec()
         }
@@ -139,10 +151,11 @@ fn bad_bytes(b: &Bad) -> Vec<u8> {
         .to_frame(),
         Bad::AllSentBeforeAuthority => Message::Event(Event::AllSent).to_frame(),
         Bad::DoubleAuthority => {
-            let mut v = Message::Event(Event::AuthorityTransferred).to_frame();
-            v.extend(Message::Event(Event::AuthorityTransferred).to_frame());
+            let mut v = Message::Event(Event::HandoverOffered).to_frame();
+            v.extend(Message::Event(Event::HandoverOffered).to_frame());
             v
         }
+        Bad::CommitUnasked => Message::Event(Event::Commit).to_frame(),
         Bad::DeviceInfoAgain => Message::DeviceInfo(DeviceInfo {
             id: 1,
             name: "x".into(),
@@ -231,7 +244,7 @@ fn attack_source(bytes: &[u8], after_list: bool) -> Result<(), String> {
     p.join().map_err(|_| "peer panicked".to_string())?;
     match r {
         Ok(_) => Err("source completed against a malicious destination".into()),
-        Err(e) if e.source_keeps_authority => Ok(()),
+        Err(e) if e.source_keeps_authority() => Ok(()),
         Err(e) => Err(format!("authority moved: {e}")),
     }
 }
@@ -261,7 +274,8 @@ proptest! {
             Just(Message::DeviceAck { device: 0, has_base: true }.to_frame()),
             (0u64..u64::MAX).prop_map(|start| Message::BaseHashes { device: 0, start, hashes: vec![[0; 32]; 3] }.to_frame()),
             Just(Message::Event(Event::Completed).to_frame()),
-            Just(Message::Event(Event::AuthorityAccepted).to_frame()),
+            Just(Message::Event(Event::Running).to_frame()),
+            Just(Message::Event(Event::ReadyToRun).to_frame()),
             Just(Message::Hello { version: VERSION, nonce: [1; 32] }.to_frame()),
             prop::collection::vec(any::<u8>(), 1..64),
         ], 1..4),

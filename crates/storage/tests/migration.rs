@@ -173,7 +173,13 @@ fn full_pass_sends_the_hottest_blocks_last() {
     let p = std::thread::spawn(move || {
         handshake(&mut peer, Role::Destination, &Secret::default()).unwrap();
         let mut order = Vec::new();
+        let (mut running, mut all_sent) = (false, false);
         loop {
+            if running && all_sent {
+                peer.write_all(&Message::Event(Event::Completed).to_frame())
+                    .unwrap();
+                return order;
+            }
             match read_frame(&mut peer).unwrap() {
                 Message::DevicesListed { .. } => peer
                     .write_all(
@@ -185,14 +191,15 @@ fn full_pass_sends_the_hottest_blocks_last() {
                     )
                     .unwrap(),
                 Message::BlockData { index, .. } => order.push(index),
-                Message::Event(Event::AuthorityTransferred) => peer
-                    .write_all(&Message::Event(Event::AuthorityAccepted).to_frame())
+                Message::Event(Event::HandoverOffered) => peer
+                    .write_all(&Message::Event(Event::ReadyToRun).to_frame())
                     .unwrap(),
-                Message::Event(Event::AllSent) => {
-                    peer.write_all(&Message::Event(Event::Completed).to_frame())
+                Message::Event(Event::Commit) => {
+                    peer.write_all(&Message::Event(Event::Running).to_frame())
                         .unwrap();
-                    return order;
+                    running = true;
                 }
+                Message::Event(Event::AllSent) => all_sent = true,
                 _ => {}
             }
         }

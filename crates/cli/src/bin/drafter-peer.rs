@@ -3,13 +3,11 @@
 //! `--laddr`, live-migrates it to the first peer that connects, then exits.
 //!
 //! Guest serial goes to stdout (as the VM's config says). Progress events go
-//! to stderr as single JSON lines: `{"event":"running"}`,
-//! `{"event":"migrated-in","report":…}`, `{"event":"listening","addr":…}`,
-//! `{"event":"migration-failed","error":…}` (the VM keeps running here),
-//! `{"event":"migrated-out","report":…}`, `{"event":"vm-exited","status":…}`.
+//! to stderr as single JSON lines (see `EVENTS` below, shown by `--help`).
 //!
 //! Exit status: 0 once migrated out or when the guest powers off, 2 when it
-//! reboots, 1 on any error (one line on stderr).
+//! reboots, 3 when a handover ended with authority unknown (the VM was
+//! saved, see `migration-failed`), 1 on any other error (one line on stderr).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -40,9 +38,28 @@ enum MigrationMode {
     PostCopy,
 }
 
+/// What `--help` says about the JSON events on stderr.
+const EVENTS: &str = "\
+Events (stderr, one JSON object a line):
+  {\"event\":\"running\"}                 the VM runs here (booted or restored)
+  {\"event\":\"migrated-in\",\"report\":{..}}  the VM arrived and runs here
+  {\"event\":\"listening\",\"addr\":\"..\"}     waiting for the next peer
+  {\"event\":\"migration-failed\",\"error\":\"..\",\"sourceKeepsVm\":B,\"authority\":A[,\"saved\":{\"state\":P,\"memory\":P}]}
+      A is \"source\": the other peer does not run the VM; it was resumed here
+        (sourceKeepsVm true) and the next peer is awaited.
+      A is \"destination\": the other peer runs it; this peer exits (status 1).
+      A is \"unknown\": the handover was committed but not acknowledged; the
+        other peer runs the VM if the commit reached it. The paused VM is
+        saved (saved.state, saved.memory, under <work-dir>/unresolved) and
+        this peer exits with status 3: restore it with --state/--memory
+        (after moving the files out of the work dir) only if the other peer
+        does not run it.
+  {\"event\":\"migrated-out\",\"report\":{..}}  the other peer runs the VM
+  {\"event\":\"vm-exited\",\"status\":\"..\"}  the guest powered off or rebooted";
+
 /// Start a VM and live-migrate it between peers.
 #[derive(Parser, Debug)]
-#[command(name = "drafter-peer", version)]
+#[command(name = "drafter-peer", version, after_help = EVENTS)]
 struct Args {
     /// Boot a VM from this JSON configuration (drafter-vmm's format).
     #[arg(long, conflicts_with_all = ["state", "raddr"])]
@@ -130,6 +147,7 @@ fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
     o.migration.secret = Secret::new(secret);
     o.migration.compression = a.compress;
     o.migration.link_timeout = a.link_timeout;
+    o.unresolved_dir = Some(a.work_dir.join("unresolved"));
     o.migration.mode = match a.migration_mode {
         MigrationMode::PreCopy => Mode::PreCopy,
         MigrationMode::PostCopy => Mode::PostCopy,
@@ -217,10 +235,27 @@ fn run(a: Args) -> Result<ExitStatus, PeerError> {
         Progress::Cycle { .. } => {}
     });
     let report = peer.serve(&listener, options, Some(observer), |e| {
-        event(
-            "migration-failed",
-            serde_json::json!({ "error": e.to_string() }),
-        )
+        let mut fields = serde_json::json!({
+            "error": e.to_string(),
+            "sourceKeepsVm": e.source_keeps_authority(),
+            "authority": e.authority().to_string(),
+        });
+        if let (
+            drafter::migration::VmMigrationError::AuthorityUnknown {
+                saved: Some(saved), ..
+            },
+            Some(o),
+        ) = (e, fields.as_object_mut())
+        {
+            o.insert(
+                "saved".into(),
+                serde_json::json!({
+                    "state": saved.0.display().to_string(),
+                    "memory": saved.1.display().to_string(),
+                }),
+            );
+        }
+        event("migration-failed", fields)
     });
     bar.finish_and_clear();
     let report = report?;
@@ -256,7 +291,12 @@ fn main() -> ExitCode {
         Ok(status) => ExitCode::from(exit_code(&status) as u8),
         Err(e) => {
             eprintln!("drafter-peer: {e}");
-            ExitCode::from(1)
+            let unknown = matches!(
+                &e,
+                PeerError::Migration(m)
+                    if m.authority() == drafter_storage::migrator::Authority::Unknown
+            );
+            ExitCode::from(if unknown { 3 } else { 1 })
         }
     }
 }

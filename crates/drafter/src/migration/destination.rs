@@ -449,86 +449,97 @@ impl VmMigrationDestination {
             })
             .collect();
         let memory_file = options.memory_file();
-        let fail = |session: &DestinationSession, e: VmMigrationError| {
-            session.abort();
+        // The handover (see `drafter_storage::migrator`): everything the VM
+        // needs is made ready while the source keeps authority, the VM is
+        // restored paused, and it resumes only after Commit arrived. Until
+        // then any failure declines the handover (the source resumes its
+        // VM) and drops `files`, which removes what this receive made.
+        let decline = |e: VmMigrationError| {
+            session.decline(&e.to_string());
             e
         };
-        let (session, storage, resumed) = match options.resume {
-            Resume::AfterComplete => (None, session.wait_complete()?, "after-complete"),
+        match options.resume {
+            Resume::AfterComplete => session.wait_received()?,
             Resume::AtAuthority => {
-                session.wait_authority()?;
-                if let Err(e) = fetch_all(&drives) {
-                    return Err(fail(&session, e));
-                }
-                (Some(session), Default::default(), "at-authority")
+                session.wait_offer()?;
+                fetch_all(&drives).map_err(decline)?;
             }
-        };
+        }
         let start = Instant::now();
         // The drives are put in place before the restore (the VM's
-        // configuration names them); after complete, so are the state and
-        // memory. At authority the state is restored from its partial file,
-        // so a state.bin found here is only replaced by a VM that resumed.
+        // configuration names them). The state and memory are restored from
+        // their partial files, renamed only once the VM runs here: a
+        // declined handover leaves a state.bin or memory.bin found here
+        // alone.
         let prepared = (|| {
             let frame = StateFrame::read_from(&*state)?;
-            let mut state_path = files.write_partial(STATE_FILE, &frame.state)?;
+            let state_path = files.write_partial(STATE_FILE, &frame.state)?;
             for (name, _) in &drives {
                 files.commit(&drive_file(name))?;
             }
-            if options.resume == Resume::AfterComplete {
-                state_path = files.commit(STATE_FILE)?;
-                files.commit(MEMORY_FILE)?;
-                // The VM is all here: its files stay even if the restore fails.
-                files.finish()?;
-            }
             Ok::<_, VmMigrationError>((frame, state_path))
         })();
-        let (frame, state_path) = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                if let Some(s) = &session {
-                    s.abort();
-                }
-                return Err(e);
-            }
-        };
+        let (frame, state_path) = prepared.map_err(decline)?;
         let restore_memory = match options.resume {
-            Resume::AfterComplete => RestoreMemory::Shared(memory_file.clone()),
+            Resume::AfterComplete => {
+                RestoreMemory::Shared(work_dir.join(format!("{MEMORY_FILE}{PARTIAL}")))
+            }
             Resume::AtAuthority => {
                 RestoreMemory::Userfault(Box::new(LazyPageProvider::new(memory.clone())))
             }
         };
-        let restored = restore(
+        let mut vmm = restore(
             &work_dir,
             &state_path,
             memory.size(),
             &drives,
             restore_memory,
             options.console,
-        );
-        let vmm = match restored {
-            Ok(vmm) => vmm,
-            Err(e) => {
-                if let Some(s) = &session {
-                    s.abort();
-                }
-                if options.resume == Resume::AfterComplete {
-                    return Err(VmMigrationError::Restore {
-                        dir: work_dir,
-                        source: Box::new(e),
-                    });
-                }
-                return Err(e);
+        )
+        .map_err(|e| decline(VmMigrationError::Restore(Box::new(e))))?;
+        let restore_millis = start.elapsed().as_secs_f64() * 1e3;
+        // The VM is restored and paused: ask for authority. Without Commit
+        // (within the link timeout) it must not run here.
+        if let Err(e) = session.ready_to_run() {
+            vmm.stop();
+            return Err(e.into());
+        }
+        if let Err(e) = vmm.resume() {
+            // It never ran here: the source resumes its own.
+            vmm.stop();
+            return Err(decline(VmMigrationError::Restore(Box::new(e.into()))));
+        }
+        // The VM runs here now, whatever happens to the link or the files:
+        // nothing from here on stops it.
+        if let Err(e) = session.running() {
+            tracing::warn!(error = %e, "the source may not have heard that the VM runs here");
+        }
+        let mut keep = |name: &str| {
+            if let Err(e) = files.commit(name) {
+                tracing::error!(error = %e, "cannot give a received file its name");
             }
         };
-        let restore_millis = start.elapsed().as_secs_f64() * 1e3;
-        if options.resume == Resume::AtAuthority {
-            if let Err(e) = files.commit(STATE_FILE) {
-                if let Some(s) = &session {
-                    s.abort();
+        keep(STATE_FILE);
+        let (session, storage, files) = match options.resume {
+            Resume::AfterComplete => {
+                // Every block is here: the files are the VM's now (the
+                // mapping of the renamed memory file is the same file).
+                keep(MEMORY_FILE);
+                if let Err(e) = files.finish() {
+                    tracing::error!(error = %e, "cannot finish the receive's file list");
                 }
-                return Err(e);
+                let storage = session.wait_complete().unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "the link failed after the VM resumed here");
+                    Default::default()
+                });
+                (None, storage, None)
             }
-        }
+            Resume::AtAuthority => (Some(session), Default::default(), Some(files)),
+        };
+        let resumed = match options.resume {
+            Resume::AfterComplete => "after-complete",
+            Resume::AtAuthority => "at-authority",
+        };
         let downtime = SystemTime::now()
             .duration_since(frame.paused_at)
             .ok()
@@ -545,7 +556,7 @@ impl VmMigrationDestination {
                 resumed: Some(resumed.into()),
                 ..VmMigrationReport::default()
             },
-            files: (options.resume == Resume::AtAuthority).then_some(files),
+            files,
         })
     }
 }
@@ -570,7 +581,7 @@ fn fetch_all(drives: &[(String, Arc<LazyDevice>)]) -> Result<(), VmMigrationErro
     Ok(())
 }
 
-/// Restores and resumes the VM from the received state file.
+/// Restores the VM from the received state file; it stays paused.
 fn restore(
     work_dir: &Path,
     state_path: &Path,
@@ -600,7 +611,5 @@ fn restore(
         }
         persist::write_state_file(state_path, &snap).map_err(drafter_vmm::Error::from)?;
     }
-    let mut vmm = Vmm::restore(state_path, memory, console)?;
-    vmm.resume()?;
-    Ok(vmm)
+    Ok(Vmm::restore(state_path, memory, console)?)
 }

@@ -2,7 +2,20 @@
 
 use std::path::PathBuf;
 
+use drafter_storage::migrator::Authority;
+
 use super::state::StateFrameError;
+
+fn unresolved_note(saved: Option<&(PathBuf, PathBuf)>) -> String {
+    match saved {
+        Some((state, memory)) => format!(
+            " and saved as {} with {}: restore it from those only if the destination does not run it",
+            state.display(),
+            memory.display()
+        ),
+        None => " until the destination is known not to run it".into(),
+    }
+}
 
 /// Why migrating a VM out or in failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +55,17 @@ pub enum VmMigrationError {
     /// for who holds authority).
     #[error(transparent)]
     Migration(#[from] drafter_storage::MigrationError),
+    /// The handover failed after Commit was sent and before the destination
+    /// acknowledged it: the destination runs the VM if Commit reached it.
+    /// The VM is kept paused on the source (and saved, if `saved` is set)
+    /// until an operator has checked the destination.
+    #[error("{source}; the VM is kept paused here{}", unresolved_note(.saved.as_deref()))]
+    AuthorityUnknown {
+        /// The migration's failure (its authority is unknown).
+        source: drafter_storage::MigrationError,
+        /// The saved snapshot of the paused VM (state file, memory file).
+        saved: Option<Box<(PathBuf, PathBuf)>>,
+    },
     /// The VMM refused an operation.
     #[error("VM: {0}")]
     Vmm(#[from] drafter_vmm::Error),
@@ -51,16 +75,13 @@ pub enum VmMigrationError {
     /// The source did not send a device the VM needs.
     #[error("the source sent no {0:?} device")]
     MissingDevice(String),
-    /// The VM arrived completely but could not be restored here; its state
-    /// and memory files are kept so it can be restored by hand (authority
-    /// has moved: the source no longer runs it).
-    #[error("restoring the received VM failed: {source}; its state.bin and memory.bin are kept in {}", dir.display())]
-    Restore {
-        /// Where the received files are.
-        dir: PathBuf,
-        /// What went wrong.
-        source: Box<VmMigrationError>,
-    },
+    /// The VM arrived but could not be restored or resumed here. The
+    /// destination declined the handover (it never ran the VM), so the
+    /// source keeps running it, and the files this receive made are removed.
+    #[error(
+        "restoring the received VM failed: {0}; the handover was declined: the source keeps the VM"
+    )]
+    Restore(Box<VmMigrationError>),
     /// A local file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -83,9 +104,16 @@ impl VmMigrationError {
     /// True if the VM still runs (or may be resumed) where it was: the
     /// migration failed before authority moved.
     pub fn source_keeps_authority(&self) -> bool {
+        self.authority() == Authority::Source
+    }
+
+    /// Who holds authority after this failure (the source for any failure
+    /// that is not the migration's).
+    pub fn authority(&self) -> Authority {
         match self {
-            VmMigrationError::Migration(e) => e.source_keeps_authority,
-            _ => true,
+            VmMigrationError::Migration(e) => e.authority,
+            VmMigrationError::AuthorityUnknown { .. } => Authority::Unknown,
+            _ => Authority::Source,
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Migrating a running VM out.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use drafter_storage::migrator::Observer;
+use drafter_storage::migrator::{Authority, Observer};
 use drafter_storage::{
     BlockDevice, DeviceConfig, FileDevice, Link, MemoryDevice, MigrationConfig, MigrationSource,
     SourceDevice, TrackedDevice,
@@ -31,6 +31,11 @@ pub struct SourceOptions {
     pub drives: DeviceConfig,
     /// Mode, secret, downtime budget and the rest.
     pub migration: MigrationConfig,
+    /// Where a VM whose handover ended with authority unknown (Commit sent,
+    /// no acknowledgement) is saved (`state.bin`, `memory.bin`), so it can be
+    /// restored here if the destination turns out not to run it. `None`:
+    /// the VM is only kept paused in this process.
+    pub unresolved_dir: Option<PathBuf>,
 }
 
 impl Default for SourceOptions {
@@ -45,6 +50,7 @@ impl Default for SourceOptions {
             state_capacity: DEFAULT_STATE_CAPACITY,
             drives: DeviceConfig::default(),
             migration: MigrationConfig::default(),
+            unresolved_dir: None,
         }
     }
 }
@@ -59,6 +65,7 @@ pub struct VmMigrationSource {
     vmm: Arc<Mutex<Vmm>>,
     state_device: Arc<TrackedDevice>,
     source: MigrationSource,
+    unresolved_dir: Option<PathBuf>,
 }
 
 fn tracked(dev: Arc<dyn BlockDevice>, cfg: &DeviceConfig) -> TrackedDevice {
@@ -131,6 +138,7 @@ impl VmMigrationSource {
             vmm,
             state_device,
             source: MigrationSource::new(devices, options.migration),
+            unresolved_dir: options.unresolved_dir,
         })
     }
 
@@ -140,10 +148,18 @@ impl VmMigrationSource {
         self
     }
 
-    /// Migrates the VM over `link`. On success the VM here is stopped: it
-    /// runs on the destination now. If the migration fails before authority
-    /// moved, the VM is resumed here and the error returned (a later call
-    /// may retry); if it fails after, the VM is stopped here too.
+    /// Migrates the VM over `link`. The VM is paused for the handover and
+    /// stays paused (never stopped) until the destination acknowledged that
+    /// it runs it ([`drafter_storage::migrator`] describes the protocol).
+    /// On success the VM here is stopped: it runs on the destination now.
+    /// On failure, by [`VmMigrationError::authority`]:
+    /// * source: the destination provably does not run it; it is resumed
+    ///   here and may be migrated again later;
+    /// * destination: it runs there; it is stopped here;
+    /// * unknown ([`VmMigrationError::AuthorityUnknown`]): Commit was sent
+    ///   but not acknowledged; it stays paused here (and is saved to
+    ///   [`SourceOptions::unresolved_dir`]) until an operator has checked
+    ///   the destination ([`Self::resume_here`] then resumes it).
     pub fn migrate<L: Link>(&self, link: L) -> Result<VmMigrationReport, VmMigrationError> {
         let scratch = tempfile::Builder::new()
             .prefix("drafter-migration-")
@@ -175,17 +191,46 @@ impl VmMigrationSource {
                     ..VmMigrationReport::default()
                 })
             }
-            Err(e) if e.source_keeps_authority => {
-                if vmm.is_paused() {
-                    vmm.resume()?;
+            Err(e) => match e.authority {
+                Authority::Source => {
+                    if vmm.is_paused() {
+                        vmm.resume()?;
+                    }
+                    Err(e.into())
                 }
-                Err(e.into())
-            }
-            Err(e) => {
-                vmm.stop();
-                Err(e.into())
-            }
+                Authority::Destination => {
+                    vmm.stop();
+                    Err(e.into())
+                }
+                Authority::Unknown => {
+                    // Neither resumed nor stopped: the destination may run it.
+                    let saved = self.unresolved_dir.as_ref().and_then(|dir| {
+                        match save_unresolved(&mut vmm, dir) {
+                            Ok(files) => Some(files),
+                            Err(err) => {
+                                tracing::error!(dir = %dir.display(), error = %err, "cannot save the paused VM of an unresolved handover");
+                                None
+                            }
+                        }
+                    });
+                    tracing::error!(error = %e, "handover unresolved: the VM stays paused here");
+                    Err(VmMigrationError::AuthorityUnknown {
+                        source: e,
+                        saved: saved.map(Box::new),
+                    })
+                }
+            },
         }
+    }
+
+    /// Resumes the VM here after a handover with authority unknown, once an
+    /// operator has made sure the destination does not run it.
+    pub fn resume_here(&self) -> Result<(), VmMigrationError> {
+        let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
+        if vmm.is_paused() {
+            vmm.resume()?;
+        }
+        Ok(())
     }
 
     /// Pauses the VM and captures its state. Guest memory needs no sync: the
@@ -207,4 +252,13 @@ impl VmMigrationSource {
         let state = std::fs::read(state_path).map_err(|e| format!("reading the VM state: {e}"))?;
         Ok(StateFrame { paused_at, state })
     }
+}
+
+/// Saves the paused VM as a snapshot (`state.bin`, `memory.bin`) in `dir`.
+fn save_unresolved(vmm: &mut Vmm, dir: &Path) -> Result<(PathBuf, PathBuf), VmMigrationError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| VmMigrationError::io(format!("creating {}", dir.display()), e))?;
+    let (state, memory) = (dir.join("state.bin"), dir.join("memory.bin"));
+    vmm.snapshot(&state, &memory)?;
+    Ok((state, memory))
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Cause, MigrationConfig, MigrationError};
+use super::{Authority, Cause, MigrationConfig, MigrationError};
 use crate::auth::{handshake, Role};
 use crate::device::{block_len, BlockDevice};
 use crate::lazy::LazyDevice;
@@ -41,23 +41,89 @@ pub struct DestinationDevice {
 /// Accepts migrations.
 pub struct MigrationDestination;
 
+/// The receiver's state machine: where a destination is in the handover
+/// (see the module documentation of [`crate::migrator`] for the diagram).
+/// States only move forward; a failure in any state ends the session, with
+/// authority here exactly when the state had reached [`Self::Committed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HandoverState {
+    /// Receiving the pre-copy stream; the source holds authority and its VM
+    /// may run. Dirty lists are accepted only here.
+    Receiving,
+    /// HandoverOffered arrived: the source's VM is paused and the final
+    /// dirty lists are in. Blocks can be read (missing ones are fetched);
+    /// writes are refused. The caller prepares the VM (restored, paused).
+    Offered,
+    /// ReadyToRun was sent; Commit is awaited for at most the link timeout.
+    /// If it does not come, the session fails and the VM must not run here.
+    Ready,
+    /// Commit arrived: authority is here, devices accept writes. The caller
+    /// resumes the VM, then reports [`DestinationSession::running`] (or
+    /// [`DestinationSession::decline`]s if it could not resume it).
+    Committed,
+    /// Running was sent: the source treats its VM as gone. The tail may
+    /// still be arriving.
+    Running,
+    /// Every block is present and Completed was sent.
+    Complete,
+}
+
 struct DestState {
     phase: Phase,
-    authority: bool,
+    handover: HandoverState,
+    /// AllSent arrived, with every block present.
+    all_sent: bool,
     done: bool,
     error: Option<String>,
     /// Set with `error` when the link timed out.
     timeout: Option<LinkTimeout>,
+    /// Set with `error` when Commit did not follow ReadyToRun in time.
+    commit_timeout: Option<Duration>,
+    /// Set with `error` when the caller declined the handover.
+    declined: Option<String>,
     report: MigrationReport,
 }
 
 impl DestState {
     /// Why the migration failed, if it did.
     fn failure(&self) -> Option<Cause> {
+        if let Some(waited) = self.commit_timeout {
+            return Some(Cause::HandoverTimeout {
+                awaited: "Commit after ReadyToRun",
+                waited,
+            });
+        }
+        if let Some(why) = &self.declined {
+            return Some(Cause::Caller(format!("declined the handover: {why}")));
+        }
         match (&self.error, self.timeout) {
             (_, Some(t)) => Some(Cause::LinkTimeout(t)),
             (Some(e), None) => Some(Cause::Connection(e.clone())),
             (None, None) => None,
+        }
+    }
+
+    /// Who holds authority, as this side knows it.
+    fn authority(&self) -> Authority {
+        if self.handover >= HandoverState::Committed && self.declined.is_none() {
+            Authority::Destination
+        } else {
+            Authority::Source
+        }
+    }
+
+    fn failed(&self, cause: Cause) -> MigrationError {
+        MigrationError {
+            phase: self.phase,
+            authority: self.authority(),
+            cause,
+        }
+    }
+
+    /// Records the first failure only.
+    fn set_error(&mut self, msg: String) {
+        if self.error.is_none() {
+            self.error = Some(msg);
         }
     }
 }
@@ -80,12 +146,18 @@ pub struct DestinationSession {
     shared: Arc<DestShared>,
     reader: Option<JoinHandle<()>>,
     control: Box<dyn Link>,
+    queue: Arc<FrameQueue>,
+    link_timeout: Option<Duration>,
 }
 
 fn failed(phase: Phase, authority: bool, cause: Cause) -> MigrationError {
     MigrationError {
         phase,
-        source_keeps_authority: !authority,
+        authority: if authority {
+            Authority::Destination
+        } else {
+            Authority::Source
+        },
         cause,
     }
 }
@@ -239,10 +311,13 @@ impl MigrationDestination {
         let shared = Arc::new(DestShared {
             state: Mutex::new(DestState {
                 phase: Phase::FullPass,
-                authority: false,
+                handover: HandoverState::Receiving,
+                all_sent: false,
                 done: false,
                 error: None,
                 timeout: None,
+                commit_timeout: None,
+                declined: None,
                 report: MigrationReport {
                     role: "destination".into(),
                     phases: vec![PhaseTiming {
@@ -258,7 +333,7 @@ impl MigrationDestination {
             devices: devices.clone(),
             bases,
             table,
-            queue,
+            queue: queue.clone(),
             shared: shared.clone(),
             received: Arc::new(AtomicU64::new(0)),
             verify: vec![None; devices.len()],
@@ -275,6 +350,8 @@ impl MigrationDestination {
             shared,
             reader: Some(reader),
             control,
+            queue,
+            link_timeout,
         })
     }
 }
@@ -324,40 +401,218 @@ impl DestinationSession {
             .map(|(_, d)| d.clone())
     }
 
-    /// True once authority was transferred here.
-    pub fn has_authority(&self) -> bool {
-        self.shared.lock().authority
+    /// Where the handover is.
+    pub fn state(&self) -> HandoverState {
+        self.shared.lock().handover
     }
 
-    /// Waits until authority is transferred (the VM may then resume here),
-    /// or fails if the migration broke before that.
-    pub fn wait_authority(&self) -> Result<(), MigrationError> {
+    /// True once Commit arrived: authority is here.
+    pub fn has_authority(&self) -> bool {
+        self.shared.lock().authority() == Authority::Destination
+    }
+
+    /// Waits until `done` says so, or the session failed.
+    fn wait_for(&self, done: impl Fn(&DestState) -> bool) -> Result<(), MigrationError> {
         let mut g = self.shared.lock();
         loop {
-            if g.authority {
+            if done(&g) {
                 return Ok(());
             }
             if let Some(cause) = g.failure() {
-                return Err(failed(g.phase, false, cause));
+                return Err(g.failed(cause));
             }
             g = self.shared.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
 
+    /// Waits until the source offers the handover: its VM is paused and the
+    /// final dirty lists are in. Reads (fetching missing blocks) give the
+    /// source's final data from then on.
+    pub fn wait_offer(&self) -> Result<(), MigrationError> {
+        self.wait_for(|g| g.handover >= HandoverState::Offered)
+    }
+
+    /// Waits until the source sent every block (AllSent) and every block is
+    /// present, before or after the handover.
+    pub fn wait_received(&self) -> Result<(), MigrationError> {
+        self.wait_for(|g| g.all_sent)
+    }
+
+    /// Asks for authority (ReadyToRun) once the handover was offered, and
+    /// waits at most the link timeout for Commit. On `Ok` authority is here:
+    /// the caller resumes the VM, then calls [`Self::running`] (or
+    /// [`Self::decline`] if it could not resume it). On an error the VM must
+    /// not run here: the source keeps it.
+    pub fn ready_to_run(&self) -> Result<(), MigrationError> {
+        let mut g = self.shared.lock();
+        if g.handover >= HandoverState::Committed {
+            return Ok(());
+        }
+        if let Some(cause) = g.failure() {
+            return Err(g.failed(cause));
+        }
+        match g.handover {
+            HandoverState::Offered => {
+                if let Err(e) = self
+                    .queue
+                    .push_priority(Message::Event(Event::ReadyToRun).to_frame())
+                {
+                    return Err(g.failed(e.into()));
+                }
+                g.handover = HandoverState::Ready;
+            }
+            HandoverState::Ready => {}
+            _ => {
+                return Err(g.failed(
+                    ProtocolError::Unexpected {
+                        got: "ReadyToRun",
+                        state: "before the source offered the handover",
+                    }
+                    .into(),
+                ))
+            }
+        }
+        let deadline = self.link_timeout.map(|t| (Instant::now() + t, t));
+        loop {
+            if g.handover >= HandoverState::Committed {
+                return Ok(());
+            }
+            if let Some(cause) = g.failure() {
+                return Err(g.failed(cause));
+            }
+            g = match deadline {
+                None => self.shared.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
+                Some((at, waited)) => {
+                    let now = Instant::now();
+                    if now >= at {
+                        // Decided under the lock: a Commit that arrives
+                        // later is never acted on.
+                        g.commit_timeout = Some(waited);
+                        g.set_error(format!("no Commit within {waited:?} of ReadyToRun"));
+                        let err = g.failed(Cause::HandoverTimeout {
+                            awaited: "Commit after ReadyToRun",
+                            waited,
+                        });
+                        drop(g);
+                        self.refuse(&err.to_string());
+                        self.shared.cv.notify_all();
+                        return Err(err);
+                    }
+                    match self.shared.cv.wait_timeout(g, at - now) {
+                        Ok((g, _)) => g,
+                        Err(p) => p.into_inner().0,
+                    }
+                }
+            };
+        }
+    }
+
+    /// Reports that the VM runs here (after Commit). The source then treats
+    /// its VM as gone. If the link is already down, the VM still runs here
+    /// (authority is here since Commit); the error says the source may not
+    /// know.
+    pub fn running(&self) -> Result<(), MigrationError> {
+        let g = self.shared.lock();
+        match g.handover {
+            HandoverState::Committed => {}
+            HandoverState::Running | HandoverState::Complete => return Ok(()),
+            _ => {
+                return Err(g.failed(Cause::Caller(
+                    "running reported without Commit: the VM must not run here".into(),
+                )))
+            }
+        }
+        drop(g);
+        // Written from this thread, so the acknowledgement is in the kernel
+        // when this returns (bounded by the link's write timeout). The
+        // receiver does not send Completed before the state is Running.
+        let sent = self
+            .queue
+            .write_direct(Message::Event(Event::Running).to_frame());
+        let mut g = self.shared.lock();
+        g.handover = HandoverState::Running;
+        let sent = sent.and_then(|()| {
+            if g.all_sent {
+                g.handover = HandoverState::Complete;
+                g.phase = Phase::Complete;
+                self.queue
+                    .push_bulk(Message::Event(Event::Completed).to_frame())
+            } else {
+                Ok(())
+            }
+        });
+        let r = sent.map_err(|e| g.failed(e.into()));
+        drop(g);
+        self.shared.cv.notify_all();
+        r
+    }
+
+    /// Declines the handover: the VM does not run here and never did (the
+    /// caller could not restore or resume it). The source, told so, resumes
+    /// its VM. Refused after [`Self::running`].
+    pub fn decline(&self, reason: &str) {
+        let mut g = self.shared.lock();
+        if g.handover >= HandoverState::Running {
+            tracing::error!(reason, "decline after Running ignored: the VM runs here");
+            return;
+        }
+        g.declined = Some(reason.to_string());
+        g.set_error(format!("declined: {reason}"));
+        drop(g);
+        self.refuse(reason);
+        self.shared.cv.notify_all();
+    }
+
+    /// Tells the source (bounded by the link's write timeout) that the VM
+    /// will not run here, then shuts the link down.
+    fn refuse(&self, reason: &str) {
+        let msg: String = reason.chars().take(crate::protocol::MAX_ERROR).collect();
+        let _ = self
+            .queue
+            .write_direct(Message::Error { message: msg }.to_frame());
+        for (_, d) in &self.devices {
+            d.fail(reason);
+        }
+        self.control.shutdown_link();
+    }
+
+    /// Takes authority as soon as it is offered: [`Self::wait_offer`],
+    /// [`Self::ready_to_run`], then [`Self::running`] (for callers with no
+    /// VM to resume, or whose VM needs nothing but the devices).
+    pub fn wait_authority(&self) -> Result<(), MigrationError> {
+        if self.state() < HandoverState::Committed {
+            self.wait_offer()?;
+            self.ready_to_run()?;
+        }
+        self.running()
+    }
+
     /// Waits until every block is present and the source confirmed the end.
+    /// If authority was not taken yet, it is taken once everything arrived
+    /// ([`Self::wait_received`], [`Self::ready_to_run`], [`Self::running`]).
     pub fn wait_complete(mut self) -> Result<MigrationReport, MigrationError> {
-        let r = {
+        let handover = (|| {
+            if self.state() < HandoverState::Committed {
+                self.wait_received()?;
+                self.ready_to_run()?;
+            }
+            self.running()
+        })();
+        let r = handover.and_then(|()| {
             let mut g = self.shared.lock();
             loop {
                 if g.done {
                     break Ok(g.report.clone());
                 }
                 if let Some(cause) = g.failure() {
-                    break Err(failed(g.phase, g.authority, cause));
+                    break Err(g.failed(cause));
                 }
                 g = self.shared.cv.wait(g).unwrap_or_else(|p| p.into_inner());
             }
-        };
+        });
+        if r.is_err() {
+            self.control.shutdown_link();
+        }
         if let Some(h) = self.reader.take() {
             let _ = h.join();
         }
@@ -447,10 +702,18 @@ impl Receiver {
                 g.done = true;
                 g.phase = Phase::Complete;
             }
+            // Completed went out (by `running`) and the source closed.
+            Err(_) if g.handover == HandoverState::Complete => {
+                g.done = true;
+                g.phase = Phase::Complete;
+            }
             Err(e) => {
                 let msg = e.to_string();
                 tracing::warn!(phase = %g.phase, error = %msg, "incoming migration failed");
-                if !e.link_is_gone() {
+                // An Error frame tells the source that the VM does not run
+                // here: never sent once Commit arrived (the caller may be
+                // resuming the VM right now).
+                if !e.link_is_gone() && g.handover < HandoverState::Committed {
                     let _ = writer.queue().push_priority(
                         Message::Error {
                             message: msg.clone(),
@@ -464,9 +727,11 @@ impl Receiver {
                     d.fail(&msg);
                 }
                 if let Cause::LinkTimeout(t) = e {
-                    g.timeout = Some(t);
+                    if g.error.is_none() {
+                        g.timeout = Some(t);
+                    }
                 }
-                g.error = Some(msg);
+                g.set_error(msg);
             }
         }
         drop(g);
@@ -485,8 +750,11 @@ impl Receiver {
         Ok(&self.devices[id as usize].1)
     }
 
+    fn state(&self) -> HandoverState {
+        self.shared.lock().handover
+    }
+
     fn receive(&mut self, r: &mut impl Read) -> Result<(), Cause> {
-        let mut authority = false;
         let mut spare = Vec::new();
         loop {
             let msg = match read_frame_or_block(r, std::mem::take(&mut spare))? {
@@ -566,7 +834,7 @@ impl Receiver {
                     }
                     self.shared.lock().report.already_have_blocks += count;
                 }
-                Message::Dirty { device, blocks } if !authority => {
+                Message::Dirty { device, blocks } if self.state() == HandoverState::Receiving => {
                     let lazy = self.lazy(device)?;
                     for &b in &blocks {
                         self.table.check_block(device, b)?;
@@ -575,26 +843,51 @@ impl Receiver {
                         lazy.invalidate(b);
                     }
                 }
-                Message::Event(Event::AuthorityTransferred) if !authority => {
-                    authority = true;
+                Message::Event(Event::HandoverOffered)
+                    if self.state() == HandoverState::Receiving =>
+                {
+                    self.set_phase(Phase::Tail);
+                    self.shared.lock().handover = HandoverState::Offered;
+                    self.shared.cv.notify_all();
+                }
+                Message::Event(Event::Commit) => {
+                    let mut g = self.shared.lock();
+                    if g.error.is_some() {
+                        // The caller gave up waiting (or declined) first:
+                        // this Commit is never acted on.
+                        return Err(Cause::Connection(
+                            "Commit arrived after the handover was abandoned".into(),
+                        ));
+                    }
+                    if g.handover != HandoverState::Ready {
+                        return Err(ProtocolError::Unexpected {
+                            got: "Commit",
+                            state: "without ReadyToRun",
+                        }
+                        .into());
+                    }
                     for (_, d) in &self.devices {
                         d.set_authoritative();
                     }
-                    self.queue
-                        .push_priority(Message::Event(Event::AuthorityAccepted).to_frame())?;
-                    self.set_phase(Phase::AuthorityTransferred);
-                    self.shared.lock().authority = true;
+                    g.handover = HandoverState::Committed;
+                    let millis = self.start.elapsed().as_secs_f64() * 1e3;
+                    g.report.phases.push(PhaseTiming {
+                        phase: Phase::AuthorityTransferred,
+                        millis,
+                    });
+                    g.phase = Phase::AuthorityTransferred;
+                    drop(g);
                     self.shared.cv.notify_all();
                 }
                 Message::VerifyHashes {
                     device,
                     start,
                     hashes,
-                } if authority => {
+                } if self.state() >= HandoverState::Offered => {
                     self.table.check_run(device, start, hashes.len() as u64)?;
                     self.check_hashes(device, start, &hashes)?;
                 }
-                Message::Event(Event::AllSent) if authority => {
+                Message::Event(Event::AllSent) if self.state() >= HandoverState::Offered => {
                     for (info, d) in &self.devices {
                         if d.missing_blocks() != 0 {
                             return Err(ProtocolError::OutOfRange(format!(
@@ -617,10 +910,19 @@ impl Receiver {
                             )?;
                         }
                     }
-                    self.queue
-                        .push_bulk(Message::Event(Event::Completed).to_frame())?;
-                    self.set_phase(Phase::Complete);
-                    return Ok(());
+                    let mut g = self.shared.lock();
+                    g.all_sent = true;
+                    if g.handover == HandoverState::Running {
+                        self.queue
+                            .push_bulk(Message::Event(Event::Completed).to_frame())?;
+                        g.handover = HandoverState::Complete;
+                        drop(g);
+                        self.set_phase(Phase::Complete);
+                        return Ok(());
+                    }
+                    drop(g);
+                    // Running (and Completed) come from the caller.
+                    self.shared.cv.notify_all();
                 }
                 Message::Error { message } => return Err(ProtocolError::Peer(message).into()),
                 // The source is alive; nothing else to do.
@@ -628,10 +930,12 @@ impl Receiver {
                 m => {
                     return Err(ProtocolError::Unexpected {
                         got: m.kind(),
-                        state: if authority {
-                            "after authority transfer"
-                        } else {
-                            "before authority transfer"
+                        state: match self.state() {
+                            HandoverState::Receiving => "before the handover offer",
+                            HandoverState::Offered | HandoverState::Ready => {
+                                "after the handover offer"
+                            }
+                            _ => "after Commit",
                         },
                     }
                     .into())

@@ -6,7 +6,9 @@ mod destination;
 mod source;
 
 pub use config::{DeviceConfig, MigrationConfig, Mode};
-pub use destination::{DestinationDevice, DestinationSession, Initial, MigrationDestination};
+pub use destination::{
+    DestinationDevice, DestinationSession, HandoverState, Initial, MigrationDestination,
+};
 pub use source::{MigrationSource, SourceDevice};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +41,19 @@ pub enum Cause {
     /// ([`MigrationConfig::link_timeout`]).
     #[error(transparent)]
     LinkTimeout(#[from] LinkTimeout),
+    /// The peer is alive but a handover step it owes did not come within
+    /// the link timeout (a destination that got no Commit after ReadyToRun,
+    /// a source that got no Running after Commit).
+    #[error("handover: no {awaited} within {:.1} s", .waited.as_secs_f64())]
+    HandoverTimeout {
+        /// The event that did not come.
+        awaited: &'static str,
+        /// How long it was awaited.
+        waited: std::time::Duration,
+    },
+    /// The destination declined the handover: it does not run the VM.
+    #[error("the destination declined the handover: {0}")]
+    Declined(String),
 }
 
 impl Cause {
@@ -53,6 +68,8 @@ impl Cause {
                     | ProtocolError::Closed
                     | ProtocolError::TimedOut
             ) | Cause::LinkTimeout(_)
+                | Cause::HandoverTimeout { .. }
+                | Cause::Declined(_)
         )
     }
 
@@ -89,19 +106,67 @@ impl From<WriterStopped> for Cause {
     }
 }
 
+/// Who holds authority (who may run the VM) after a failed migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Authority {
+    /// The source: the destination provably does not run the VM (it never
+    /// received Commit, or it declined it). The caller resumes the VM and
+    /// may retry.
+    Source,
+    /// The destination: it acknowledged that it runs the VM (Running). The
+    /// source must never resume it.
+    Destination,
+    /// Commit was sent but neither Running nor a refusal came back before
+    /// the link failed: the destination runs the VM if it received Commit,
+    /// and does not if it did not. The source must keep its VM paused (not
+    /// resumed, not destroyed) until an operator has checked the
+    /// destination.
+    Unknown,
+}
+
+impl std::fmt::Display for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Authority::Source => "source",
+            Authority::Destination => "destination",
+            Authority::Unknown => "unknown",
+        })
+    }
+}
+
+fn authority_note(a: Authority) -> &'static str {
+    match a {
+        Authority::Source => "",
+        Authority::Destination => " (authority was handed over: do not resume the source)",
+        Authority::Unknown => {
+            " (authority unknown: Commit was sent but not acknowledged; keep the source \
+             paused until the destination is known not to run the VM)"
+        }
+    }
+}
+
 /// A failed migration: where it failed and who holds authority now.
 #[derive(Debug, thiserror::Error)]
-#[error("migration failed during {phase}: {cause}{}", if *.source_keeps_authority { "" } else { " (authority was handed over: do not resume the source)" })]
+#[error("migration failed during {phase}: {cause}{}", authority_note(*.authority))]
 pub struct MigrationError {
     /// Phase in which it failed.
     pub phase: Phase,
-    /// True if authority was never handed over: the caller may resume the
-    /// source VM and retry later. False once the authority frame may have
-    /// reached the destination.
-    pub source_keeps_authority: bool,
+    /// Who holds authority now. On a destination this is
+    /// [`Authority::Destination`] once it received Commit, and
+    /// [`Authority::Source`] otherwise (it never runs the VM then).
+    pub authority: Authority,
     /// What went wrong.
     #[source]
     pub cause: Cause,
+}
+
+impl MigrationError {
+    /// True if the source holds authority: the caller may (and should)
+    /// resume the source VM, and may retry later.
+    pub fn source_keeps_authority(&self) -> bool {
+        self.authority == Authority::Source
+    }
 }
 
 /// Progress notifications for observers (progress bars, fault injection).

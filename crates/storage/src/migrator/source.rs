@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{
-    CancelHandle, Cause, DeviceConfig, MigrationConfig, MigrationError, Mode, Observer, Progress,
+    Authority, CancelHandle, Cause, DeviceConfig, MigrationConfig, MigrationError, Mode, Observer,
+    Progress,
 };
 use crate::auth::{handshake, Role};
 use crate::device::{block_len, is_zero, BlockDevice};
@@ -93,8 +94,12 @@ impl MigrationSource {
 
     /// Migrates every device over `link`. `suspend` is called once all
     /// devices are ready (pre-copy) or right away (post-copy); it must pause
-    /// the VM and flush its memory into the devices. After an error with
-    /// `source_keeps_authority`, the caller may resume the VM and retry.
+    /// the VM and flush its memory into the devices. The VM stays paused
+    /// until this returns: on success the destination runs it (it sent
+    /// Running and Completed); on an error, [`MigrationError::authority`]
+    /// says what to do with it ([`Authority::Source`]: resume it and maybe
+    /// retry; [`Authority::Destination`]: stop it; [`Authority::Unknown`]:
+    /// keep it paused until an operator checked the destination).
     pub fn migrate<L: Link>(
         &self,
         link: L,
@@ -109,8 +114,7 @@ impl MigrationSource {
             shared: None,
             rx: None,
             writer: None,
-            authority_pushed: false,
-            accepted: false,
+            running: false,
             completed: false,
             acks: 0,
             bases: vec![None; self.devices.len()],
@@ -134,23 +138,37 @@ impl MigrationSource {
                 } else {
                     cause
                 };
+                // Settled before the link goes down, so the reader can no
+                // longer send Commit once authority is decided to stay here.
+                let authority = run
+                    .shared
+                    .as_ref()
+                    .map_or(Authority::Source, |s| s.settle());
+                // A refusal explains the failure better than the broken
+                // pipe the main thread may have seen first.
+                let declined = run.shared.as_ref().and_then(|s| {
+                    s.declined_because
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                });
+                let cause = match declined {
+                    Some(why) if authority == Authority::Source => Cause::Declined(why),
+                    _ => cause,
+                };
                 if let Some(mut w) = run.writer.take() {
                     w.abort();
                 }
-                let flushed = run
-                    .shared
-                    .as_ref()
-                    .is_some_and(|s| s.queue.counters.of(crate::protocol::T_EVENT) > 0);
                 if let Some(c) = &run.control {
                     c.shutdown_link();
                 }
                 if let Some(h) = run.reader.take() {
                     let _ = h.join();
                 }
-                tracing::warn!(phase = %run.phase, error = %cause, "migration failed");
+                tracing::warn!(phase = %run.phase, error = %cause, %authority, "migration failed");
                 Err(MigrationError {
                     phase: run.phase,
-                    source_keeps_authority: !(run.authority_pushed && flushed),
+                    authority,
                     cause,
                 })
             }
@@ -168,10 +186,33 @@ struct Dev {
     base: Mutex<Option<Arc<Vec<[u8; 32]>>>>,
 }
 
+/// The source's side of the handover (see the module documentation of
+/// [`crate::migrator`]): authority is decided from this state alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handover {
+    /// The VM may still run here; no handover offered yet.
+    NotOffered,
+    /// HandoverOffered queued: the VM is paused; no Commit sent.
+    Offered,
+    /// Commit handed to the link at this instant (it may have arrived).
+    CommitSent(Instant),
+    /// The destination refused (an Error frame before Running): it does not
+    /// run the VM, so authority stays here even if Commit was sent.
+    Declined,
+    /// The destination acknowledged that it runs the VM.
+    Running,
+    /// The migration failed before Commit was sent: no Commit will be.
+    Aborted,
+}
+
 struct Shared {
     devs: Vec<Dev>,
     table: DeviceTable,
     queue: Arc<FrameQueue>,
+    handover: Mutex<Handover>,
+    /// Why the destination declined the handover, if it did.
+    declined_because: Mutex<Option<String>>,
+    cancel: CancelHandle,
     compression: bool,
     served: AtomicU64,
     data_blocks: AtomicU64,
@@ -187,6 +228,77 @@ enum Block {
 }
 
 impl Shared {
+    fn handover(&self) -> std::sync::MutexGuard<'_, Handover> {
+        self.handover.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers ReadyToRun: sends Commit if the handover was offered and the
+    /// migration is still going. Returns whether Commit was sent.
+    fn commit(&self) -> Result<bool, Cause> {
+        let mut h = self.handover();
+        match *h {
+            Handover::Offered => {
+                if self.cancel.is_cancelled() || self.queue.failure().is_some() {
+                    // The main thread fails and settles authority here.
+                    return Ok(false);
+                }
+                // From the first byte written, Commit may reach the peer.
+                *h = Handover::CommitSent(Instant::now());
+                self.queue
+                    .write_direct(Message::Event(Event::Commit).to_frame())?;
+                Ok(true)
+            }
+            Handover::Aborted => Ok(false),
+            _ => Err(ProtocolError::Unexpected {
+                got: "ReadyToRun",
+                state: "before the handover was offered or after Commit",
+            }
+            .into()),
+        }
+    }
+
+    /// Running arrived: the destination runs the VM.
+    fn running(&self) -> Result<(), Cause> {
+        let mut h = self.handover();
+        match *h {
+            Handover::CommitSent(_) => {
+                *h = Handover::Running;
+                Ok(())
+            }
+            _ => Err(ProtocolError::Unexpected {
+                got: "Running",
+                state: "before Commit",
+            }
+            .into()),
+        }
+    }
+
+    /// An Error frame arrived: before Running it means the destination does
+    /// not run the VM (it never sends one after acting on Commit).
+    /// Returns true if the handover was under way.
+    fn declined(&self) -> bool {
+        let mut h = self.handover();
+        let during = matches!(*h, Handover::Offered | Handover::CommitSent(_));
+        if during {
+            *h = Handover::Declined;
+        }
+        during
+    }
+
+    /// The migration failed: decides who holds authority, and makes sure no
+    /// Commit is sent after a decision that it stays here.
+    fn settle(&self) -> Authority {
+        let mut h = self.handover();
+        match *h {
+            Handover::NotOffered | Handover::Offered | Handover::Aborted | Handover::Declined => {
+                *h = Handover::Aborted;
+                Authority::Source
+            }
+            Handover::CommitSent(_) => Authority::Unknown,
+            Handover::Running => Authority::Destination,
+        }
+    }
+
     /// Reads and classifies block `idx`; the caller holds the device's send lock.
     fn classify(&self, dev: u32, idx: u64) -> Result<Block, Cause> {
         let d = &self.devs[dev as usize];
@@ -299,11 +411,41 @@ fn reader_loop(
                 }
             }
             Ok(Message::Error { message }) => {
-                let _ = tx.send(Err(ProtocolError::Peer(message).into()));
+                let cause = if shared.declined() {
+                    *shared
+                        .declined_because
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+                    Cause::Declined(message)
+                } else {
+                    ProtocolError::Peer(message).into()
+                };
+                let _ = tx.send(Err(cause));
                 return;
             }
             // The destination is alive; nothing else to do.
             Ok(Message::Keepalive) => {}
+            // Answered here, not by the main thread (which may be busy
+            // pushing the tail), so Commit follows ReadyToRun at once.
+            Ok(Message::Event(Event::ReadyToRun)) => match shared.commit() {
+                Ok(true) => {
+                    if tx.send(Ok(Message::Event(Event::Commit))).is_err() {
+                        return;
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            },
+            Ok(Message::Event(Event::Running)) => {
+                let r = shared.running().map(|()| Message::Event(Event::Running));
+                let failed = r.is_err();
+                if tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
             Ok(m) => {
                 if tx.send(Ok(m)).is_err() {
                     return;
@@ -347,8 +489,8 @@ struct Run<'a> {
     shared: Option<Arc<Shared>>,
     rx: Option<Receiver<Result<Message, Cause>>>,
     writer: Option<FrameWriter>,
-    authority_pushed: bool,
-    accepted: bool,
+    /// The destination acknowledged that it runs the VM.
+    running: bool,
     completed: bool,
     acks: usize,
     bases: Vec<Option<Vec<[u8; 32]>>>,
@@ -490,8 +632,13 @@ impl Run<'_> {
                 }
                 self.acks += 1;
             }
-            Message::Event(Event::AuthorityAccepted) if self.authority_pushed && !self.accepted => {
-                self.accepted = true;
+            // Commit was sent by the reader thread (see `Shared::commit`).
+            Message::Event(Event::Commit) => {
+                self.notify(&Progress::Phase(Phase::AuthorityTransferred));
+            }
+            // Checked by the reader thread (see `Shared::running`).
+            Message::Event(Event::Running) if !self.running => {
+                self.running = true;
                 if let Some(t) = self.downtime_start {
                     self.downtime = t.elapsed();
                 }
@@ -505,7 +652,7 @@ impl Run<'_> {
                 shared.table.device(device)?;
                 self.verify[device as usize] = Some((mismatched, sample));
             }
-            Message::Event(Event::Completed) if self.accepted => self.completed = true,
+            Message::Event(Event::Completed) if self.running => self.completed = true,
             other => {
                 return Err(ProtocolError::Unexpected {
                     got: other.kind(),
@@ -691,6 +838,9 @@ impl Run<'_> {
                 .collect(),
             table: DeviceTable::new(infos.clone()),
             queue: writer.queue().clone(),
+            handover: Mutex::new(Handover::NotOffered),
+            declined_because: Mutex::new(None),
+            cancel: src.cancel.clone(),
             compression: cfg.compression,
             served: AtomicU64::new(0),
             data_blocks: AtomicU64::new(0),
@@ -741,7 +891,7 @@ impl Run<'_> {
             self.enter(Phase::Suspend);
             self.downtime_start = Some(Instant::now());
             suspend().map_err(Cause::Caller)?;
-            self.transfer_authority()?;
+            self.offer()?;
             self.enter(Phase::Tail);
             for dev in 0..n {
                 let order: Vec<u64> = (0..infos[dev as usize].blocks()).collect();
@@ -773,12 +923,12 @@ impl Run<'_> {
                 finals.push(d);
             }
             if cfg.final_data_before_authority {
-                // Stop-and-copy tail: longer downtime, no post-copy faults.
+                // Stop-and-copy tail: no post-copy faults.
                 for (dev, list) in std::mem::take(&mut finals).iter().enumerate() {
                     self.pass(dev as u32, list)?;
                 }
             }
-            self.transfer_authority()?;
+            self.offer()?;
             self.enter(Phase::Tail);
             for (dev, list) in finals.iter().enumerate() {
                 self.pass(dev as u32, list)?;
@@ -791,8 +941,21 @@ impl Run<'_> {
             }
         }
         self.push_bulk(&Message::Event(Event::AllSent))?;
+        // The destination asks for authority (ReadyToRun) when it has what
+        // it needs; the reader answers with Commit. With every block sent,
+        // ReadyToRun must come within the link timeout (the VM is paused
+        // meanwhile), and Running within the link timeout of Commit.
+        let all_sent = Instant::now();
         while !self.completed {
             self.poll(Some(Instant::now() + Duration::from_millis(100)))?;
+            let (awaited, waited) = match *shared.handover() {
+                Handover::Offered => ("ReadyToRun after AllSent", all_sent.elapsed()),
+                Handover::CommitSent(at) => ("Running acknowledgement after Commit", at.elapsed()),
+                _ => continue,
+            };
+            if let Some(t) = link_timeout.filter(|t| waited > *t) {
+                return Err(Cause::HandoverTimeout { awaited, waited: t });
+            }
         }
         if let Some(mut w) = self.writer.take() {
             // The destination has everything; late need-block replies it no
@@ -819,17 +982,20 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Hands authority over. The phase only becomes AuthorityTransferred once
-    /// the event has left this host; a failure before that leaves authority here.
-    fn transfer_authority(&mut self) -> Result<(), Cause> {
+    /// Offers the handover: the VM is paused and the final dirty lists are
+    /// queued. The destination may now prepare the VM; it gets authority
+    /// only with Commit, sent when it answers ReadyToRun.
+    fn offer(&mut self) -> Result<(), Cause> {
         self.flush_run()?;
-        let queue = self.queue()?;
-        queue.drain()?;
         self.poll(None)?;
-        self.authority_pushed = true;
-        self.push_bulk(&Message::Event(Event::AuthorityTransferred))?;
-        queue.drain()?;
-        self.enter(Phase::AuthorityTransferred);
+        let shared = self.shared()?;
+        let mut h = shared.handover();
+        if *h != Handover::NotOffered {
+            return Err(proto("handover offered twice"));
+        }
+        *h = Handover::Offered;
+        drop(h);
+        self.push_bulk(&Message::Event(Event::HandoverOffered))?;
         Ok(())
     }
 

@@ -141,7 +141,23 @@ pub fn spawn_destination(
     std::thread::spawn(move || MigrationDestination::accept(link, &config, memory_factory))
 }
 
-/// Runs a source over a Unix socket pair against a memory destination.
+/// Starts a destination that takes authority as soon as the source offers
+/// it (what a post-copy reader or a VM resumed at authority does); the
+/// session is returned either way.
+pub fn spawn_taking_destination(
+    link: UnixStream,
+    config: MigrationConfig,
+) -> JoinHandle<Result<DestinationSession, MigrationError>> {
+    std::thread::spawn(move || {
+        let s = MigrationDestination::accept(link, &config, memory_factory)?;
+        // A failure shows in the session's later calls.
+        let _ = s.wait_authority();
+        Ok(s)
+    })
+}
+
+/// Runs a source over a Unix socket pair against a memory destination that
+/// takes authority when offered.
 pub fn run_pair(
     source: &MigrationSource,
     dest_config: MigrationConfig,
@@ -151,7 +167,7 @@ pub fn run_pair(
     Result<DestinationSession, MigrationError>,
 ) {
     let (a, b) = UnixStream::pair().unwrap();
-    let dest = spawn_destination(b, dest_config);
+    let dest = spawn_taking_destination(b, dest_config);
     let r = source.migrate(a, suspend);
     (r, dest.join().unwrap())
 }

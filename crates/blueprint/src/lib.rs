@@ -14,6 +14,7 @@ pub mod oci;
 pub mod os;
 pub mod progress;
 pub mod registry;
+pub mod testing;
 pub mod tree;
 
 pub use error::{BlueprintError, Result};

@@ -14,91 +14,15 @@ use std::time::{Duration, Instant};
 
 use drafter_blueprint::oci::{convert, ImageSource, OciOptions};
 use drafter_blueprint::os::is_static_elf;
+use drafter_blueprint::testing;
 use drafter_guest::{AgentServer, LivenessServer};
 use drafter_vmm::config::{DriveConfig, NetConfig, VsockConfig};
 use drafter_vmm::{BuildOptions, VmConfig, Vmm};
-use serde_json::json;
 
 const SLOW: Duration = Duration::from_secs(600);
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A one-layer image of the host's Debian `redis-server` and its libraries.
-fn redis_layout(dir: &Path) {
-    let server = fs::canonicalize("/usr/bin/redis-server").expect("redis-server must be installed");
-    let ldd = Command::new("ldd").arg(&server).output().unwrap();
-    let mut files: Vec<(String, PathBuf)> = vec![("usr/bin/redis-server".into(), server)];
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let path = line
-            .split("=>")
-            .last()
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap_or("");
-        if path.starts_with('/') {
-            let name = Path::new(path)
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            files.push((
-                format!("lib/x86_64-linux-gnu/{name}"),
-                fs::canonicalize(path).unwrap(),
-            ));
-        }
-    }
-    files.push((
-        "lib64/ld-linux-x86-64.so.2".into(),
-        fs::canonicalize("/lib64/ld-linux-x86-64.so.2").unwrap(),
-    ));
-    let mut b = tar::Builder::new(Vec::new());
-    for d in ["tmp/", "data/", "etc/"] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(0o1777);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(0);
-        b.append_data(&mut h, d, &[][..]).unwrap();
-    }
-    let mut add = |path: &str, data: &[u8], mode: u32| {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(data.len() as u64);
-        b.append_data(&mut h, path, data).unwrap();
-    };
-    for (path, src) in &files {
-        add(path, &fs::read(src).unwrap(), 0o755);
-    }
-    add(
-        "etc/passwd",
-        b"root:x:0:0:root:/:/bin/false\nredis:x:999:999::/data:/bin/false\n",
-        0o644,
-    );
-    add("etc/group", b"root:x:0:\nredis:x:999:\n", 0o644);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&b.into_inner().unwrap()).unwrap();
-    let config = json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {
-            "Entrypoint": ["/usr/bin/redis-server"],
-            "Cmd": ["--protected-mode", "no", "--bind", "0.0.0.0", "--save", "", "--dir", "/data"],
-            "User": "redis",
-            "WorkingDir": "/data",
-        },
-    });
-    common::TestImage {
-        layers: vec![(gz.finish().unwrap(), common::GZ_LAYER.into())],
-        config: serde_json::to_vec(&config).unwrap(),
-    }
-    .write_layout(dir);
 }
 
 struct Lines(Sender<String>, Vec<u8>);
@@ -126,23 +50,14 @@ fn sh(cmd: &str) -> std::process::Output {
     Command::new("sh").arg("-c").arg(cmd).output().unwrap()
 }
 
-const BEFORE_SUSPEND: &str = "echo suspend-$(hostname) > /run/hook-state; cat /run/hook-state";
-const AFTER_RESUME: &str = "echo resumed-after-$(cat /run/hook-state)";
-
 /// Where [`prepare_lab_os_blueprint`] leaves the blueprint for the lab test.
 fn blueprint_dir() -> PathBuf {
-    repo_root().join("target/blueprint/lab-os")
+    testing::lab_os_dir(&repo_root())
 }
 
 /// True when the blueprint exists and is newer than this test binary.
 fn blueprint_is_fresh(out: &Path) -> bool {
-    let built = fs::metadata(out.join("rootfs.ext4"))
-        .and_then(|m| m.modified())
-        .ok();
-    let exe = fs::metadata(std::env::current_exe().unwrap())
-        .and_then(|m| m.modified())
-        .ok();
-    built.is_some() && built >= exe
+    testing::lab_os_is_fresh(out, &std::env::current_exe().unwrap())
 }
 
 /// Host side of the lab test (run by `cargo xtask test` before the lab
@@ -155,17 +70,12 @@ fn prepare_lab_os_blueprint() {
     if !blueprint_is_fresh(&out) {
         // Exactly what a user runs (issue 5, done-when 5): no guest binaries
         // or kernel given, so the tool finds or fetches and builds them.
-        let status = Command::new(env!("CARGO_BIN_EXE_drafter-blueprint"))
-            .current_dir(repo_root())
-            .arg("os")
-            .arg("--out-dir")
-            .arg(&out)
-            .args(["--before-suspend-cmd", BEFORE_SUSPEND])
-            .args(["--after-resume-cmd", AFTER_RESUME])
-            .args(["--headroom-mib", "64"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "drafter-blueprint os failed");
+        testing::build_lab_os(
+            Path::new(env!("CARGO_BIN_EXE_drafter-blueprint")),
+            &repo_root(),
+            &out,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     }
     let rootfs = out.join("rootfs.ext4");
     assert!(common::debugfs(&rootfs, "stat /usr/sbin/init").contains("Type: symlink"));
@@ -219,7 +129,7 @@ fn lab_os_blueprint_runs_redis_oci_with_agent_and_liveness() {
         .status()
         .unwrap();
     assert!(copied.success());
-    redis_layout(&dir.join("redis-layout"));
+    testing::write_redis_layout(&dir.join("redis-layout")).unwrap();
     convert(&OciOptions {
         source: ImageSource::Layout(dir.join("redis-layout")),
         output: dir.join("oci.ext4"),

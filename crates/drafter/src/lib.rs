@@ -3,7 +3,16 @@
 //! [`migration`] moves a running VM between processes or hosts: guest memory,
 //! the VM's snapshot state and read-only drives travel as devices of a
 //! `drafter-storage` migration. [`peer`] runs one VM and hands it from peer
-//! to peer (the library behind `drafter-peer`).
+//! to peer (the library behind `drafter-peer`). [`snapshotter`] turns a
+//! blueprint into a package (a set of named device files, see [`devices`]
+//! and [`package_config`]); [`runner`] resumes a package in place and
+//! suspends it back into the same files.
 
+pub mod devices;
+pub mod duration;
+mod files;
 pub mod migration;
+pub mod package_config;
 pub mod peer;
+pub mod runner;
+pub mod snapshotter;

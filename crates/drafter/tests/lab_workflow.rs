@@ -1,0 +1,376 @@
+//! Lab test of the Drafter workflow (issue 10, done-when 1 without the
+//! archive step, and 4): the real `drafter-snapshotter` turns the `os`
+//! blueprint plus a Redis OCI disk into a package; `drafter-runner` resumes
+//! it, a key is written into Redis, SIGINT suspends the VM into the package,
+//! a second runner resumes it and the key is still there. The agent hooks'
+//! output (BeforeSuspend writes a file, AfterResume prints what it found)
+//! shows up in the tools' reports.
+//!
+//! `prepare_lab_workflow` runs on the host first (`cargo xtask lab-test
+//! lab_workflow`): it builds the binaries, the shared `os` blueprint
+//! (`target/blueprint/lab-os`, the same one `lab_os` uses) and the Redis disk.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant, SystemTime};
+
+use drafter_blueprint::oci::{convert, ImageSource, OciOptions};
+use drafter_blueprint::testing;
+use serde_json::{json, Value};
+
+/// Nested TCG is slow: boots and resumes take minutes.
+const SLOW: Duration = Duration::from_secs(600);
+const SLOW_GO: &str = "10m";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Where the workspace's binaries are (`target/debug`, next to `deps/`).
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| panic!("no target dir above {}", exe.display()))
+}
+
+/// The Redis OCI disk the prepare step leaves for the lab.
+fn redis_disk() -> PathBuf {
+    repo_root().join("target/blueprint/lab-workflow/oci.ext4")
+}
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+/// Host side: the binaries, the shared blueprint and the Redis disk.
+#[test]
+#[ignore = "prepares the lab: cargo build, debootstrap (root, network, minutes)"]
+fn prepare_lab_workflow() {
+    let root = repo_root();
+    let status = Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args([
+            "build",
+            "-p",
+            "drafter-cli",
+            "-p",
+            "drafter-blueprint",
+            "--bin",
+            "drafter-snapshotter",
+            "--bin",
+            "drafter-runner",
+            "--bin",
+            "drafter-blueprint",
+        ])
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.success(), "building the binaries failed");
+    let out = testing::lab_os_dir(&root);
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    if !testing::lab_os_is_fresh(&out, &exe) {
+        testing::build_lab_os(&bin("drafter-blueprint"), &root, &out)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let disk = redis_disk();
+    let scratch = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let layout = scratch.path().join("redis-layout");
+    testing::write_redis_layout(&layout).unwrap_or_else(|e| panic!("{e}"));
+    fs::create_dir_all(disk.parent().unwrap_or(Path::new("."))).unwrap_or_else(|e| panic!("{e}"));
+    convert(&OciOptions {
+        source: ImageSource::Layout(layout),
+        output: disk.clone(),
+        arch: "amd64".into(),
+        plain_http: false,
+        headroom: 16 << 20,
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Kills a child process that is still running when dropped.
+struct Reaped(Option<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running `drafter-runner --json`, its stdout lines on a channel.
+struct RunnerProcess {
+    child: Reaped,
+    lines: Receiver<String>,
+}
+
+impl RunnerProcess {
+    fn start(args: &[String]) -> Self {
+        let mut child = Command::new(bin("drafter-runner"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("drafter-runner: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                eprintln!("runner| {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child: Reaped(Some(child)),
+            lines,
+        }
+    }
+
+    /// The next JSON event, which must be `event`.
+    fn event(&mut self, event: &str) -> Value {
+        let line = self.lines.recv_timeout(SLOW).unwrap_or_else(|e| {
+            let status = self.child.0.as_mut().and_then(|c| c.try_wait().ok());
+            panic!("no {event} event from drafter-runner ({e}); exit status {status:?}")
+        });
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(v["event"], event, "{line}");
+        v
+    }
+
+    /// SIGINT, then the `suspended` event and exit status 0.
+    fn interrupt(mut self) -> Value {
+        let pid = self.child.0.as_ref().map(|c| c.id()).unwrap_or_default();
+        assert!(sh(&format!("kill -INT {pid}")).status.success());
+        let suspended = self.event("suspended");
+        let mut child = self.child.0.take().unwrap_or_else(|| panic!("no child"));
+        let deadline = Instant::now() + SLOW;
+        loop {
+            if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+                assert!(status.success(), "drafter-runner exited with {status}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "drafter-runner did not exit");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        suspended
+    }
+}
+
+/// Sends one Redis command through the namespace, retrying until the reply
+/// contains `want`.
+fn redis(ns: &str, command: &str, want: &str) -> String {
+    let deadline = Instant::now() + SLOW;
+    loop {
+        let out = sh(&format!(
+            "printf '{command}\\r\\n' | ip netns exec {ns} timeout 5 busybox nc 172.16.0.2 6379"
+        ));
+        let reply = String::from_utf8_lossy(&out.stdout).into_owned();
+        if reply.contains(want) {
+            return reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis never answered {command:?} with {want:?}: {reply:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn mtime(p: &Path) -> SystemTime {
+    fs::metadata(p)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+#[ignore = "lab"]
+fn lab_workflow_snapshot_run_suspend_resume_keeps_redis_keys() {
+    let bp = testing::lab_os_dir(&repo_root());
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        testing::lab_os_is_fresh(&bp, &exe) && redis_disk().is_file(),
+        "no fresh blueprint in {}: run `cargo xtask lab-test lab_workflow` (it prepares one on the host)",
+        bp.display()
+    );
+    // /tmp is a tmpfs in the lab: far faster for the package than 9p.
+    let dir = std::env::temp_dir().join(format!("lab-workflow-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let pkg = dir.join("package");
+    let ns = format!("drafter-wf-{}", std::process::id());
+    let ok = |cmd: &str| assert!(sh(cmd).status.success(), "{cmd}");
+    ok(&format!("ip netns add {ns}"));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ok(&format!(
+            "ip -n {ns} tuntap add dev tap0 mode tap && ip -n {ns} addr add 172.16.0.1/30 dev tap0 && ip -n {ns} link set tap0 up && ip -n {ns} link set lo up"
+        ));
+        workflow(&bp, &pkg, &ns);
+    }));
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    let _ = fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn workflow(bp: &Path, pkg: &Path, ns: &str) {
+    let p = |n: &str| pkg.join(n);
+    let devices = json!([
+        {"name": "state", "output": p("state.bin")},
+        {"name": "memory", "output": p("memory.bin")},
+        {"name": "kernel", "input": bp.join("vmlinux"), "output": p("vmlinux")},
+        {"name": "initramfs", "input": bp.join("initramfs"), "output": p("initramfs")},
+        {"name": "disk", "input": bp.join("rootfs.ext4"), "output": p("rootfs.ext4")},
+        {"name": "config", "output": p("config.json")},
+        {"name": "oci", "input": redis_disk(), "output": p("oci.ext4")},
+    ]);
+    let boot_args = format!("{} quiet", drafter::snapshotter::DEFAULT_BOOT_ARGS);
+    let out = Command::new(bin("drafter-snapshotter"))
+        .args(["--netns", ns, "--memory-size", "512", "--json"])
+        .args(["--boot-args", &boot_args, "--resume-timeout", SLOW_GO])
+        .args(["--devices", &devices.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("drafter-snapshotter: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "drafter-snapshotter failed: {stdout}");
+    let snap: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{stdout}: {e}"));
+    eprintln!(
+        "snapshotter: boot to liveness {} ms, BeforeSuspend {} ms, snapshot {} ms, total {} ms",
+        snap["boot_to_liveness_ms"],
+        snap["before_suspend_ms"],
+        snap["snapshot_ms"],
+        snap["total_ms"]
+    );
+    assert_eq!(
+        snap["before_suspend_output"].as_str().map(str::trim),
+        Some("suspend-drafterhost"),
+        "{snap}"
+    );
+    // Every output is there, nothing half-written, and the package's disks
+    // are copies of the blueprint's, not the same files.
+    for name in [
+        "state.bin",
+        "memory.bin",
+        "vmlinux",
+        "initramfs",
+        "rootfs.ext4",
+        "config.json",
+        "oci.ext4",
+    ] {
+        assert!(p(name).is_file(), "{name} missing");
+    }
+    let leftovers: Vec<_> = fs::read_dir(pkg)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".partial") || n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(
+        fs::metadata(p("memory.bin")).map(|m| m.len()).ok(),
+        Some(512 << 20)
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |f: &Path| fs::metadata(f).map(|m| m.ino()).unwrap_or_default();
+        assert_ne!(ino(&p("rootfs.ext4")), ino(&bp.join("rootfs.ext4")));
+    }
+    let config = drafter::package_config::PackageConfig::read(&p("config.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.agent_vsock_port, 26);
+    assert_eq!(config.memory_size, 512);
+    assert!(config.initramfs);
+    let drives: Vec<&str> = config.drives.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(drives, ["disk", "oci"]);
+    assert_eq!(config.cpu_template, "None");
+
+    let runner_devices = json!([
+        {"name": "state", "path": p("state.bin")},
+        {"name": "memory", "path": p("memory.bin")},
+        {"name": "kernel", "path": p("vmlinux")},
+        {"name": "initramfs", "path": p("initramfs")},
+        {"name": "disk", "path": p("rootfs.ext4")},
+        {"name": "config", "path": p("config.json")},
+        {"name": "oci", "path": p("oci.ext4")},
+    ])
+    .to_string();
+    let args: Vec<String> = [
+        "--netns",
+        ns,
+        "--json",
+        "--enable-output=false",
+        "--resume-timeout",
+        SLOW_GO,
+        "--rescue-timeout",
+        "1m",
+        "--devices",
+        &runner_devices,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+
+    // First run: resume, write a key, suspend into the package.
+    let mut first = RunnerProcess::start(&args);
+    let resumed = first.event("resumed");
+    eprintln!(
+        "runner 1: resumed in {} ms (restore {} ms, vCPUs running at {} ms, AfterResume {} ms)",
+        resumed["total_ms"],
+        resumed["restore_ms"],
+        resumed["resume_ms"],
+        resumed["after_resume_ms"]
+    );
+    assert_eq!(
+        resumed["after_resume_output"].as_str().map(str::trim),
+        Some("resumed-after-suspend-drafterhost"),
+        "{resumed}"
+    );
+    redis(ns, "PING", "+PONG");
+    redis(ns, "SET drafter-key written-in-run-1", "+OK");
+    let state_before = mtime(&p("state.bin"));
+    std::thread::sleep(Duration::from_millis(20));
+    let suspended = first.interrupt();
+    eprintln!(
+        "runner 1: suspended in {} ms (BeforeSuspend {} ms, state+memory+disks {} ms)",
+        suspended["total_ms"], suspended["before_suspend_ms"], suspended["suspend_ms"]
+    );
+    assert_eq!(
+        suspended["before_suspend_output"].as_str().map(str::trim),
+        Some("suspend-drafterhost"),
+        "{suspended}"
+    );
+    assert!(
+        mtime(&p("state.bin")) > state_before,
+        "state.bin was not rewritten"
+    );
+    assert!(!p("state.bin.partial").exists());
+
+    // Second run: the key written during the first run is still there.
+    let mut second = RunnerProcess::start(&args);
+    let resumed = second.event("resumed");
+    eprintln!(
+        "runner 2: resumed in {} ms (restore {} ms, vCPUs running at {} ms, AfterResume {} ms)",
+        resumed["total_ms"],
+        resumed["restore_ms"],
+        resumed["resume_ms"],
+        resumed["after_resume_ms"]
+    );
+    assert_eq!(
+        resumed["after_resume_output"].as_str().map(str::trim),
+        Some("resumed-after-suspend-drafterhost"),
+        "{resumed}"
+    );
+    redis(ns, "GET drafter-key", "written-in-run-1");
+    second.interrupt();
+}

@@ -52,8 +52,7 @@ Events (stderr, one JSON object a line):
         other peer runs the VM if the commit reached it. The paused VM is
         saved (saved.state, saved.memory, under <work-dir>/unresolved) and
         this peer exits with status 3: restore it with --state/--memory
-        (after moving the files out of the work dir) only if the other peer
-        does not run it.
+        only if the other peer does not run it.
   {\"event\":\"migrated-out\",\"report\":{..}}  the other peer runs the VM
   {\"event\":\"vm-exited\",\"status\":\"..\"}  the guest powered off or rebooted";
 

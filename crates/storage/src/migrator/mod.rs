@@ -1,5 +1,133 @@
 //! The migrator: [`MigrationSource`] pushes devices, [`MigrationDestination`]
 //! receives them into [`LazyDevice`](crate::LazyDevice)s.
+//!
+//! # The migration protocol
+//!
+//! The frames and their encoding are in [`crate::protocol`]; this section is
+//! about order, authority and faults. "Authority" is the right to run the
+//! VM (for a storage-only migration: to write the devices). The guarantee:
+//! **after any single fault at any moment, at most one side runs the VM,
+//! the source resumes it whenever the destination provably does not, and no
+//! write the guest saw complete is lost** — with one window, Commit sent but
+//! not acknowledged, that neither side can resolve alone
+//! ([`Authority::Unknown`], below).
+//!
+//! ## Sequence
+//!
+//! ```text
+//!  Source                                        Destination
+//!  (authority: SOURCE)                           HandoverState::Receiving
+//!  ────────────────────────────────────────────────────────────────────────
+//!  Hello/AuthProof ◀──────────────────────────▶ Hello/AuthProof
+//!  DeviceInfo × N, DevicesListed ─────────────▶
+//!                                            ◀── DeviceAck × N [BaseHashes]
+//!  full pass: BlockData|ZeroBlocks|AlreadyHave ▶
+//!  dirty cycles: Dirty{list}, BlockData… ─────▶  (Dirty invalidates)
+//!                                            ◀── NeedBlock (any time; answered first)
+//!  ── suspend hook: the VM is PAUSED (not stopped) ──
+//!  Dirty{final lists} ────────────────────────▶
+//!  [final data, if final_data_before_authority]
+//!  Event(HandoverOffered) ────────────────────▶  Offered: may read/fetch, no writes;
+//!  tail: BlockData for the final dirty blocks ▶   restores the VM, PAUSED
+//!  [VerifyHashes…]                              (pre-copy destination: waits
+//!  Event(AllSent) ────────────────────────────▶   for AllSent and every block)
+//!                                            ◀── Event(ReadyToRun)   Ready
+//!  Event(Commit) ─────────────────────────────▶  (sent at once by the reader)
+//!  (authority: UNKNOWN until the ack)             Committed: authority is HERE,
+//!                                                 devices writable, VM resumed
+//!                                            ◀── Event(Running)      Running
+//!  (authority: DESTINATION; VM stopped            (tail/NeedBlock continue
+//!   once migrate() returns)                        in post-copy)
+//!                                            ◀── [VerifyResult…] Event(Completed)
+//!  close                                          Complete
+//! ```
+//!
+//! In post-copy ([`Mode::PostCopy`]) the source suspends and offers right
+//! after the device list, the destination answers ReadyToRun as soon as it
+//! can restore from the state (missing pages fetched with NeedBlock), and
+//! the full pass is the tail. ReadyToRun may arrive before or after AllSent;
+//! Completed always follows Running.
+//!
+//! ## The receiver's state machine ([`HandoverState`])
+//!
+//! ```text
+//!            HandoverOffered            ready_to_run()          Commit
+//!  Receiving ───────────────▶ Offered ───────────────▶ Ready ─────────▶ Committed
+//!      │                         │      (ReadyToRun)     │                 │ running()
+//!      │ any fault               │ any fault /           │ fault, or no    │ (Running)
+//!      ▼                         │ decline()             │ Commit within   ▼
+//!   Failed ◀─────────────────────┴───────────────────────┘ link timeout  Running
+//!   (authority: source; Error frame sent if the link works;                │ AllSent seen,
+//!    devices refuse writes; the VM never ran here)                          │ all present
+//!                                                                           ▼
+//!   Committed ── decline() (could not resume) ──▶ Failed, authority source  Complete
+//!   Committed/Running ── fault ──▶ Failed, authority DESTINATION (no Error
+//!   frame is sent: the VM runs here; missing blocks become unavailable)
+//! ```
+//!
+//! Dirty lists are accepted only in `Receiving`, Commit only in `Ready`,
+//! AllSent and VerifyHashes only from `Offered` on; anything else ends the
+//! session with a protocol error. The caller drives the transitions
+//! [`DestinationSession::ready_to_run`], [`DestinationSession::running`] and
+//! [`DestinationSession::decline`]; [`DestinationSession::wait_authority`]
+//! and [`DestinationSession::wait_complete`] compose them for callers with
+//! no VM to restore.
+//!
+//! ## Rules
+//!
+//! Source:
+//! 1. It pauses the VM in the suspend hook and never stops it before the
+//!    destination's Running.
+//! 2. It sends Commit only in answer to ReadyToRun, only once, and only if
+//!    the migration has not already failed or been cancelled (decided under
+//!    one lock with the failure path, so a failure and a Commit cannot both
+//!    happen).
+//! 3. Outcome of a failure ([`MigrationError::authority`]):
+//!    * Commit not yet written → [`Authority::Source`]: resume the VM.
+//!    * an Error frame from the destination before Running (it declined, or
+//!      failed before it acted on Commit) → [`Authority::Source`]: resume.
+//!    * Running received → [`Authority::Destination`]: stop the VM; in
+//!      post-copy a later fault leaves the destination without its missing
+//!      pages (it must stop rather than run on them; see `drafter-vmm`).
+//!    * Commit written, neither Running nor Error came (link cut, peer
+//!      dead, or Running not within the link timeout) →
+//!      [`Authority::Unknown`]: keep the VM paused, do not destroy it.
+//! 4. After AllSent, ReadyToRun must come within the link timeout (the VM is
+//!    paused meanwhile); Running within the link timeout of Commit.
+//!
+//! Destination:
+//! 1. It restores the VM paused, sends ReadyToRun, and resumes the VM only
+//!    after Commit arrived; it waits at most the link timeout for Commit,
+//!    then gives up (Error frame, devices refuse writes, the VM is dropped).
+//! 2. After Commit it resumes the VM and sends Running; from then on it
+//!    never sends an Error frame (which would tell the source to resume).
+//!    If it could not resume the VM it calls `decline` (Error frame): the
+//!    source resumes its own.
+//! 3. A fault after Commit leaves authority here, whatever the source knows.
+//!
+//! ## Faults in each phase
+//!
+//! | fault during                         | source            | destination          | runs the VM |
+//! |--------------------------------------|-------------------|----------------------|-------------|
+//! | handshake … dirty cycles             | Source: resumes (was running) | fails, discards | source |
+//! | suspend, final lists, offer, tail    | Source: resumes   | fails, discards      | source      |
+//! | after ReadyToRun, before Commit sent | Source: resumes   | no Commit: discards  | source      |
+//! | Commit lost in flight                | **Unknown**: paused | no Commit: discards | nobody (operator resumes the source) |
+//! | Commit received, Running lost        | **Unknown**: paused | runs               | destination |
+//! | destination declines after Commit    | Source: resumes   | never ran            | source      |
+//! | after Running (post-copy page serving) | Destination: stops | runs; missing pages unavailable | destination (stops at a missing page) |
+//! | after Completed                      | Destination       | runs                 | destination |
+//!
+//! The two **Unknown** rows are the remaining window: the source cannot
+//! tell a destination that runs the VM from one that never got Commit (or
+//! died). It never resumes on its own then; [`Authority::Unknown`] asks an
+//! operator (or a higher-level retry that can reach the destination) to
+//! decide. `drafter`'s VM source keeps the VM paused and saves it as a
+//! snapshot so it can be restored if the destination does not run it.
+//!
+//! The window is short: Commit is sent the moment ReadyToRun arrives, and
+//! the destination answers Running as soon as `resume` returns, so the
+//! bytes at risk are two small frames one round trip apart.
 
 mod config;
 mod destination;

@@ -405,12 +405,28 @@ fn parse_verdict(line: &str) -> Option<(u64, u64)> {
 #[test]
 #[ignore = "lab repro of an open defect"]
 fn repro_fast_writer_migrates_with_memory_intact() {
+    // The first case by default; REPRO_MEM_MIB, REPRO_WS_MIB and
+    // REPRO_RATE_MIB (per second) pick another, e.g. 1024/256/64.
+    let knob = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (mem, ws, rate) = (
+        knob("REPRO_MEM_MIB", 256),
+        knob("REPRO_WS_MIB", 64),
+        knob("REPRO_RATE_MIB", 16),
+    );
     let dir = scratch("writer");
     let writer = build_memwriter(&dir);
     let init = dir.join("initramfs.cpio");
-    let image = initramfs_with("/bin/memwriter 64 16", &[("bin/memwriter", &writer)]);
+    let image = initramfs_with(
+        &format!("/bin/memwriter {ws} {rate}"),
+        &[("bin/memwriter", &writer)],
+    );
     std::fs::write(&init, image).unwrap_or_else(|e| panic!("{e}"));
-    let cfg = write_config_with(&dir, init, 256);
+    let cfg = write_config_with(&dir, init, mem);
     let a = PeerProcess::spawn(
         "A",
         &[
@@ -473,7 +489,7 @@ fn repro_fast_writer_migrates_with_memory_intact() {
         prev = v;
     }
     eprintln!(
-        "MEASURED fast writer 256 MiB/64 MiB@16 MiB/s: bytes sent {}, source downtime {} ms, VM downtime {} ms, cycles {}",
+        "MEASURED fast writer {mem} MiB/{ws} MiB@{rate} MiB/s: bytes sent {}, source downtime {} ms, VM downtime {} ms, cycles {}",
         out["report"]["storage"]["bytesSent"],
         out["report"]["storage"]["downtimeMillis"],
         incoming["report"]["vmDowntimeMillis"],

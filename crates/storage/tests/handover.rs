@@ -29,6 +29,7 @@ use drafter_storage::{
     MigrationError, MigrationReport, MigrationSource, Mode, Phase, Progress, Secret, SourceDevice,
     StorageError,
 };
+use proptest::strategy::Strategy;
 
 const LINK_TIMEOUT: Duration = Duration::from_millis(800);
 /// How long after a fault a side may take to decide: twice the link
@@ -465,11 +466,19 @@ fn a_destination_whose_commit_never_comes_gives_up_and_never_runs() {
                 Ok(_) => {}
                 Err(
                     drafter_storage::protocol::ProtocolError::Io(_)
-                    | drafter_storage::protocol::ProtocolError::TimedOut,
+                    | drafter_storage::protocol::ProtocolError::TimedOut
+                    | drafter_storage::protocol::ProtocolError::Truncated,
                 ) => {}
                 Err(_) => return,
             }
             if src.write_all(&Message::Keepalive.to_frame()).is_err() {
+                // The destination hung up: read what it said before.
+                while let Ok(m) = read_frame(&mut src) {
+                    if let Message::Error { message } = m {
+                        let _ = got_error.send(message);
+                        return;
+                    }
+                }
                 return;
             }
         }
@@ -494,4 +503,160 @@ fn a_destination_whose_commit_never_comes_gives_up_and_never_runs() {
     let msg = error_seen.recv_timeout(HANG).expect("the source is told");
     assert!(msg.contains("Commit"), "{msg}");
     let _ = fake.join();
+}
+
+/// Where a randomized case cuts the link.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// On the source, at its n-th progress notification after the suspend
+    /// hook (final lists, offer, tail blocks, Commit, Running…).
+    SourceEvent(u32),
+    /// On the destination, right after the offer arrived.
+    AfterOffer,
+    /// On the destination, right after it got Commit (before Running).
+    AfterCommit,
+    /// On the destination, right after it sent Running.
+    AfterRunning,
+}
+
+fn handover_case(seed: u64, post_copy: bool, take_early: bool, cut: Cut) -> Result<(), String> {
+    let blocks = 64 + seed % 192;
+    let dev = seeded_device(blocks, 4096, seed);
+    let mode = if post_copy {
+        Mode::PostCopy
+    } else {
+        Mode::PreCopy
+    };
+    let (a, b) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let cutter = Cutter(Arc::new(vec![
+        a.try_clone().map_err(|e| e.to_string())?,
+        b.try_clone().map_err(|e| e.to_string())?,
+    ]));
+    let (c_src, c_dst) = (cutter.clone(), cutter);
+    let suspended = Arc::new(AtomicBool::new(false));
+    let (s2, seen) = (suspended.clone(), std::sync::atomic::AtomicU32::new(0));
+    let src = MigrationSource::new(
+        vec![SourceDevice::tracked("disk", dev.clone(), device_config())],
+        config(mode),
+    )
+    .with_observer(Arc::new(move |_p: &Progress| {
+        if let Cut::SourceEvent(n) = cut {
+            if s2.load(Ordering::SeqCst) && seen.fetch_add(1, Ordering::SeqCst) == n {
+                c_src.cut();
+            }
+        }
+    }));
+    let dest = std::thread::spawn(move || {
+        let s = MigrationDestination::accept(b, &config(mode), memory_factory)
+            .map_err(|e| e.to_string())?;
+        let step = || -> Result<(), MigrationError> {
+            s.wait_offer()?;
+            if matches!(cut, Cut::AfterOffer) {
+                c_dst.cut();
+            }
+            if !take_early {
+                s.wait_received()?;
+            }
+            s.ready_to_run()?;
+            if matches!(cut, Cut::AfterCommit) {
+                c_dst.cut();
+            }
+            s.running()?;
+            if matches!(cut, Cut::AfterRunning) {
+                c_dst.cut();
+            }
+            Ok(())
+        };
+        let _ = step();
+        let authority = s.has_authority();
+        let devs: Vec<_> = s.devices().iter().map(|(_, d)| d.clone()).collect();
+        let _ = s.wait_complete();
+        Ok::<_, String>((authority, devs))
+    });
+    let mut writers = Writers::start(std::slice::from_ref(&dev), 2, seed);
+    let r = src.migrate(a, || {
+        writers.stop();
+        suspended.store(true, Ordering::SeqCst);
+        Ok(())
+    });
+    writers.stop();
+    let (dest_authority, devs) = dest.join().map_err(|_| "destination panicked")??;
+    let source_authority = match &r {
+        Ok(_) => Authority::Destination,
+        Err(e) => e.authority,
+    };
+    let what = format!(
+        "{cut:?}: source {:?}",
+        r.as_ref().err().map(|e| e.to_string())
+    );
+    match source_authority {
+        Authority::Source if dest_authority => return Err(format!("both run the VM: {what}")),
+        Authority::Destination if !dest_authority => {
+            return Err(format!("neither runs the VM: {what}"))
+        }
+        _ => {}
+    }
+    if dest_authority {
+        // No write the source saw complete is lost: every block present
+        // on the destination holds the source's final data.
+        let want = read_all(&*dev);
+        let mut got = vec![0u8; 4096];
+        for (blk, w) in want.chunks(4096).enumerate() {
+            let d = &devs[0];
+            if d.is_present(blk as u64) {
+                d.backing()
+                    .read_at(&mut got, blk as u64 * 4096)
+                    .map_err(|e| e.to_string())?;
+                if got[..] != w[..] {
+                    return Err(format!("block {blk} is stale on the destination: {what}"));
+                }
+            }
+        }
+    } else {
+        for d in &devs {
+            if !matches!(
+                d.write_at(&[1; 4096], 0),
+                Err(StorageError::NotAuthoritative)
+            ) {
+                return Err(format!(
+                    "a destination without authority accepts writes: {what}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn soak_cases() -> u32 {
+    match std::env::var("DRAFTER_SOAK") {
+        Ok(v) => v.parse().ok().filter(|&n| n > 1).unwrap_or(20_000),
+        Err(_) => 300,
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: soak_cases(),
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Randomized handovers with a link cut anywhere in the tail: never two
+    /// owners, never none once the source knows it handed over, and the
+    /// owner's data is the source's final data.
+    #[test]
+    fn a_cut_anywhere_in_the_handover_never_leaves_two_owners(
+        seed in proptest::prelude::any::<u64>(),
+        post_copy in proptest::prelude::any::<bool>(),
+        take_early in proptest::prelude::any::<bool>(),
+        cut in proptest::prop_oneof![
+            (0u32..40).prop_map(Cut::SourceEvent),
+            proptest::strategy::Just(Cut::AfterOffer),
+            proptest::strategy::Just(Cut::AfterCommit),
+            proptest::strategy::Just(Cut::AfterRunning),
+        ],
+    ) {
+        let r = handover_case(seed, post_copy, take_early, cut);
+        proptest::prop_assert!(r.is_ok(), "{}", r.err().unwrap_or_default());
+    }
 }

@@ -262,6 +262,19 @@ fn receive_raw_into(
     resume: Resume,
     cut: bool,
 ) -> Result<IncomingVm, VmMigrationError> {
+    receive_raw_with_source(dst, devices, resume, cut).0
+}
+
+/// [`receive_raw_into`], also returning the source's result.
+fn receive_raw_with_source(
+    dst: PathBuf,
+    devices: &[(&str, &[u8], u64)],
+    resume: Resume,
+    cut: bool,
+) -> (
+    Result<IncomingVm, VmMigrationError>,
+    Result<drafter_storage::MigrationReport, drafter_storage::MigrationError>,
+) {
     use drafter_storage::{BlockDevice, MemoryDevice, MigrationSource, SourceDevice};
     let sources = devices
         .iter()
@@ -284,8 +297,10 @@ fn receive_raw_into(
         })
     });
     let result = dest.join().unwrap_or_else(|_| panic!("destination thread"));
-    let _ = sender.join();
-    result
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| panic!("source thread panicked"));
+    (result, sent)
 }
 
 /// The names in `dir`, sorted.
@@ -409,7 +424,7 @@ fn a_fully_received_vm_whose_restore_fails_declines_the_handover_and_removes_its
     }
     .encode();
     let drive = vec![7u8; 200_000];
-    let r = receive_raw_into(
+    let (r, sent) = receive_raw_with_source(
         dst.clone(),
         &[
             ("memory", b"memory!", mem),
@@ -419,6 +434,10 @@ fn a_fully_received_vm_whose_restore_fails_declines_the_handover_and_removes_its
         Resume::AfterComplete,
         false,
     );
+    // The source heard the refusal: it keeps (and would resume) the VM.
+    let sent = sent.err().unwrap_or_else(|| panic!("the source completed"));
+    assert!(sent.source_keeps_authority(), "{sent}");
+    assert!(sent.to_string().contains("declined"), "{sent}");
     let e = match r {
         Err(e @ VmMigrationError::Restore(_)) => e,
         other => panic!("expected a restore error, got {:?}", other.err()),
@@ -428,7 +447,6 @@ fn a_fully_received_vm_whose_restore_fails_declines_the_handover_and_removes_its
         msg.contains("not a drafter VM state file") && msg.contains("the source keeps the VM"),
         "{msg}"
     );
-    assert!(e.source_keeps_authority(), "{msg}");
     assert_lived_in_work_dir_untouched(&dst, "restore failure after complete");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -686,5 +704,90 @@ fn a_link_cut_in_the_handover_tail_leaves_the_vm_running_on_the_source() {
         "destination {first} behind the source's {left}"
     );
     wait_counter_past(incoming.vmm(), first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The one window the handover cannot close alone: Commit was sent and no
+/// acknowledgement came (here: a destination that asked for authority and
+/// then went silent). The source must neither resume the VM (the
+/// destination may run it) nor destroy it (it may not): it keeps it paused,
+/// saves it, and says so; an operator who checked the destination can then
+/// resume it here.
+#[test]
+fn commit_without_acknowledgement_keeps_the_vm_paused_and_saved() {
+    use drafter_storage::auth::{handshake, Role};
+    use drafter_storage::protocol::{read_frame, Event, Message};
+    use std::io::Write;
+    let dir = scratch("unknown");
+    let vmm = boot(Vec::new());
+    let (link, mut fake) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+    let (release, released) = channel::<()>();
+    let destination = std::thread::spawn(move || {
+        handshake(&mut fake, Role::Destination, &Secret::new("s"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        loop {
+            match read_frame(&mut fake) {
+                Ok(Message::DevicesListed { count }) => {
+                    for device in 0..count {
+                        let ack = Message::DeviceAck {
+                            device,
+                            has_base: false,
+                        };
+                        fake.write_all(&ack.to_frame())
+                            .unwrap_or_else(|e| panic!("{e}"));
+                    }
+                }
+                Ok(Message::Event(Event::HandoverOffered)) => break,
+                Ok(_) => {}
+                Err(e) => panic!("fake destination: {e}"),
+            }
+        }
+        fake.write_all(&Message::Event(Event::ReadyToRun).to_frame())
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Frozen: the socket stays open, nothing more is read or written.
+        let _ = released.recv_timeout(Duration::from_secs(60));
+    });
+    let mut options = source_options("s");
+    options.migration.link_timeout = Duration::from_secs(1);
+    options.unresolved_dir = Some(dir.join("unresolved"));
+    let source = VmMigrationSource::new(vmm.clone(), options).unwrap_or_else(|e| panic!("{e}"));
+    let err = source
+        .migrate(link)
+        .err()
+        .unwrap_or_else(|| panic!("migrated to a silent destination"));
+    let _ = release.send(());
+    let _ = destination.join();
+    assert_eq!(
+        err.authority(),
+        drafter_storage::migrator::Authority::Unknown,
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("authority unknown") && msg.contains("kept paused"),
+        "{msg}"
+    );
+    let (state, memory) = match &err {
+        VmMigrationError::AuthorityUnknown {
+            saved: Some(saved), ..
+        } => (saved.0.clone(), saved.1.clone()),
+        other => panic!("expected a saved unresolved VM, got {other}"),
+    };
+    assert!(state.exists() && memory.exists(), "{msg}");
+    let frozen = {
+        let v = vmm.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(v.is_paused(), "the VM must stay paused: {msg}");
+        assert_eq!(v.exit_waiter().get(), None, "the VM must not be destroyed");
+        counter(&v)
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        counter(&vmm.lock().unwrap_or_else(|p| p.into_inner())),
+        frozen,
+        "a paused guest does not count"
+    );
+    // The operator checked: the destination does not run it.
+    source.resume_here().unwrap_or_else(|e| panic!("{e}"));
+    wait_counter_past(&vmm.lock().unwrap_or_else(|p| p.into_inner()), frozen);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,7 +26,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 enum ResumeAt {
     /// Once every block has arrived (the VM can be migrated on later).
     Complete,
-    /// As soon as authority arrives; missing memory is fetched on demand.
+    /// As soon as the handover is offered (the VM runs here once the source
+    /// commits); missing memory is fetched on demand.
     Authority,
 }
 

@@ -32,10 +32,11 @@ pub enum Resume {
     /// mapped MAP_SHARED (the VM can be migrated on from here).
     #[default]
     AfterComplete,
-    /// As soon as authority arrives: guest RAM is filled on demand through
-    /// userfaultfd from the incoming memory device while the rest streams
-    /// in (post-copy). If the connection breaks before every page arrived,
-    /// the guest cannot continue.
+    /// As soon as the source offers the handover: guest RAM is filled on
+    /// demand through userfaultfd from the incoming memory device while the
+    /// rest streams in (post-copy). If the connection breaks after the VM
+    /// resumed here and before every page arrived, the guest cannot
+    /// continue (the source no longer runs it either).
     AtAuthority,
 }
 
@@ -411,10 +412,13 @@ impl VmMigrationDestination {
     /// Receives a VM over `link` and restores it here, resuming it as
     /// `options.resume` says. Returns with the VM running.
     ///
-    /// If the receive fails, the files it created are removed, unless the
-    /// VM arrived completely ([`Resume::AfterComplete`]) and only its
-    /// restore failed: then [`VmMigrationError::Restore`] names the
-    /// directory that keeps them.
+    /// The VM is restored paused before this side asks for authority
+    /// (ReadyToRun) and resumed only after the source's Commit. If anything
+    /// fails before it runs here (the receive, the restore
+    /// ([`VmMigrationError::Restore`]), no Commit within the link timeout, the
+    /// resume), the handover is declined or abandoned, the source keeps (and
+    /// resumes) the VM, and the files this receive created are removed;
+    /// files found in the work directory are left alone.
     pub fn accept<L: Link>(
         link: L,
         options: DestinationOptions,

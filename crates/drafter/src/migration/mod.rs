@@ -13,12 +13,17 @@
 //! the guest's writes go straight to the file, bypassing the engine's dirty
 //! tracking. Routing drive I/O through a tracked device is future work.
 //!
-//! [`VmMigrationSource`] runs on the host that has the VM; on failure before
-//! authority moves the VM resumes there. [`VmMigrationDestination`] receives
-//! and restores the VM in the calling process, either once every block is
-//! present ([`Resume::AfterComplete`]) or as soon as authority arrives, with
-//! missing memory pages fetched on demand through userfaultfd
-//! ([`Resume::AtAuthority`]).
+//! [`VmMigrationSource`] runs on the host that has the VM. It pauses the VM
+//! for the handover and keeps it paused until the destination acknowledges
+//! that it runs it; if the handover does not complete, it resumes the VM
+//! itself (or, in the one window where it cannot know, keeps it paused and
+//! saved: [`VmMigrationError::AuthorityUnknown`]). [`VmMigrationDestination`]
+//! receives the VM, restores it paused once it has what it needs (every
+//! block, [`Resume::AfterComplete`]; or the state, with missing memory pages
+//! fetched on demand through userfaultfd, [`Resume::AtAuthority`]), asks
+//! for authority and resumes it only once the source committed. The
+//! protocol and its fault cases are described in
+//! [`drafter_storage::migrator`].
 
 mod destination;
 mod dirty_source;

@@ -21,7 +21,7 @@ use crate::devices::legacy::{
     SerialDevice, SerialSnapshot, COM1_IRQ, COM1_PIO_BASE, COM1_PIO_SIZE, I8042, I8042_PIO_BASE,
     I8042_PIO_SIZE,
 };
-use crate::devices::virtio::block::Block;
+use crate::devices::virtio::block::{Block, DriveDirtyLog};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{
@@ -95,16 +95,22 @@ pub struct DeviceManager {
     serial: Arc<Mutex<SerialDevice>>,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     mmio_devices: Vec<(u64, u32)>,
+    drive_dirty: Vec<(String, DriveDirtyLog)>,
     reset_wake: EventFd,
     reset_stop: Arc<AtomicBool>,
     reset_thread: Option<JoinHandle<()>>,
 }
 
-fn models(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceSetupError> {
+/// The device models of `config`, with the dirty log of each drive.
+type Models = (Vec<Box<dyn VirtioDevice>>, Vec<(String, DriveDirtyLog)>);
+
+fn models(config: &VmConfig) -> Result<Models, DeviceSetupError> {
     let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut logs = Vec::new();
     for d in &config.drives {
         let b = Block::new(&d.name, &d.path, d.read_only)
             .map_err(|e| err(format!("drive '{}' ({}): {e}", d.name, d.path.display())))?;
+        logs.push((d.name.clone(), b.dirty_log()));
         out.push(Box::new(b));
     }
     if let Some(n) = &config.net {
@@ -121,7 +127,7 @@ fn models(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceSetupEr
             .map_err(|e| err(format!("vsock at {}: {e}", v.uds_path.display())))?;
         out.push(Box::new(vs));
     }
-    Ok(out)
+    Ok((out, logs))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -194,7 +200,7 @@ impl DeviceManager {
             .insert(u64::from(PM1_PORT), PM1_LEN, Arc::new(Mutex::new(sleep)))
             .map_err(err)?;
 
-        let devices = models(config)?;
+        let (devices, drive_dirty) = models(config)?;
         if let Some(s) = saved {
             if s.virtio.len() != devices.len() {
                 return Err(err(format!(
@@ -236,6 +242,7 @@ impl DeviceManager {
             serial,
             virtio,
             mmio_devices,
+            drive_dirty,
             reset_wake,
             reset_stop,
             reset_thread: Some(reset_thread),
@@ -245,6 +252,14 @@ impl DeviceManager {
     /// `(MMIO base, GSI)` of every virtio device, in guest order.
     pub fn mmio_devices(&self) -> &[(u64, u32)] {
         &self.mmio_devices
+    }
+
+    /// The dirty log of the drive called `name` (see [`DriveDirtyLog`]).
+    pub fn drive_dirty_log(&self, name: &str) -> Option<&DriveDirtyLog> {
+        self.drive_dirty
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, log)| log)
     }
 
     /// COM1 (to feed input).

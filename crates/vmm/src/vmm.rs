@@ -498,6 +498,19 @@ impl Vmm {
         Ok(DirtyPages { regions })
     }
 
+    /// Returns and resets the blocks (of
+    /// [`DIRTY_BLOCK_SIZE`](crate::devices::virtio::block::DIRTY_BLOCK_SIZE)
+    /// bytes, ascending indices into the drive file) the guest wrote to drive
+    /// `drive` since the last call. A write is recorded once it reached the
+    /// file; after [`Vmm::pause`] no write is in flight, so a call then
+    /// returns every write the guest saw complete and not yet taken.
+    pub fn drive_dirty_blocks(&self, drive: &str) -> Result<Vec<u64>, Error> {
+        self.devices
+            .drive_dirty_log(drive)
+            .map(|log| log.take())
+            .ok_or_else(|| Error::Config(format!("the VM has no drive named {drive:?}")))
+    }
+
     /// A handle to wait for the VM's end from another thread.
     pub fn exit_waiter(&self) -> ExitWaiter {
         self.exit.clone()

@@ -7,6 +7,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Disk};
+use super::DriveDirtyLog;
 use crate::devices::virtio::engine::Engine;
 use crate::devices::virtio::{IrqTrigger, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemory;
@@ -21,6 +22,7 @@ pub(super) struct BlockEngine {
     pub queue_evt: EventFd,
     pub irq: IrqTrigger,
     pub file: File,
+    pub dirty: DriveDirtyLog,
     pub read_only: bool,
     pub capacity_sectors: u64,
     pub id: String,
@@ -34,6 +36,7 @@ impl BlockEngine {
             let head = chain.head_index();
             let mut disk = Disk {
                 file: &mut self.file,
+                dirty: &self.dirty,
                 read_only: self.read_only,
                 capacity_sectors: self.capacity_sectors,
                 id: &self.id,

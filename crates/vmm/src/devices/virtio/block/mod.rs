@@ -1,8 +1,20 @@
 //! virtio-blk over a raw disk file: read, write, flush and GET_ID, with a
 //! read-only mode. Requests are validated; a bad request gets an IOERR status.
+//!
+//! Every guest write is recorded in the drive's [`DriveDirtyLog`] once it
+//! reached the file, so live migration can re-send what the guest changed.
+//! Requests run on the device's own I/O thread (woken by the queue's
+//! ioeventfd), one at a time, each to completion; quiescing the device
+//! (what [`crate::Vmm::pause`] does after the vCPUs stopped) joins that
+//! thread, so once the VM is paused no request is in flight and every
+//! completed write is in the log. Requests the guest queued but the thread
+//! had not popped stay in the ring (guest memory) and run on resume.
 
+mod dirty;
 mod engine;
 mod request;
+
+pub use dirty::{DriveDirtyLog, DIRTY_BLOCK_SIZE};
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -70,6 +82,7 @@ pub struct Block {
     capacity_sectors: u64,
     acked_features: u64,
     file: Option<File>,
+    dirty: DriveDirtyLog,
     slot: EngineSlot<BlockEngine>,
 }
 
@@ -99,6 +112,7 @@ impl Block {
             capacity_sectors: len / SECTOR_SIZE,
             acked_features: 0,
             file: Some(file),
+            dirty: DriveDirtyLog::new((len / SECTOR_SIZE) * SECTOR_SIZE),
             slot: EngineSlot::new(format!("blk-{id}")),
         })
     }
@@ -111,6 +125,12 @@ impl Block {
     /// Disk size in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
+    }
+
+    /// The log of blocks the guest wrote (shared: take it before the device
+    /// is handed to its transport).
+    pub fn dirty_log(&self) -> DriveDirtyLog {
+        self.dirty.clone()
     }
 
     fn config_space(&self) -> [u8; 8] {
@@ -170,6 +190,7 @@ impl VirtioDevice for Block {
             queue_evt: queue_evts.remove(0),
             irq,
             file,
+            dirty: self.dirty.clone(),
             read_only: self.read_only,
             capacity_sectors: self.capacity_sectors,
             id: self.id.clone(),

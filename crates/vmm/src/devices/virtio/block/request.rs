@@ -15,7 +15,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryBackend as _};
 
-use super::{ID_LEN, SECTOR_SIZE};
+use super::{DriveDirtyLog, ID_LEN, SECTOR_SIZE};
 use crate::memory::GuestMemory;
 
 const HEADER_LEN: u32 = 16;
@@ -23,6 +23,8 @@ const HEADER_LEN: u32 = 16;
 /// The disk as a request sees it.
 pub(super) struct Disk<'a> {
     pub file: &'a mut File,
+    /// Where completed writes are recorded.
+    pub dirty: &'a DriveDirtyLog,
     pub read_only: bool,
     pub capacity_sectors: u64,
     pub id: &'a str,
@@ -132,13 +134,16 @@ fn run(mem: &GuestMemory, descs: &[Descriptor], disk: &mut Disk<'_>) -> Result<u
             if disk.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            checked_span(disk, sector, data)?;
+            let total = checked_span(disk, sector, data)?;
             seek(disk.file, sector)?;
-            for d in data {
+            let written = data.iter().try_for_each(|d| {
                 mem.write_all_volatile_to(d.addr(), &mut *disk.file, d.len() as usize)
-                    .map_err(|e| RequestError::Io(e.to_string()))?;
-            }
-            Ok(0)
+                    .map_err(|e| RequestError::Io(e.to_string()))
+            });
+            // Only now, with the data in the file (or part of it, on an
+            // error): a migration read that missed it sees the mark later.
+            disk.dirty.mark(sector * SECTOR_SIZE, total);
+            written.map(|()| 0)
         }
         VIRTIO_BLK_T_FLUSH => {
             if !disk.read_only {

@@ -283,3 +283,76 @@ fn snapshot_restore_continues_at_the_saved_queue_position() {
     assert!(err.to_string().contains("sectors"), "{err}");
     fs::remove_file(path).unwrap();
 }
+
+#[test]
+fn guest_writes_mark_exactly_their_blocks_dirty_until_taken() {
+    let path = disk_file("dirty");
+    let block = Block::new("rootfs", &path, false).unwrap();
+    let log = block.dirty_log();
+    assert_eq!(
+        log.block_count(),
+        DISK_SECTORS * SECTOR_SIZE / DIRTY_BLOCK_SIZE
+    );
+    let mut d = TestDriver::new(Box::new(block), 16);
+    let data = vec![0x5au8; 4096];
+    d.mem
+        .write_slice(&data, GuestAddress(DATA + 0x8000))
+        .unwrap();
+
+    // Reads, flushes and GET_ID write nothing to the disk.
+    let (st, _) = request(&mut d, VIRTIO_BLK_T_IN, 0, &[Buf::w(DATA, 4096)]);
+    assert_eq!(st, 0);
+    let (st, _) = request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    assert_eq!(st, 0);
+    assert!(log.take().is_empty(), "a read marked blocks dirty");
+
+    // One block-aligned write: block 1 only. One unaligned 4 KiB write at
+    // sector 100 (byte 51200): blocks 12 and 13. One sector at the very
+    // end of the disk: the last block.
+    let (st, _) = request(&mut d, VIRTIO_BLK_T_OUT, 8, &[Buf::r(DATA + 0x8000, 4096)]);
+    assert_eq!(st, 0);
+    let (st, _) = request(
+        &mut d,
+        VIRTIO_BLK_T_OUT,
+        100,
+        &[Buf::r(DATA + 0x8000, 1024), Buf::r(DATA + 0x9000, 3072)],
+    );
+    assert_eq!(st, 0);
+    let (st, _) = request(
+        &mut d,
+        VIRTIO_BLK_T_OUT,
+        DISK_SECTORS - 1,
+        &[Buf::r(DATA + 0x8000, 512)],
+    );
+    assert_eq!(st, 0);
+    let last = log.block_count() - 1;
+    assert_eq!(log.take(), vec![1, 12, 13, last]);
+    // Taken means reset: nothing until the guest writes again.
+    assert!(log.take().is_empty());
+    let (st, _) = request(&mut d, VIRTIO_BLK_T_OUT, 8, &[Buf::r(DATA + 0x8000, 512)]);
+    assert_eq!(st, 0);
+    assert_eq!(log.take(), vec![1]);
+
+    // A write refused (beyond the end) marks nothing.
+    let (st, _) = request(
+        &mut d,
+        VIRTIO_BLK_T_OUT,
+        DISK_SECTORS,
+        &[Buf::r(DATA + 0x8000, 512)],
+    );
+    assert_ne!(st, 0);
+    assert!(log.take().is_empty());
+    fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn a_read_only_drive_never_marks_blocks_dirty() {
+    let path = disk_file("dirty-ro");
+    let block = Block::new("rootfs", &path, true).unwrap();
+    let log = block.dirty_log();
+    let mut d = TestDriver::new(Box::new(block), 16);
+    let (st, _) = request(&mut d, VIRTIO_BLK_T_OUT, 8, &[Buf::r(DATA + 0x8000, 512)]);
+    assert_ne!(st, 0);
+    assert!(log.take().is_empty());
+    fs::remove_file(path).unwrap();
+}

@@ -72,8 +72,8 @@ pub use error::StorageError;
 pub use lazy::LazyDevice;
 pub use migrator::{
     CancelHandle, Cause, DestinationDevice, DestinationSession, DeviceConfig, Initial,
-    MigrationConfig, MigrationDestination, MigrationError, MigrationSource, Mode, Progress,
-    SourceDevice,
+    MigrationConfig, MigrationDestination, MigrationError, MigrationSource, Mode, OnNoConvergence,
+    Progress, SourceDevice, ThrottleHook,
 };
 pub use report::{MigrationReport, Phase};
 pub use transport::Link;

@@ -81,7 +81,7 @@ pub struct DeviceReport {
 
 /// Report of one migration, from either side.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct MigrationReport {
     /// "source" or "destination".
     pub role: String,
@@ -110,6 +110,20 @@ pub struct MigrationReport {
     pub downtime_millis: f64,
     /// Whole migration, milliseconds.
     pub total_millis: f64,
+    /// The link's bandwidth measured over the recent busy sends (source),
+    /// bytes/s.
+    pub bandwidth_bytes_per_sec: f64,
+    /// The guest's dirty rate over the last cycles, all devices (source),
+    /// bytes/s.
+    pub dirty_rate_bytes_per_sec: f64,
+    /// The downtime predicted when the dirty cycles ended (source), ms.
+    pub predicted_downtime_millis: Option<f64>,
+    /// The downtime budget (source), ms.
+    pub max_downtime_millis: f64,
+    /// The highest vCPU throttle applied to converge (source), percent.
+    pub throttle_percent: u8,
+    /// Which rule ended the dirty cycles (source).
+    pub ready_reason: String,
     /// Devices.
     pub devices: Vec<DeviceReport>,
 }

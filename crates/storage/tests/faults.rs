@@ -111,7 +111,7 @@ fn migrate_with_fault(
         vec![SourceDevice::tracked("disk", dev.clone(), device_config())],
         MigrationConfig {
             mode,
-            downtime_budget: Duration::ZERO,
+            max_downtime: Duration::ZERO,
             ..MigrationConfig::default()
         },
     )

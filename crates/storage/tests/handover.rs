@@ -41,7 +41,7 @@ fn config(mode: Mode) -> MigrationConfig {
     MigrationConfig {
         mode,
         link_timeout: LINK_TIMEOUT,
-        downtime_budget: Duration::ZERO,
+        max_downtime: Duration::ZERO,
         ..MigrationConfig::default()
     }
 }

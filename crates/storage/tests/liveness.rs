@@ -38,7 +38,7 @@ fn config() -> MigrationConfig {
     MigrationConfig {
         link_timeout: LINK_TIMEOUT,
         // See `dirtying`.
-        downtime_budget: Duration::ZERO,
+        max_downtime: Duration::ZERO,
         ..MigrationConfig::default()
     }
 }
@@ -353,7 +353,7 @@ fn idle_throttle_pauses_longer_than_the_link_timeout_do_not_fail_the_migration()
             },
         )],
         MigrationConfig {
-            downtime_budget: Duration::ZERO,
+            max_downtime: Duration::ZERO,
             ..cfg()
         },
     )

@@ -20,7 +20,7 @@ fn pre_copy_over_unix_socket_with_live_writers_converges() {
     let src = source_of(
         &devs,
         MigrationConfig {
-            downtime_budget: std::time::Duration::ZERO,
+            max_downtime: std::time::Duration::ZERO,
             ..Default::default()
         },
     )

@@ -101,7 +101,7 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
             } else {
                 Mode::PreCopy
             },
-            downtime_budget: Duration::from_millis(c.budget_ms),
+            max_downtime: Duration::from_millis(c.budget_ms),
             compression: c.compression,
             final_data_before_authority: c.final_data_first,
             ..MigrationConfig::default()

@@ -15,6 +15,7 @@ pub mod dirty;
 pub mod heap;
 pub mod memory;
 pub mod persist;
+pub mod throttle;
 pub mod uffd;
 pub mod vcpu_thread;
 pub mod vmm;

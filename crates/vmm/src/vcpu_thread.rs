@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::signal::Killable;
 
 use crate::bus::Bus;
+use crate::throttle::VcpuThrottle;
 use crate::vstate::vcpu::{kick_signal, RunOutcome};
 use crate::vstate::{Vcpu, VcpuError, VcpuState};
 
@@ -67,13 +68,15 @@ pub struct VcpuHandle {
 
 impl VcpuHandle {
     /// Starts a thread running `vcpu` (paused if `paused`), dispatching I/O to
-    /// `pio`/`mmio` and reporting the guest's end on `exits`.
+    /// `pio`/`mmio`, reporting the guest's end on `exits`, and staying out of
+    /// the guest for `throttle`'s share of each throttle window.
     pub fn spawn(
         vcpu: Vcpu,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exits: Sender<ExitStatus>,
         paused: bool,
+        throttle: Arc<VcpuThrottle>,
     ) -> Result<Self, VcpuThreadError> {
         let signal = kick_signal().map_err(|e| VcpuThreadError::Spawn(e.to_string()))?;
         let index = vcpu.index();
@@ -81,7 +84,15 @@ impl VcpuHandle {
         let (resp_tx, resp_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_loop(vcpu, &pio, &mmio, &cmd_rx, &resp_tx, &exits, paused))
+            .spawn(move || {
+                let _registered = throttle.register(usize::from(index));
+                let ends = Ends {
+                    cmds: &cmd_rx,
+                    resp: &resp_tx,
+                    exits: &exits,
+                };
+                vcpu_loop(vcpu, &pio, &mmio, &ends, &throttle, paused)
+            })
             .map_err(|e| VcpuThreadError::Spawn(e.to_string()))?;
         Ok(VcpuHandle {
             index,
@@ -187,15 +198,23 @@ fn handle(cmd: Command, vcpu: &Vcpu, resp: &Sender<Response>) -> Option<Next> {
     }
 }
 
+/// A vCPU thread's channels.
+struct Ends<'a> {
+    cmds: &'a Receiver<Command>,
+    resp: &'a Sender<Response>,
+    exits: &'a Sender<ExitStatus>,
+}
+
 fn vcpu_loop(
     mut vcpu: Vcpu,
     pio: &Bus,
     mmio: &Bus,
-    cmds: &Receiver<Command>,
-    resp: &Sender<Response>,
-    exits: &Sender<ExitStatus>,
+    ends: &Ends<'_>,
+    throttle: &VcpuThrottle,
     paused: bool,
 ) {
+    let Ends { cmds, resp, exits } = *ends;
+    let index = usize::from(vcpu.index());
     vcpu.bind_to_current_thread();
     let mut next = if paused { Next::Wait } else { Next::Run };
     // A kick sent before the binding above found no vCPU to interrupt; its
@@ -218,6 +237,21 @@ fn vcpu_loop(
             while let Ok(cmd) = cmds.try_recv() {
                 if let Some(n) = handle(cmd, &vcpu, resp) {
                     next = n;
+                }
+            }
+            if let (Next::Run, Some(pause)) = (&next, throttle.take_pause(index)) {
+                // Out of the guest for the throttle's share of the window,
+                // still answering commands (a pause ends the wait at once).
+                match cmds.recv_timeout(pause) {
+                    Ok(cmd) => {
+                        if let Some(n) = handle(cmd, &vcpu, resp) {
+                            next = n;
+                        }
+                        // More commands may be queued behind this one.
+                        kicked = true;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             continue;

@@ -18,6 +18,7 @@ use crate::device_manager::{ConsoleOut, DeviceManager, DevicesState};
 use crate::dirty::{merge, DirtyPages, RegionDirty};
 use crate::memory::{self, GuestMemory, Memory, MemoryBackend, MemoryError, PageProvider};
 use crate::persist::{self, StateFileError};
+use crate::throttle::{Throttler, VcpuThrottle};
 use crate::vcpu_thread::{ExitStatus, VcpuHandle, VcpuThreadError};
 use crate::vstate::{Vcpu, VcpuError, VcpuState, Vm, VmError, VmState};
 
@@ -169,6 +170,8 @@ pub struct Vmm {
     msr_indices: Arc<Vec<u32>>,
     paused: bool,
     ended: Option<ExitStatus>,
+    throttle: Arc<VcpuThrottle>,
+    throttler: Option<Throttler>,
 }
 
 fn console_for(config: &VmConfig, console: Option<ConsoleOut>) -> ConsoleOut {
@@ -333,6 +336,7 @@ impl Vmm {
         paused: bool,
     ) -> Result<Vmm, Error> {
         let msr_indices = Arc::new(p.vm.msr_index_list()?);
+        let throttle = VcpuThrottle::new(vcpus.len());
         let mut handles = Vec::new();
         for v in vcpus {
             handles.push(VcpuHandle::spawn(
@@ -341,6 +345,7 @@ impl Vmm {
                 p.mmio.clone(),
                 p.exits_tx.clone(),
                 paused,
+                throttle.clone(),
             )?);
         }
         if config.serial.stdin {
@@ -360,6 +365,8 @@ impl Vmm {
             msr_indices,
             paused,
             ended: None,
+            throttle,
+            throttler: None,
         })
     }
 
@@ -394,12 +401,47 @@ impl Vmm {
         }
     }
 
-    /// Pauses every vCPU; returns once all have left guest mode.
+    /// Keeps the vCPUs out of the guest for `percent` (0–99) of every
+    /// throttle window ([`crate::throttle::PERIOD`]), slowing a guest that
+    /// dirties memory faster than a migration can send it; 0 removes the
+    /// throttle. It applies while the VM runs: pausing or stopping the VM
+    /// ends it, and on a paused VM only 0 has an effect.
+    pub fn set_throttle(&mut self, percent: u8) -> Result<(), Error> {
+        if percent == 0 || self.paused || self.ended.is_some() {
+            self.throttle.set(0);
+            if let Some(mut t) = self.throttler.take() {
+                t.stop();
+            }
+            return Ok(());
+        }
+        self.throttle.set(percent);
+        if self.throttler.is_none() {
+            let signal = crate::vstate::vcpu::kick_signal().map_err(Error::from)?;
+            self.throttler = Some(
+                Throttler::start(self.throttle.clone(), signal)
+                    .map_err(|e| Error::Device(format!("cannot start the vCPU throttle: {e}")))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The vCPU throttle in effect, percent (0: none).
+    pub fn throttle(&self) -> u8 {
+        if self.throttler.is_some() {
+            self.throttle.percent()
+        } else {
+            0
+        }
+    }
+
+    /// Pauses every vCPU; returns once all have left guest mode. Ends any
+    /// throttle ([`Vmm::set_throttle`]).
     pub fn pause(&mut self) -> Result<(), Error> {
         self.check_running()?;
         if self.paused {
             return Ok(());
         }
+        let _ = self.set_throttle(0);
         for v in &self.vcpus {
             v.request_pause()?;
         }
@@ -537,6 +579,7 @@ impl Vmm {
     fn finish(&mut self, status: ExitStatus) -> ExitStatus {
         // First, so that a vCPU failing on the way out cannot change the status.
         self.exit.set(status.clone());
+        let _ = self.set_throttle(0);
         if let Some(uffd) = &self.memory.uffd {
             // A vCPU blocked on a guest page the handler cannot fetch leaves
             // KVM_RUN only once the page is abandoned, which is safe only once

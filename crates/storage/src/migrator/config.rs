@@ -67,14 +67,42 @@ pub enum Mode {
     PostCopy,
 }
 
+/// The remedy when the dirty rate exceeds what the link drains (the dirty
+/// set does not shrink over two cycles, or the dirty rate exceeds the
+/// measured bandwidth) and the downtime budget cannot be met.
+///
+/// Switching to post-copy mid-migration is not offered: a pre-copy
+/// destination waits for every block before it asks for authority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoConvergence {
+    /// Auto-converge: slow the guest down through the source's throttle
+    /// hook ([`MigrationSource::with_throttle`](super::MigrationSource::with_throttle)),
+    /// 20 % first, 10 % more after each cycle that still does not
+    /// converge, up to 95 %; `maxCycles` still ends the cycles.
+    #[default]
+    Throttle,
+    /// Fail before suspending: the source keeps authority (and the VM runs
+    /// on); the error names the dirty rate and the bandwidth.
+    GiveUp,
+    /// Keep cycling; stop anyway at `maxCycles` (the reference's behaviour).
+    Stop,
+}
+
 /// Settings for one migration.
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
     /// Pre-copy or pure post-copy.
     pub mode: Mode,
-    /// A device is also ready when its last dirty set could be sent within
-    /// this time at the measured bandwidth.
-    pub downtime_budget: Duration,
+    /// The downtime budget, summed across devices: the dirty cycles end
+    /// once the predicted stop time (the dirty bytes of every device over
+    /// the measured bandwidth, plus [`Self::stop_allowance`]) fits in it.
+    pub max_downtime: Duration,
+    /// Fixed part of the predicted downtime that does not depend on the
+    /// dirty set (capturing and restoring the VM state, a round trip).
+    pub stop_allowance: Duration,
+    /// What to do when the guest dirties faster than the link drains.
+    pub on_no_convergence: OnNoConvergence,
     /// zstd-compress block data (level 1) when it helps.
     pub compression: bool,
     /// Compare per-block blake3 hashes at the end.
@@ -109,7 +137,9 @@ impl Default for MigrationConfig {
     fn default() -> Self {
         MigrationConfig {
             mode: Mode::PreCopy,
-            downtime_budget: Duration::from_millis(20),
+            max_downtime: Duration::from_millis(100),
+            stop_allowance: Duration::from_millis(20),
+            on_no_convergence: OnNoConvergence::Throttle,
             compression: false,
             verify: false,
             secret: Secret::default(),

@@ -130,10 +130,12 @@
 //! bytes at risk are two small frames one round trip apart.
 
 mod config;
+mod converge;
 mod destination;
 mod source;
 
-pub use config::{DeviceConfig, MigrationConfig, Mode};
+pub use config::{DeviceConfig, MigrationConfig, Mode, OnNoConvergence};
+pub use converge::ThrottleHook;
 pub use destination::{
     DestinationDevice, DestinationSession, HandoverState, Initial, MigrationDestination,
 };
@@ -179,6 +181,11 @@ pub enum Cause {
         /// How long it was awaited.
         waited: std::time::Duration,
     },
+    /// The guest dirties faster than the link drains and the configured
+    /// remedy is to give up ([`OnNoConvergence::GiveUp`]): the source was
+    /// never suspended and keeps authority.
+    #[error("gave up: {0}")]
+    NoConvergence(String),
     /// The destination declined the handover: it does not run the VM.
     #[error("the destination declined the handover: {0}")]
     Declined(String),

@@ -6,6 +6,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::converge::{Convergence, ThrottleHook, Verdict};
 use super::{
     Authority, CancelHandle, Cause, DeviceConfig, MigrationConfig, MigrationError, Mode, Observer,
     Progress,
@@ -68,6 +69,7 @@ pub struct MigrationSource {
     config: MigrationConfig,
     observer: Option<Observer>,
     cancel: CancelHandle,
+    throttle: Option<ThrottleHook>,
 }
 
 impl MigrationSource {
@@ -78,7 +80,17 @@ impl MigrationSource {
             config,
             observer: None,
             cancel: CancelHandle::default(),
+            throttle: None,
         }
+    }
+
+    /// Lets the engine slow the guest down when it dirties faster than the
+    /// link drains ([`OnNoConvergence::Throttle`](super::OnNoConvergence::Throttle)):
+    /// `hook` is called with increasing percentages during the dirty cycles
+    /// and with 0 when the migration ends, whatever its outcome.
+    pub fn with_throttle(mut self, hook: ThrottleHook) -> Self {
+        self.throttle = Some(hook);
+        self
     }
 
     /// Calls `observer` with progress (phases, blocks, cycles).
@@ -127,8 +139,13 @@ impl MigrationSource {
             reader: None,
             control: None,
             attached: None,
+            conv: None,
+            ready_reason: None,
         };
         let result = run.execute(Box::new(link), suspend);
+        if let Some(c) = run.conv.as_mut() {
+            c.release();
+        }
         let report = run.finish_report();
         match result {
             Ok(()) => Ok(report),
@@ -503,6 +520,10 @@ struct Run<'a> {
     reader: Option<std::thread::JoinHandle<()>>,
     control: Option<Box<dyn Link>>,
     attached: Option<super::Attached>,
+    /// Rates and the convergence decision (from the dirty cycles on).
+    conv: Option<Convergence>,
+    /// Which rule ended the dirty cycles.
+    ready_reason: Option<String>,
 }
 
 fn proto(e: impl std::fmt::Display) -> Cause {
@@ -901,6 +922,12 @@ impl Run<'_> {
             for dev in 0..n {
                 self.take_and_announce_silently(dev)?;
             }
+            self.conv = Some(Convergence::new(
+                cfg,
+                src.throttle.clone(),
+                n as usize,
+                Instant::now(),
+            ));
             self.enter(Phase::FullPass);
             let pass_start = Instant::now();
             let bytes_before = shared.queue.counters.total();
@@ -1003,59 +1030,117 @@ impl Run<'_> {
         let shared = self.shared()?;
         let n = self.src.devices.len();
         let mut next_due = vec![Instant::now(); n];
+        if let Some(c) = self.conv.as_mut() {
+            c.record_send(
+                shared.queue.counters.total() - bytes_before,
+                pass_start.elapsed(),
+            );
+        }
         loop {
-            if self.reports.iter().all(|r| r.ready.is_some()) {
+            if self.all_ready() {
                 return Ok(());
             }
             let now = Instant::now();
+            let mut cycled = false;
             for (dev, due) in next_due.iter_mut().enumerate() {
-                let cfg = &self.src.devices[dev].config;
                 if self.src.devices[dev].tracker.is_none() || now < *due {
                     continue;
                 }
-                let dirty = self.take_and_announce(dev as u32)?;
-                for &idx in &dirty {
-                    self.poll(None)?;
-                    self.send_block(dev as u32, idx)?;
-                }
-                self.flush_run()?;
-                let elapsed = pass_start.elapsed().as_secs_f64();
-                let bw = (shared.queue.counters.total() - bytes_before) as f64 / elapsed.max(1e-9);
-                let bs = f64::from(shared.devs[dev].info.block_size);
-                let budget = self.src.config.downtime_budget.as_secs_f64();
-                let st = &mut self.reports[dev];
-                let d = dirty.len() as u64;
-                st.cycles += 1;
-                st.history.push(d);
-                st.quiet = if d < cfg.max_dirty_blocks {
-                    st.quiet + 1
-                } else {
-                    0
-                };
-                if st.ready.is_none() {
-                    if st.quiet > cfg.min_cycles {
-                        st.ready = Some(format!("quiet for {} cycles", st.quiet));
-                    } else if st.cycles >= cfg.max_cycles {
-                        st.ready = Some("maxCycles reached".into());
-                    } else if bw > 0.0 && d as f64 * bs / bw <= budget {
-                        st.ready = Some(format!("{d} dirty blocks fit the downtime budget"));
-                    }
-                }
-                let cycle = st.cycles;
-                self.notify(&Progress::Cycle {
-                    device: dev,
-                    cycle,
-                    dirty: d,
-                });
-                *due = Instant::now() + cfg.cycle_throttle;
+                self.cycle(dev)?;
+                cycled = true;
+                *due = Instant::now() + self.src.devices[dev].config.cycle_throttle;
             }
-            if self.reports.iter().all(|r| r.ready.is_some()) {
+            if cycled {
+                self.decide()?;
+            }
+            if self.all_ready() {
                 return Ok(());
             }
             let wake = next_due.iter().copied().min().unwrap_or_else(Instant::now);
             if wake > Instant::now() {
                 // The throttle pause; wakes early on errors or cancellation.
                 self.poll(Some(wake))?;
+            }
+        }
+    }
+
+    fn all_ready(&self) -> bool {
+        self.reports.iter().all(|r| r.ready.is_some())
+    }
+
+    /// One dirty cycle of device `dev`: takes its dirty set, sends it, and
+    /// records the rates and the per-device bounds.
+    fn cycle(&mut self, dev: usize) -> Result<(), Cause> {
+        let shared = self.shared()?;
+        let cfg = &self.src.devices[dev].config;
+        let (start, bytes_start) = (Instant::now(), shared.queue.counters.total());
+        let dirty = self.take_and_announce(dev as u32)?;
+        let taken = Instant::now();
+        for &idx in &dirty {
+            self.poll(None)?;
+            self.send_block(dev as u32, idx)?;
+        }
+        self.flush_run()?;
+        let d = dirty.len() as u64;
+        if let Some(c) = self.conv.as_mut() {
+            c.record_send(shared.queue.counters.total() - bytes_start, start.elapsed());
+            c.record_dirty(dev, d * u64::from(shared.devs[dev].info.block_size), taken);
+        }
+        let st = &mut self.reports[dev];
+        st.cycles += 1;
+        st.history.push(d);
+        st.quiet = if d < cfg.max_dirty_blocks {
+            st.quiet + 1
+        } else {
+            0
+        };
+        if st.ready.is_none() {
+            let bound = if st.quiet > cfg.min_cycles {
+                Some(format!("quiet for {} cycles", st.quiet))
+            } else if st.cycles >= cfg.max_cycles {
+                Some("maxCycles reached".to_string())
+            } else {
+                None
+            };
+            if let Some(b) = bound {
+                let b = self.conv.as_ref().map_or(b.clone(), |c| c.bound_reason(&b));
+                self.ready_reason = Some(b.clone());
+                st.ready = Some(b);
+            }
+        }
+        let cycle = st.cycles;
+        self.notify(&Progress::Cycle {
+            device: dev,
+            cycle,
+            dirty: d,
+        });
+        Ok(())
+    }
+
+    /// After a round of cycles: the stop rule by predicted downtime over
+    /// all devices, and the remedy when the guest outruns the link.
+    fn decide(&mut self) -> Result<(), Cause> {
+        let min_done = self
+            .src
+            .devices
+            .iter()
+            .zip(&self.reports)
+            .all(|(d, r)| d.tracker.is_none() || r.cycles >= d.config.min_cycles);
+        let Some(c) = self.conv.as_mut() else {
+            return Ok(());
+        };
+        match c.evaluate(min_done) {
+            Verdict::Continue => Ok(()),
+            Verdict::Fits(why) => {
+                for r in &mut self.reports {
+                    r.ready.get_or_insert_with(|| why.clone());
+                }
+                self.ready_reason = Some(why);
+                Ok(())
+            }
+            Verdict::GiveUp(why) => {
+                self.ready_reason = Some(format!("gave up: {why}"));
+                Err(Cause::NoConvergence(why))
             }
         }
     }
@@ -1103,9 +1188,17 @@ impl Run<'_> {
             phases,
             total_millis: (now - self.start).as_secs_f64() * 1e3,
             downtime_millis: self.downtime.as_secs_f64() * 1e3,
+            max_downtime_millis: self.src.config.max_downtime.as_secs_f64() * 1e3,
+            ready_reason: self.ready_reason.clone().unwrap_or_default(),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             ..Default::default()
         };
+        if let Some(c) = &self.conv {
+            r.bandwidth_bytes_per_sec = c.bandwidth();
+            r.dirty_rate_bytes_per_sec = c.dirty_rate();
+            r.predicted_downtime_millis = c.predicted.map(|d| d.as_secs_f64() * 1e3);
+            r.throttle_percent = c.throttle;
+        }
         if let Some(s) = &self.shared {
             r.bytes_sent = s.queue.counters.total();
             r.zero_wire_bytes = s.queue.counters.of(T_ZERO_BLOCKS);

@@ -18,7 +18,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use drafter::migration::{Resume, SourceOptions};
 use drafter::peer::{apply_devices_json, read_config, Origin, Peer, PeerError, PeerOptions};
-use drafter_storage::{Mode, Progress, Secret};
+use drafter_storage::{Mode, OnNoConvergence, Progress, Secret};
 use drafter_vmm::ExitStatus;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -102,6 +102,26 @@ struct Args {
     /// forever.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
     link_timeout: Duration,
+    /// Downtime budget in milliseconds: the dirty cycles end once the
+    /// predicted stop (dirty bytes over the measured bandwidth, plus a
+    /// fixed allowance) fits in it.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    max_downtime: u64,
+    /// What to do when the guest dirties memory faster than the link sends
+    /// it: throttle its vCPUs step by step (auto-converge), give up (the VM
+    /// keeps running here), or stop anyway at maxCycles.
+    #[arg(long, value_enum, default_value_t = NoConvergence::Throttle)]
+    on_no_convergence: NoConvergence,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum NoConvergence {
+    /// Slow the vCPUs down (20 %, then +10 % per cycle, up to 95 %).
+    Throttle,
+    /// Fail the migration before suspending; the VM keeps running here.
+    GiveUp,
+    /// Keep cycling and stop at maxCycles whatever the dirty set.
+    Stop,
 }
 
 fn seconds(s: &str) -> Result<Duration, String> {
@@ -147,6 +167,12 @@ fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
     o.migration.secret = Secret::new(secret);
     o.migration.compression = a.compress;
     o.migration.link_timeout = a.link_timeout;
+    o.migration.max_downtime = Duration::from_millis(a.max_downtime);
+    o.migration.on_no_convergence = match a.on_no_convergence {
+        NoConvergence::Throttle => OnNoConvergence::Throttle,
+        NoConvergence::GiveUp => OnNoConvergence::GiveUp,
+        NoConvergence::Stop => OnNoConvergence::Stop,
+    };
     o.unresolved_dir = Some(a.work_dir.join("unresolved"));
     o.migration.mode = match a.migration_mode {
         MigrationMode::PreCopy => Mode::PreCopy,

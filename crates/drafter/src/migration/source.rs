@@ -135,9 +135,10 @@ impl VmMigrationSource {
         ));
         devices.extend(drive_devices);
         Ok(VmMigrationSource {
-            vmm,
+            vmm: vmm.clone(),
             state_device,
-            source: MigrationSource::new(devices, options.migration),
+            source: MigrationSource::new(devices, options.migration)
+                .with_throttle(throttle_hook(vmm.clone())),
             unresolved_dir: options.unresolved_dir,
         })
     }
@@ -180,6 +181,10 @@ impl VmMigrationSource {
             Ok(())
         });
         let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
+        // Whatever the outcome, the VM runs unthrottled again.
+        if let Err(e) = vmm.set_throttle(0) {
+            tracing::warn!(error = %e, "cannot remove the vCPU throttle");
+        }
         match result {
             Ok(storage) => {
                 vmm.stop();
@@ -252,6 +257,17 @@ impl VmMigrationSource {
         let state = std::fs::read(state_path).map_err(|e| format!("reading the VM state: {e}"))?;
         Ok(StateFrame { paused_at, state })
     }
+}
+
+/// The engine's throttle hook: slows the VM's vCPUs while it dirties
+/// memory faster than the link drains (auto-converge).
+fn throttle_hook(vmm: Arc<Mutex<Vmm>>) -> drafter_storage::ThrottleHook {
+    Arc::new(move |percent| {
+        let mut v = vmm.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = v.set_throttle(percent) {
+            tracing::warn!(percent, error = %e, "cannot throttle the vCPUs");
+        }
+    })
 }
 
 /// Saves the paused VM as a snapshot (`state.bin`, `memory.bin`) in `dir`.

@@ -1,7 +1,7 @@
-//! Lab test of the Drafter workflow (issue 10, done-when 1 without the
-//! archive step, and 4): the real `drafter-snapshotter` turns the `os`
-//! blueprint plus a Redis OCI disk into a package; `drafter-runner` resumes
-//! it, a key is written into Redis, SIGINT suspends the VM into the package,
+//! Lab test of the Drafter workflow (issue 10, done-when 1 and 4): the real
+//! `drafter-snapshotter` turns the `os` blueprint plus a Redis OCI disk into
+//! a package; `drafter-packager` archives it and extracts it elsewhere;
+//! `drafter-runner` resumes the extracted package, a key is written into Redis, SIGINT suspends the VM into the package,
 //! a second runner resumes it and the key is still there. The agent hooks'
 //! output (BeforeSuspend writes a file, AfterResume prints what it found)
 //! shows up in the tools' reports.
@@ -68,6 +68,8 @@ fn prepare_lab_workflow() {
             "drafter-snapshotter",
             "--bin",
             "drafter-runner",
+            "--bin",
+            "drafter-packager",
             "--bin",
             "drafter-blueprint",
         ])
@@ -294,6 +296,49 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
     let drives: Vec<&str> = config.drives.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(drives, ["disk", "oci"]);
     assert_eq!(config.cpu_template, "None");
+
+    // Archive the package and unpack it elsewhere: the runner resumes the
+    // extracted copy, which the packager verified device by device.
+    let names = [
+        ("state", "state.bin"),
+        ("memory", "memory.bin"),
+        ("kernel", "vmlinux"),
+        ("initramfs", "initramfs"),
+        ("disk", "rootfs.ext4"),
+        ("config", "config.json"),
+        ("oci", "oci.ext4"),
+    ];
+    let archive = pkg.with_file_name("app.tar.zst");
+    let packaged = pkg.with_file_name("extracted");
+    let packager = |dir: &Path, extract: bool| {
+        let list: Vec<Value> = names
+            .iter()
+            .map(|(n, f)| json!({"name": n, "path": dir.join(f)}))
+            .collect();
+        let mut cmd = Command::new(bin("drafter-packager"));
+        cmd.args(["--json", "--package-path", &archive.to_string_lossy()])
+            .args(["--devices", &Value::Array(list).to_string()]);
+        if extract {
+            cmd.arg("--extract");
+        }
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("drafter-packager: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "drafter-packager failed: {stdout}");
+        eprintln!("packager (extract: {extract}): {}", stdout.trim());
+    };
+    packager(pkg, false);
+    packager(&packaged, true);
+    for (_, f) in names {
+        assert_eq!(
+            fs::metadata(packaged.join(f)).map(|m| m.len()).ok(),
+            fs::metadata(p(f)).map(|m| m.len()).ok(),
+            "{f} differs in size after extraction"
+        );
+    }
+    let p = |n: &str| packaged.join(n);
 
     let runner_devices = json!([
         {"name": "state", "path": p("state.bin")},

@@ -173,6 +173,7 @@ fn demo(opts: &lab::LabOptions) -> Result<i32> {
         &[
             "lab_long_mode_guest_on_real_kvm",
             "lab_snapshot_restores_in_a_new_process_twice",
+            "lab_workflow_snapshot_run_suspend_resume_keeps_redis_keys",
             "lab_live_migration_keeps_the_guest_counting",
             "lab_post_copy_migration_resumes_at_authority",
         ],

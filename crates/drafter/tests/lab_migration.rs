@@ -498,3 +498,176 @@ fn repro_fast_writer_migrates_with_memory_intact() {
     b.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Size of the lab guest's writable disk.
+const DISK_BYTES: u64 = 16 << 20;
+
+/// Writes record `i` (`REC<i>`, zero padded, in sector `i`) to /dev/vda,
+/// fsyncs it (and syncs), then prints `W <i>`: a line the host sees only
+/// after the guest saw the write complete.
+const DISK_WRITER: &str = "i=0; while true; do i=$((i+1)); \
+     if printf 'REC%08d\\n' $i | dd of=/dev/vda bs=512 seek=$i conv=notrunc,fsync 2>/dev/null \
+     && sync; then echo W $i; else echo WFAIL $i; fi; sleep 0.2; done";
+
+/// `W <i>`: record `i` is on the guest's disk.
+fn parse_written(line: &str) -> Option<u64> {
+    assert!(
+        !line.contains("WFAIL"),
+        "the guest's disk write failed: {line}"
+    );
+    let mut w = line.split_whitespace().skip_while(|w| *w != "W").skip(1);
+    w.next()?.parse().ok()
+}
+
+/// Reads serial lines of `peer` until it reported `count` more records
+/// written after `after`; adds each record it reports to `written`.
+fn wait_records(peer: &PeerProcess, written: &mut Vec<u64>, after: u64, count: usize) -> u64 {
+    let mut last = after;
+    for _ in 0..count {
+        let i = peer.next_line(|_| {}, parse_written);
+        assert!(
+            i > last,
+            "{}: record {i} after {last}: the guest went back",
+            peer.name
+        );
+        written.push(i);
+        last = i;
+    }
+    last
+}
+
+/// Every record in `lines` (serial output of a peer that exited).
+fn records_in(lines: &[String], written: &mut Vec<u64>) -> u64 {
+    let mut last = 0;
+    for l in lines {
+        if let Some(i) = parse_written(l) {
+            written.push(i);
+            last = last.max(i);
+        }
+    }
+    last
+}
+
+/// Issue #9 defect 7: a guest writing records to a writable virtio-blk disk
+/// is migrated A → B (pre-copy) → C (resumed at authority); every record
+/// the guest reported written, on any peer, is in C's disk file, and the
+/// guest goes on writing on C. Before the fix, A refused to migrate a VM
+/// with a writable drive.
+#[test]
+#[ignore = "lab"]
+fn lab_writable_drive_moves_with_the_vm() {
+    let dir = scratch("wdrive");
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; DISK_BYTES as usize]).unwrap_or_else(|e| panic!("{e}"));
+    let init = write_initramfs(&dir, DISK_WRITER);
+    let cfg_path = write_config_with(&dir, init, 128);
+    let mut cfg: VmConfig =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+    cfg.drives.push(drafter_vmm::config::DriveConfig {
+        name: "disk".into(),
+        path: disk.clone(),
+        read_only: false,
+    });
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let a = PeerProcess::spawn(
+        "A",
+        &[
+            "--config",
+            s(&cfg_path),
+            "--work-dir",
+            s(&dir.join("a")),
+            "--laddr",
+            "127.0.0.1:0",
+            "--secret",
+            SECRET,
+        ],
+    );
+    let a_addr = a.event("listening")["addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut written = Vec::new();
+    let mut last = wait_records(&a, &mut written, 0, 3);
+
+    // A -> B, pre-copy, resumed once everything arrived; B listens.
+    let b = PeerProcess::spawn(
+        "B",
+        &[
+            "--raddr",
+            &a_addr,
+            "--work-dir",
+            s(&dir.join("b")),
+            "--secret",
+            SECRET,
+            "--laddr",
+            "127.0.0.1:0",
+        ],
+    );
+    let out = a.event("migrated-out");
+    let incoming = b.event("migrated-in");
+    let (code, rest) = a.wait_exit();
+    assert_eq!(code, Some(0), "A did not exit cleanly after migrating out");
+    last = last.max(records_in(&rest, &mut written));
+    last = wait_records(&b, &mut written, last, 3);
+    eprintln!(
+        "MEASURED writable drive A->B: bytes sent {}, VM downtime {} ms",
+        out["report"]["storage"]["bytesSent"], incoming["report"]["vmDowntimeMillis"],
+    );
+
+    // B -> C, resumed at authority (the drive arrives whole first).
+    let b_addr = b.event("listening")["addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let c = PeerProcess::spawn(
+        "C",
+        &[
+            "--raddr",
+            &b_addr,
+            "--work-dir",
+            s(&dir.join("c")),
+            "--secret",
+            SECRET,
+            "--resume-at",
+            "authority",
+        ],
+    );
+    let out = b.event("migrated-out");
+    let incoming = c.event("migrated-in");
+    assert_eq!(incoming["report"]["resumed"], "at-authority");
+    let (code, rest) = b.wait_exit();
+    assert_eq!(code, Some(0), "B did not exit cleanly after migrating out");
+    last = last.max(records_in(&rest, &mut written));
+    wait_records(&c, &mut written, last, 3);
+    eprintln!(
+        "MEASURED writable drive B->C: bytes sent {}, VM downtime {} ms",
+        out["report"]["storage"]["bytesSent"], incoming["report"]["vmDowntimeMillis"],
+    );
+    c.kill();
+
+    // Every record the guest saw written, on A, B or C, is on C's disk.
+    let on_c = std::fs::read(dir.join("c").join("drive-disk")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(on_c.len() as u64, DISK_BYTES);
+    let mut lost = Vec::new();
+    for &i in &written {
+        let at = (i * 512) as usize;
+        let want = format!("REC{i:08}\n");
+        if on_c.get(at..at + want.len()) != Some(want.as_bytes()) {
+            lost.push(i);
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "records lost on C: {lost:?} (of {} reported written)",
+        written.len()
+    );
+    eprintln!(
+        "writable drive: {} records checked on C, last {}",
+        written.len(),
+        written.iter().max().copied().unwrap_or(0)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -34,9 +34,11 @@ pub enum Resume {
     AfterComplete,
     /// As soon as the source offers the handover: guest RAM is filled on
     /// demand through userfaultfd from the incoming memory device while the
-    /// rest streams in (post-copy). If the connection breaks after the VM
-    /// resumed here and before every page arrived, the guest cannot
-    /// continue (the source no longer runs it either).
+    /// rest streams in (post-copy). Drives are not lazy: every drive block
+    /// is fetched (with priority) before the VM resumes, since the VMM
+    /// reads and writes drive files directly. If the connection breaks
+    /// after the VM resumed here and before every page arrived, the guest
+    /// cannot continue (the source no longer runs it either).
     AtAuthority,
 }
 
@@ -565,8 +567,10 @@ impl VmMigrationDestination {
     }
 }
 
-/// Makes every block of the drives present (the VMM reads drive files
-/// directly, not through the lazy device).
+/// Makes every block of the drives present (the VMM reads and writes drive
+/// files directly, not through the lazy device). Once a block is present,
+/// data still arriving for it is dropped, so the source's tail never
+/// overwrites what the guest writes here after it resumed.
 fn fetch_all(drives: &[(String, Arc<LazyDevice>)]) -> Result<(), VmMigrationError> {
     for (_, d) in drives {
         if d.missing_blocks() == 0 {

@@ -20,13 +20,6 @@ fn unresolved_note(saved: Option<&(PathBuf, PathBuf)>) -> String {
 /// Why migrating a VM out or in failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmMigrationError {
-    /// A writable drive cannot be migrated yet: the guest's writes to it go
-    /// straight to the file and bypass the migration engine's dirty tracking.
-    #[error(
-        "drive {0:?} is writable: live migration supports read-only drives only for now \
-         (guest writes to a drive bypass the migration engine)"
-    )]
-    WritableDrive(String),
     /// A drive name cannot be used as a device name.
     #[error("drive name {0:?} is not usable for migration (use letters, digits, '-', '_' or '.')")]
     BadDriveName(String),

@@ -7,11 +7,19 @@
 //! * `state`: the VM's snapshot state in a small fixed-size device
 //!   ([`StateFrame`]), written in the suspend hook after the VM is paused,
 //!   so the final dirty cycle carries it;
-//! * `drive/<name>`: each read-only drive.
+//! * `drive/<name>`: each drive, read from its file. A read-only drive is
+//!   sent once; a writable one is a tracked device whose dirty blocks are
+//!   the ones the guest wrote through the VMM's virtio-blk device
+//!   ([`VmDriveDirtySource`]), so it is re-sent like memory in the dirty
+//!   cycles and the final one (after the pause, when no block request is in
+//!   flight, and after the file is flushed).
 //!
-//! Writable drives are refused for now ([`VmMigrationError::WritableDrive`]):
-//! the guest's writes go straight to the file, bypassing the engine's dirty
-//! tracking. Routing drive I/O through a tracked device is future work.
+//! The destination receives each drive into its work directory
+//! (`drive-<name>`) and the restored VM opens it as the source did (a
+//! writable drive read-write). Drives are never fetched lazily: the VMM
+//! reads and writes the drive file directly, so even a VM that resumes at
+//! authority ([`Resume::AtAuthority`]) waits until every drive block is
+//! here (fetched with priority), while its memory stays post-copy.
 //!
 //! [`VmMigrationSource`] runs on the host that has the VM. It pauses the VM
 //! for the handover and keeps it paused until the destination acknowledges
@@ -35,7 +43,7 @@ mod source;
 mod state;
 
 pub use destination::{DestinationOptions, IncomingVm, Resume, VmMigrationDestination};
-pub use dirty_source::{page_indices, VmMemoryDirtySource};
+pub use dirty_source::{page_indices, VmDriveDirtySource, VmMemoryDirtySource};
 pub use error::VmMigrationError;
 pub use guest_memory::GuestMemoryDevice;
 pub use page_provider::LazyPageProvider;

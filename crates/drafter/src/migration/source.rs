@@ -11,7 +11,7 @@ use drafter_storage::{
 };
 use drafter_vmm::Vmm;
 
-use super::dirty_source::VmMemoryDirtySource;
+use super::dirty_source::{VmDriveDirtySource, VmMemoryDirtySource};
 use super::error::VmMigrationError;
 use super::guest_memory::GuestMemoryDevice;
 use super::report::VmMigrationReport;
@@ -27,7 +27,7 @@ pub struct SourceOptions {
     pub state: DeviceConfig,
     /// Capacity of the "state" device in bytes.
     pub state_capacity: u64,
-    /// Settings of read-only drive devices.
+    /// Settings of drive devices (read-only and writable).
     pub drives: DeviceConfig,
     /// Mode, secret, downtime budget and the rest.
     pub migration: MigrationConfig,
@@ -59,11 +59,13 @@ impl Default for SourceOptions {
 ///
 /// Devices: "memory" (guest RAM, dirty pages from KVM's dirty log),
 /// "state" (the snapshot state, written after the VM is paused so the final
-/// dirty cycle carries it) and `drive/<name>` for each read-only drive.
-/// Writable drives are refused: guest writes to them bypass the engine.
+/// dirty cycle carries it) and `drive/<name>` for each drive (a writable
+/// one tracked through the VMM's virtio-blk dirty log, like memory).
 pub struct VmMigrationSource {
     vmm: Arc<Mutex<Vmm>>,
     state_device: Arc<TrackedDevice>,
+    /// Files of the writable drives, flushed once the VM is paused.
+    writable_drives: Vec<PathBuf>,
     source: MigrationSource,
     unresolved_dir: Option<PathBuf>,
 }
@@ -86,17 +88,27 @@ impl VmMigrationSource {
         };
         let mut devices = Vec::new();
         let mut drive_devices = Vec::new();
+        let mut writable_drives = Vec::new();
         for d in &drives {
-            if !d.read_only {
-                return Err(VmMigrationError::WritableDrive(d.name.clone()));
-            }
             let name = drive_device_name(&d.name)?;
-            let file = FileDevice::open_read_only(&d.path, options.drives.block_size)?;
-            drive_devices.push(SourceDevice::fixed(
-                name,
-                Arc::new(file),
-                options.drives.clone(),
-            ));
+            let file = Arc::new(FileDevice::open_read_only(
+                &d.path,
+                options.drives.block_size,
+            )?);
+            if d.read_only {
+                drive_devices.push(SourceDevice::fixed(name, file, options.drives.clone()));
+            } else {
+                // The guest writes the file through the VMM's virtio-blk
+                // device, which logs the blocks it wrote.
+                let dirty = VmDriveDirtySource::new(vmm.clone(), d.name.clone());
+                let dev = tracked(file, &options.drives).with_dirty_source(Arc::new(dirty));
+                drive_devices.push(SourceDevice::tracked(
+                    name,
+                    Arc::new(dev),
+                    options.drives.clone(),
+                ));
+                writable_drives.push(d.path.clone());
+            }
         }
         // The engine reads guest RAM through the VMM's mapping, whatever
         // backs it; only the guest writes it.
@@ -137,6 +149,7 @@ impl VmMigrationSource {
         Ok(VmMigrationSource {
             vmm: vmm.clone(),
             state_device,
+            writable_drives,
             source: MigrationSource::new(devices, options.migration)
                 .with_throttle(throttle_hook(vmm.clone())),
             unresolved_dir: options.unresolved_dir,
@@ -253,6 +266,14 @@ impl VmMigrationSource {
             *pause_millis = Some(start.elapsed().as_secs_f64() * 1e3);
             vmm.snapshot_state(state_path)
                 .map_err(|e| format!("saving the VM state: {e}"))?;
+        }
+        // No block request is in flight now (the pause joined the drives'
+        // I/O threads); the engine reads the files through the page cache,
+        // the flush makes what the guest wrote durable here too.
+        for path in &self.writable_drives {
+            std::fs::File::open(path)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| format!("flushing drive {}: {e}", path.display()))?;
         }
         let state = std::fs::read(state_path).map_err(|e| format!("reading the VM state: {e}"))?;
         Ok(StateFrame { paused_at, state })

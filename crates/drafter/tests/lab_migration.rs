@@ -549,10 +549,10 @@ fn records_in(lines: &[String], written: &mut Vec<u64>) -> u64 {
 }
 
 /// Issue #9 defect 7: a guest writing records to a writable virtio-blk disk
-/// is migrated A → B (pre-copy) → C (resumed at authority); every record
-/// the guest reported written, on any peer, is in C's disk file, and the
-/// guest goes on writing on C. Before the fix, A refused to migrate a VM
-/// with a writable drive.
+/// is migrated A → B (pre-copy) → C (post-copy, resumed at authority);
+/// every record the guest reported written, on any peer, is in C's disk
+/// file, and the guest goes on writing on C. Before the fix, A refused to
+/// migrate a VM with a writable drive.
 #[test]
 #[ignore = "lab"]
 fn lab_writable_drive_moves_with_the_vm() {
@@ -592,7 +592,8 @@ fn lab_writable_drive_moves_with_the_vm() {
     let mut written = Vec::new();
     let mut last = wait_records(&a, &mut written, 0, 3);
 
-    // A -> B, pre-copy, resumed once everything arrived; B listens.
+    // A -> B, pre-copy, resumed once everything arrived; B listens and
+    // migrates on in post-copy.
     let b = PeerProcess::spawn(
         "B",
         &[
@@ -604,6 +605,8 @@ fn lab_writable_drive_moves_with_the_vm() {
             SECRET,
             "--laddr",
             "127.0.0.1:0",
+            "--migration-mode",
+            "post-copy",
         ],
     );
     let out = a.event("migrated-out");
@@ -617,7 +620,8 @@ fn lab_writable_drive_moves_with_the_vm() {
         out["report"]["storage"]["bytesSent"], incoming["report"]["vmDowntimeMillis"],
     );
 
-    // B -> C, resumed at authority (the drive arrives whole first).
+    // B -> C in post-copy, resumed at authority: memory is fetched on
+    // demand, the drive arrives whole before the VM runs.
     let b_addr = b.event("listening")["addr"]
         .as_str()
         .unwrap_or_default()
@@ -637,6 +641,7 @@ fn lab_writable_drive_moves_with_the_vm() {
     );
     let out = b.event("migrated-out");
     let incoming = c.event("migrated-in");
+    assert_eq!(out["report"]["storage"]["mode"], "post-copy");
     assert_eq!(incoming["report"]["resumed"], "at-authority");
     let (code, rest) = b.wait_exit();
     assert_eq!(code, Some(0), "B did not exit cleanly after migrating out");

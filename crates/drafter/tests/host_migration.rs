@@ -773,6 +773,12 @@ fn commit_without_acknowledgement_keeps_the_vm_paused_and_saved() {
     let mut options = source_options("s");
     options.migration.link_timeout = Duration::from_secs(1);
     options.unresolved_dir = Some(dir.join("unresolved"));
+    // The fake destination sends no keepalives while it reads: keep the
+    // dirty cycles shorter than the link timeout.
+    for device in [&mut options.memory, &mut options.state] {
+        device.min_cycles = 1;
+        device.cycle_throttle = Duration::ZERO;
+    }
     let source = VmMigrationSource::new(vmm.clone(), options).unwrap_or_else(|e| panic!("{e}"));
     let err = source
         .migrate(link)

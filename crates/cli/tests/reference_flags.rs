@@ -1,7 +1,6 @@
 //! Issue 10, done-when 6: every seed CLI's `--help` lists the flags of the Go
 //! Drafter's CLI of the same name (taken from the `--help` listings in its
-//! README), so its users find the interface they know. The snapshotter and
-//! runner are checked in `drafter_snapshotter_runner_bad_input.rs`.
+//! README), so its users find the interface they know.
 //!
 //! `drafter-registry` and `drafter-terminator` do not exist yet, and
 //! `drafter-peer` does not take every reference flag yet: the gaps are listed
@@ -41,6 +40,49 @@ const REFERENCE: &[(&str, &[&str])] = &[
     ),
     ("drafter-liveness", &["vsock-port", "vsock-timeout"]),
     ("drafter-packager", &["devices", "extract", "package-path"]),
+    (
+        "drafter-snapshotter",
+        &[
+            "agent-vsock-port",
+            "boot-args",
+            "cgroup-version",
+            "chroot-base-dir",
+            "cpu-count",
+            "cpu-template",
+            "devices",
+            "enable-input",
+            "enable-output",
+            "firecracker-bin",
+            "gid",
+            "interface",
+            "jailer-bin",
+            "liveness-vsock-port",
+            "mac",
+            "memory-size",
+            "netns",
+            "numa-node",
+            "resume-timeout",
+            "uid",
+        ],
+    ),
+    (
+        "drafter-runner",
+        &[
+            "cgroup-version",
+            "chroot-base-dir",
+            "devices",
+            "enable-input",
+            "enable-output",
+            "firecracker-bin",
+            "gid",
+            "jailer-bin",
+            "netns",
+            "numa-node",
+            "rescue-timeout",
+            "resume-timeout",
+            "uid",
+        ],
+    ),
     (
         "drafter-peer",
         &[

@@ -59,7 +59,10 @@ fn pre_copy_over_unix_socket_with_live_writers_converges() {
 
 #[test]
 fn pure_post_copy_over_tcp_serves_reads_before_the_stream_finishes() {
-    let dev = seeded_device(256, 4096, 5);
+    // Large enough that the background stream, which goes in index order,
+    // cannot reach the last blocks before they are read.
+    const BLOCKS: u64 = 16384;
+    let dev = seeded_device(BLOCKS, 4096, 5);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let src = MigrationSource::new(
@@ -87,20 +90,20 @@ fn pure_post_copy_over_tcp_serves_reads_before_the_stream_finishes() {
     // are fetched on demand.
     let mut b = vec![0u8; 4096];
     let mut want = vec![0u8; 4096];
-    for idx in (200..256).rev() {
+    for idx in (BLOCKS - 56..BLOCKS).rev() {
         lazy.read_at(&mut b, idx * 4096).unwrap();
         dev.read_at(&mut want, idx * 4096).unwrap();
         assert_eq!(b, want, "block {idx}");
     }
     // Local writes win over late stream data.
-    lazy.write_at(&[0xee; 4096], 255 * 4096).unwrap();
+    lazy.write_at(&[0xee; 4096], (BLOCKS - 1) * 4096).unwrap();
     let report = server.join().unwrap().unwrap();
     let dreport = session.wait_complete().unwrap();
     let mut b = vec![0u8; 4096];
-    lazy.read_at(&mut b, 255 * 4096).unwrap();
+    lazy.read_at(&mut b, (BLOCKS - 1) * 4096).unwrap();
     assert_eq!(b, vec![0xee; 4096]);
     let mut expect = read_all(&*dev);
-    expect[255 * 4096..].fill(0xee);
+    expect[(BLOCKS as usize - 1) * 4096..].fill(0xee);
     assert!(read_all(&*lazy) == expect);
     assert_eq!(report.mode, "post-copy");
     assert_eq!(

@@ -1,5 +1,7 @@
 //! The reference Drafter's `--devices` JSON for `drafter-snapshotter`
-//! (`[{"name","input","output"}]`) and `drafter-runner` (`[{"name","path"}]`).
+//! (`[{"name","input","output"}]`), `drafter-runner` (`[{"name","path"}]`),
+//! `drafter-registry` (`[{"name","input","blockSize"}]`) and
+//! `drafter-terminator` (`[{"name","output"}]`).
 //!
 //! A package is a set of named devices. Four names are special: `state` (the
 //! VM's snapshot state), `memory` (guest RAM), `config` (the package's
@@ -320,6 +322,153 @@ impl PackageDevices {
     }
 }
 
+fn check_paths<'a>(
+    devices: impl Iterator<Item = (&'a str, &'a PathBuf)> + Clone,
+) -> Result<(), DevicesError> {
+    for (i, (a, pa)) in devices.clone().enumerate() {
+        if let Some((b, _)) = devices.clone().skip(i + 1).find(|(_, pb)| *pb == pa) {
+            return Err(DevicesError::SamePath(
+                a.to_owned(),
+                b.to_owned(),
+                pa.clone(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One entry of the registry's `--devices`, as given.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRegistryDevice {
+    name: String,
+    #[serde(default)]
+    input: String,
+    #[serde(default = "default_block_size")]
+    block_size: u32,
+}
+
+fn default_block_size() -> u32 {
+    drafter_storage::DEFAULT_BLOCK_SIZE
+}
+
+/// One device a registry serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryDevice {
+    /// Device name.
+    pub name: String,
+    /// The package file it is read from.
+    pub input: PathBuf,
+    /// Block size it is sent in (`blockSize`, default 64 KiB).
+    pub block_size: u32,
+}
+
+/// The registry's devices (`--devices`): names unique and valid, `state`
+/// and `memory` present, every input given and distinct, block sizes valid.
+/// Which drives must be present is known from the package's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryDevices {
+    /// In the order given.
+    pub devices: Vec<RegistryDevice>,
+}
+
+impl RegistryDevices {
+    /// Parses and checks the registry's `--devices` JSON.
+    pub fn parse(json: &str) -> Result<Self, DevicesError> {
+        let raw: Vec<RawRegistryDevice> = serde_json::from_str(json).map_err(json_error)?;
+        let mut seen = HashSet::new();
+        let mut devices = Vec::with_capacity(raw.len());
+        for (i, d) in raw.into_iter().enumerate() {
+            check_name(i, &d.name, &mut seen)?;
+            let field = |problem: String| DevicesError::Field {
+                name: d.name.clone(),
+                problem,
+            };
+            if d.input.is_empty() {
+                return Err(field("has no \"input\"".into()));
+            }
+            drafter_storage::device::validate_block_size(d.block_size)
+                .map_err(|e| field(format!("has an {e}")))?;
+            devices.push(RegistryDevice {
+                input: PathBuf::from(&d.input),
+                name: d.name,
+                block_size: d.block_size,
+            });
+        }
+        require(&seen, &[STATE, MEMORY])?;
+        check_paths(devices.iter().map(|d| (d.name.as_str(), &d.input)))?;
+        Ok(Self { devices })
+    }
+
+    /// The device called `name`.
+    pub fn get(&self, name: &str) -> Option<&RegistryDevice> {
+        self.devices.iter().find(|d| d.name == name)
+    }
+}
+
+/// One entry of the terminator's `--devices`, as given.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTerminatorDevice {
+    name: String,
+    #[serde(default)]
+    output: String,
+}
+
+/// One device a terminator writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminatorDevice {
+    /// Device name.
+    pub name: String,
+    /// Where it is written.
+    pub output: PathBuf,
+}
+
+/// The terminator's devices (`--devices`): names unique and valid, `state`
+/// and `memory` present, every output given and distinct. Which drives must
+/// be present is known once the peer lists its devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminatorDevices {
+    /// In the order given.
+    pub devices: Vec<TerminatorDevice>,
+}
+
+impl TerminatorDevices {
+    /// Parses and checks the terminator's `--devices` JSON.
+    pub fn parse(json: &str) -> Result<Self, DevicesError> {
+        let raw: Vec<RawTerminatorDevice> = serde_json::from_str(json).map_err(json_error)?;
+        let mut seen = HashSet::new();
+        let mut devices = Vec::with_capacity(raw.len());
+        for (i, d) in raw.into_iter().enumerate() {
+            check_name(i, &d.name, &mut seen)?;
+            if d.output.is_empty() {
+                return Err(DevicesError::Field {
+                    name: d.name,
+                    problem: "has no \"output\"".into(),
+                });
+            }
+            devices.push(TerminatorDevice {
+                output: PathBuf::from(&d.output),
+                name: d.name,
+            });
+        }
+        require(&seen, &[STATE, MEMORY])?;
+        check_paths(devices.iter().map(|d| (d.name.as_str(), &d.output)))?;
+        Ok(Self { devices })
+    }
+
+    /// The device called `name`.
+    pub fn get(&self, name: &str) -> Option<&TerminatorDevice> {
+        self.devices.iter().find(|d| d.name == name)
+    }
+}
+
+/// The reference's default registry `--devices`.
+pub const DEFAULT_REGISTRY_DEVICES: &str = r#"[{"name":"state","input":"out/package/state.bin","blockSize":65536},{"name":"memory","input":"out/package/memory.bin","blockSize":65536},{"name":"kernel","input":"out/package/vmlinux","blockSize":65536},{"name":"disk","input":"out/package/rootfs.ext4","blockSize":65536},{"name":"config","input":"out/package/config.json","blockSize":65536},{"name":"oci","input":"out/blueprint/oci.ext4","blockSize":65536}]"#;
+
+/// The reference's default terminator `--devices`.
+pub const DEFAULT_TERMINATOR_DEVICES: &str = r#"[{"name":"state","output":"out/package/state.bin"},{"name":"memory","output":"out/package/memory.bin"},{"name":"kernel","output":"out/package/vmlinux"},{"name":"disk","output":"out/package/rootfs.ext4"},{"name":"config","output":"out/package/config.json"},{"name":"oci","output":"out/package/oci.ext4"}]"#;
+
 /// The reference's default snapshotter `--devices`.
 pub const DEFAULT_SNAPSHOT_DEVICES: &str = r#"[{"name":"state","input":"","output":"out/package/state.bin"},{"name":"memory","input":"","output":"out/package/memory.bin"},{"name":"kernel","input":"out/blueprint/vmlinux","output":"out/package/vmlinux"},{"name":"disk","input":"out/blueprint/rootfs.ext4","output":"out/package/rootfs.ext4"},{"name":"config","input":"","output":"out/package/config.json"},{"name":"oci","input":"out/blueprint/oci.ext4","output":"out/package/oci.ext4"}]"#;
 
@@ -424,6 +573,83 @@ mod tests {
             r#"[{"name":"state","input":"x","output":"s"}]"#,
         ));
         assert!(e.contains("\"state\" is written by the snapshotter"), "{e}");
+    }
+
+    #[test]
+    fn registry_and_terminator_devices_parse_the_reference_defaults_and_refuse_bad_input() {
+        let r = RegistryDevices::parse(DEFAULT_REGISTRY_DEVICES).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.devices.len(), 6);
+        assert_eq!(r.get(MEMORY).map(|d| d.block_size), Some(65536));
+        let r = RegistryDevices::parse(
+            r#"[{"name":"state","input":"s"},{"name":"memory","input":"m","blockSize":4096}]"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.get(STATE).map(|d| d.block_size), Some(65536));
+        assert_eq!(r.get(MEMORY).map(|d| d.block_size), Some(4096));
+        let t =
+            TerminatorDevices::parse(DEFAULT_TERMINATOR_DEVICES).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            t.get(DISK).map(|d| d.output.clone()),
+            Some(PathBuf::from("out/package/rootfs.ext4"))
+        );
+        let sm = |extra: &str, field: &str| {
+            format!(
+                r#"[{{"name":"state","{field}":"s"}},{{"name":"memory","{field}":"m"}}{extra}]"#
+            )
+        };
+        assert!(err(RegistryDevices::parse("[{")).starts_with("invalid --devices JSON"));
+        assert!(err(RegistryDevices::parse(&sm(
+            r#",{"name":"x","output":"o"}"#,
+            "input"
+        )))
+        .contains("unknown field `output`"));
+        assert!(
+            err(RegistryDevices::parse(&sm(r#",{"name":"x"}"#, "input")))
+                .contains("\"x\" has no \"input\"")
+        );
+        assert!(err(RegistryDevices::parse(&sm(
+            r#",{"name":"x","input":"i","blockSize":1000}"#,
+            "input"
+        )))
+        .contains("\"x\" has an invalid block size 1000"));
+        assert!(err(RegistryDevices::parse(&sm(
+            r#",{"name":"x","input":"i","blockSize":-1}"#,
+            "input"
+        )))
+        .starts_with("invalid --devices JSON"));
+        assert!(err(RegistryDevices::parse(&sm(
+            r#",{"name":"x","input":"s"}"#,
+            "input"
+        )))
+        .contains("use the same file s"));
+        assert!(
+            err(RegistryDevices::parse(r#"[{"name":"state","input":"s"}]"#))
+                .contains("missing required device(s) memory")
+        );
+        assert!(
+            err(TerminatorDevices::parse(&sm(r#",{"name":"x"}"#, "output")))
+                .contains("\"x\" has no \"output\"")
+        );
+        assert!(err(TerminatorDevices::parse(&sm(
+            r#",{"name":"x","input":"i","output":"o"}"#,
+            "output"
+        )))
+        .contains("unknown field `input`"));
+        assert!(err(TerminatorDevices::parse(&sm(
+            r#",{"name":"state","output":"o"}"#,
+            "output"
+        )))
+        .contains("given more than once"));
+        assert!(err(TerminatorDevices::parse(&sm(
+            r#",{"name":"x","output":"m"}"#,
+            "output"
+        )))
+        .contains("use the same file m"));
+        assert!(err(TerminatorDevices::parse(&sm(
+            r#",{"name":"../x","output":"o"}"#,
+            "output"
+        )))
+        .contains("\"../x\""));
     }
 
     #[test]

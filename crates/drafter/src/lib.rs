@@ -14,5 +14,7 @@ mod files;
 pub mod migration;
 pub mod package_config;
 pub mod peer;
+pub mod registry;
 pub mod runner;
 pub mod snapshotter;
+pub mod terminator;

@@ -78,6 +78,10 @@ pub struct PeerOptions {
     pub resume: Resume,
     /// Guest console; defaults to what the VM's config says.
     pub console: Option<ConsoleOut>,
+    /// Network namespace for the VM's tap, replacing the one its
+    /// configuration or state names (`None`: keep that one). Peers on one
+    /// host need one namespace each: two VMs cannot share a tap.
+    pub netns: Option<String>,
 }
 
 /// A running VM owned by this peer.
@@ -85,6 +89,14 @@ pub struct Peer {
     vmm: Arc<Mutex<Vmm>>,
     exit: ExitWaiter,
     incoming: Option<VmMigrationReport>,
+    /// Files that came with the VM (a package's config, kernel, ...), passed
+    /// on to the next peer.
+    files: Vec<(String, PathBuf)>,
+}
+
+/// `netns` for a tap: the empty name is the current namespace.
+fn namespace(netns: &str) -> Option<String> {
+    (!netns.is_empty()).then(|| netns.to_string())
 }
 
 impl Peer {
@@ -102,8 +114,11 @@ impl Peer {
             }
         }
         let memory_file = dir.join("memory.bin");
-        let (vmm, incoming) = match origin {
-            Origin::Boot(config) => {
+        let (vmm, incoming, files) = match origin {
+            Origin::Boot(mut config) => {
+                if let (Some(net), Some(ns)) = (&mut config.net, &options.netns) {
+                    net.netns = namespace(ns);
+                }
                 // Anonymous memory: nothing RAM-sized on disk, and the
                 // migration source reads guest RAM through the VMM's mapping.
                 let vmm = Vmm::boot(
@@ -114,17 +129,34 @@ impl Peer {
                         flat_program: None,
                     },
                 )?;
-                (vmm, None)
+                (vmm, None, Vec::new())
             }
             Origin::Snapshot { state, memory } => {
                 copy_memory(&memory, &memory_file)?;
+                let state = match &options.netns {
+                    Some(ns) => {
+                        // The snapshot is never modified: the changed state
+                        // goes into the work directory.
+                        let mut snap: drafter_vmm::Snapshot =
+                            drafter_vmm::persist::read_state_file(&state)
+                                .map_err(drafter_vmm::Error::from)?;
+                        if let Some(net) = &mut snap.config.net {
+                            net.netns = namespace(ns);
+                        }
+                        let here = dir.join("netns-state.bin");
+                        drafter_vmm::persist::write_state_file(&here, &snap)
+                            .map_err(drafter_vmm::Error::from)?;
+                        here
+                    }
+                    None => state,
+                };
                 let mut vmm = Vmm::restore(
                     &state,
                     RestoreMemory::Shared(memory_file.clone()),
                     options.console,
                 )?;
                 vmm.resume()?;
-                (vmm, None)
+                (vmm, None, Vec::new())
             }
             Origin::Migrate { raddr } => {
                 let link =
@@ -136,11 +168,13 @@ impl Peer {
                         resume: options.resume,
                         migration: options.source.migration.clone(),
                         console: options.console,
+                        netns: options.netns.clone(),
                     },
                 )?;
                 let report = incoming.finish_transfer()?;
+                let files = incoming.files().to_vec();
                 let (vmm, _memory_file) = incoming.into_parts()?;
-                (vmm, Some(report))
+                (vmm, Some(report), files)
             }
         };
         let exit = vmm.exit_waiter();
@@ -148,7 +182,15 @@ impl Peer {
             vmm: Arc::new(Mutex::new(vmm)),
             exit,
             incoming,
+            files,
         })
+    }
+
+    /// The files that came with the VM (a package's `config`, `kernel`, ...
+    /// from a registry): name and path in the work directory. [`Self::serve`]
+    /// passes them on.
+    pub fn files(&self) -> &[(String, PathBuf)] {
+        &self.files
     }
 
     /// The report of the migration that brought the VM here, if one did.
@@ -161,7 +203,9 @@ impl Peer {
         self.exit.clone()
     }
 
-    /// Accepts peers on `listener` until one receives the VM. `on_failure`
+    /// Accepts peers on `listener` until one receives the VM (a peer, or a
+    /// terminator that writes it into a package), sending the files that
+    /// came with it ([`Self::files`]) along. `on_failure`
     /// hears of every failed migration. One that leaves authority here (the
     /// destination provably does not run the VM) resumes the VM here and the
     /// next peer is awaited. Any other failure is returned: authority moved
@@ -172,10 +216,15 @@ impl Peer {
     pub fn serve(
         &self,
         listener: &TcpListener,
-        options: SourceOptions,
+        mut options: SourceOptions,
         observer: Option<Observer>,
         mut on_failure: impl FnMut(&VmMigrationError),
     ) -> Result<VmMigrationReport, PeerError> {
+        for (name, path) in &self.files {
+            if !options.files.iter().any(|(n, _)| n == name) {
+                options.files.push((name.clone(), path.clone()));
+            }
+        }
         let mut source = VmMigrationSource::new(self.vmm.clone(), options)?;
         if let Some(o) = observer {
             source = source.with_observer(o);

@@ -20,7 +20,9 @@ use super::error::VmMigrationError;
 use super::page_provider::LazyPageProvider;
 use super::report::VmMigrationReport;
 use super::state::StateFrame;
-use super::{drive_device_name, DRIVE_PREFIX, MEMORY_DEVICE, STATE_DEVICE};
+use super::{
+    drive_device_name, file_device_name, DRIVE_PREFIX, FILE_PREFIX, MEMORY_DEVICE, STATE_DEVICE,
+};
 
 /// Largest "state" device a destination accepts (it is held in memory).
 pub const MAX_STATE_CAPACITY: u64 = 64 << 20;
@@ -57,6 +59,10 @@ pub struct DestinationOptions {
     pub migration: MigrationConfig,
     /// Guest console sink; defaults to what the VM's config says.
     pub console: Option<ConsoleOut>,
+    /// Network namespace the VM's tap is opened in, instead of the one the
+    /// received state names (`None`: that one). Two VMs cannot share a tap,
+    /// so a destination on the source's host needs its own namespace.
+    pub netns: Option<String>,
 }
 
 impl DestinationOptions {
@@ -67,6 +73,7 @@ impl DestinationOptions {
             resume: Resume::default(),
             migration: MigrationConfig::default(),
             console: None,
+            netns: None,
         }
     }
 
@@ -88,6 +95,9 @@ pub struct IncomingVm {
     /// The receive's files while the transfer is not finished
     /// ([`Resume::AtAuthority`]); removed if it never finishes.
     files: Option<ReceiveFiles>,
+    /// The travelling files (`file/<name>` devices): name and path, in the
+    /// order the source sent them.
+    travelling: Vec<(String, PathBuf)>,
 }
 
 impl IncomingVm {
@@ -118,10 +128,22 @@ impl IncomingVm {
             self.report.storage = session.wait_complete()?;
             if let Some(mut f) = files {
                 f.commit(MEMORY_FILE)?;
+                for (name, _) in &self.travelling {
+                    f.commit(&travelling_file(name))?;
+                }
                 f.finish()?;
             }
         }
         Ok(self.report.clone())
+    }
+
+    /// The files that came with the VM (`file/<name>` devices, e.g. a
+    /// package's `config` and `kernel`): name and path in the work
+    /// directory, complete once [`Self::finish_transfer`] returned. A
+    /// migration out of this VM passes them on
+    /// ([`SourceOptions::files`](super::SourceOptions::files)).
+    pub fn files(&self) -> &[(String, PathBuf)] {
+        &self.travelling
     }
 
     /// The VM and its memory file, once the transfer is finished.
@@ -146,6 +168,14 @@ fn drive_path(work_dir: &Path, drive: &str) -> PathBuf {
     work_dir.join(drive_file(drive))
 }
 
+fn travelling_file(name: &str) -> String {
+    format!("file-{name}")
+}
+
+/// The host socket of the restored VM's vsock device, in the work directory
+/// (the source's socket path belongs to the source's host or process).
+pub const VSOCK_FILE: &str = "vsock.sock";
+
 /// True for the names a receive creates (so the only names a marker may
 /// make us remove).
 fn is_receive_file(name: &str) -> bool {
@@ -155,6 +185,9 @@ fn is_receive_file(name: &str) -> bool {
         || base
             .strip_prefix("drive-")
             .is_some_and(|d| drive_device_name(d).is_ok())
+        || base
+            .strip_prefix("file-")
+            .is_some_and(|f| file_device_name(f).is_ok())
 }
 
 /// The files one receive creates in its work directory. Each is listed in
@@ -374,6 +407,12 @@ fn make_device(files: &mut ReceiveFiles, info: &DeviceInfo) -> Result<Destinatio
             .partial(&drive_file(drive))
             .map_err(|e| e.to_string())?;
         Arc::new(FileDevice::create(path, info.size, info.block_size).map_err(|e| e.to_string())?)
+    } else if let Some(name) = info.name.strip_prefix(FILE_PREFIX) {
+        file_device_name(name).map_err(|e| e.to_string())?;
+        let path = files
+            .partial(&travelling_file(name))
+            .map_err(|e| e.to_string())?;
+        Arc::new(FileDevice::create(path, info.size, info.block_size).map_err(|e| e.to_string())?)
     } else {
         return Err("not a device of a VM migration".into());
     };
@@ -454,6 +493,12 @@ impl VmMigrationDestination {
                     .map(|n| (n.to_string(), d.clone()))
             })
             .collect();
+        let travelling: Vec<(String, PathBuf)> = session
+            .devices()
+            .iter()
+            .filter_map(|(i, _)| i.name.strip_prefix(FILE_PREFIX))
+            .map(|n| (n.to_string(), work_dir.join(travelling_file(n))))
+            .collect();
         let memory_file = options.memory_file();
         // The handover (see `drafter_storage::migrator`): everything the VM
         // needs is made ready while the source keeps authority, the VM is
@@ -501,6 +546,7 @@ impl VmMigrationDestination {
             &drives,
             restore_memory,
             options.console,
+            options.netns.as_deref(),
         )
         .map_err(|e| decline(VmMigrationError::Restore(Box::new(e))))?;
         let restore_millis = start.elapsed().as_secs_f64() * 1e3;
@@ -531,6 +577,9 @@ impl VmMigrationDestination {
                 // Every block is here: the files are the VM's now (the
                 // mapping of the renamed memory file is the same file).
                 keep(MEMORY_FILE);
+                for (name, _) in &travelling {
+                    keep(&travelling_file(name));
+                }
                 if let Err(e) = files.finish() {
                     tracing::error!(error = %e, "cannot finish the receive's file list");
                 }
@@ -546,9 +595,10 @@ impl VmMigrationDestination {
             Resume::AfterComplete => "after-complete",
             Resume::AtAuthority => "at-authority",
         };
-        let downtime = SystemTime::now()
-            .duration_since(frame.paused_at)
-            .ok()
+        // A state from a package (a registry) was never paused: no downtime.
+        let downtime = frame
+            .paused()
+            .and_then(|at| SystemTime::now().duration_since(at).ok())
             .map(|d| d.as_secs_f64() * 1e3);
         Ok(IncomingVm {
             vmm,
@@ -563,6 +613,7 @@ impl VmMigrationDestination {
                 ..VmMigrationReport::default()
             },
             files,
+            travelling,
         })
     }
 }
@@ -589,7 +640,9 @@ fn fetch_all(drives: &[(String, Arc<LazyDevice>)]) -> Result<(), VmMigrationErro
     Ok(())
 }
 
-/// Restores the VM from the received state file; it stays paused.
+/// Restores the VM from the received state file; it stays paused. The
+/// state is pointed at this host first: drives in the work directory, the
+/// vsock socket there too, the tap in `netns` if given.
 fn restore(
     work_dir: &Path,
     state_path: &Path,
@@ -597,6 +650,7 @@ fn restore(
     drives: &[(String, Arc<LazyDevice>)],
     memory: RestoreMemory,
     console: Option<ConsoleOut>,
+    netns: Option<&str>,
 ) -> Result<Vmm, VmMigrationError> {
     let mut snap: Snapshot =
         persist::read_state_file(state_path).map_err(drafter_vmm::Error::from)?;
@@ -607,17 +661,21 @@ fn restore(
             expected: snap.memory_size,
         });
     }
-    if !snap.config.drives.is_empty() {
-        for d in &mut snap.config.drives {
-            if !drives.iter().any(|(n, _)| *n == d.name) {
-                return Err(VmMigrationError::MissingDevice(format!(
-                    "{DRIVE_PREFIX}{}",
-                    d.name
-                )));
-            }
-            d.path = drive_path(work_dir, &d.name);
+    for d in &mut snap.config.drives {
+        if !drives.iter().any(|(n, _)| *n == d.name) {
+            return Err(VmMigrationError::MissingDevice(format!(
+                "{DRIVE_PREFIX}{}",
+                d.name
+            )));
         }
-        persist::write_state_file(state_path, &snap).map_err(drafter_vmm::Error::from)?;
+        d.path = drive_path(work_dir, &d.name);
     }
+    if let Some(v) = &mut snap.config.vsock {
+        v.uds_path = work_dir.join(VSOCK_FILE);
+    }
+    if let (Some(net), Some(ns)) = (&mut snap.config.net, netns) {
+        net.netns = (!ns.is_empty()).then(|| ns.to_string());
+    }
+    persist::write_state_file(state_path, &snap).map_err(drafter_vmm::Error::from)?;
     Ok(Vmm::restore(state_path, memory, console)?)
 }

@@ -23,6 +23,9 @@ pub enum VmMigrationError {
     /// A drive name cannot be used as a device name.
     #[error("drive name {0:?} is not usable for migration (use letters, digits, '-', '_' or '.')")]
     BadDriveName(String),
+    /// A travelling file's name cannot be used as a device name.
+    #[error("package file name {0:?} is not usable for migration (use letters, digits, '-', '_' or '.')")]
+    BadFileName(String),
     /// The memory file does not match the VM's memory.
     #[error("memory file {path} holds {actual} bytes, the VM has {expected} bytes of RAM")]
     MemoryFileSize {

@@ -14,6 +14,13 @@
 //!   cycles and the final one (after the pause, when no block request is in
 //!   flight, and after the file is flushed).
 //!
+//! * `file/<name>`: a file that travels with the VM without being part of
+//!   it (a package's `config`, `kernel`, `initramfs`): sent once, kept by
+//!   the destination in its work directory (`file-<name>`) and passed on by
+//!   its next migration, so the last hop (`drafter-terminator`) can write
+//!   the whole package again. A registry ([`crate::registry`]) sends them;
+//!   a VM booted or restored by a peer has none.
+//!
 //! The destination receives each drive into its work directory
 //! (`drive-<name>`) and the restored VM opens it as the source did (a
 //! writable drive read-write). Drives are never fetched lazily: the VMM
@@ -57,21 +64,38 @@ pub const MEMORY_DEVICE: &str = "memory";
 pub const STATE_DEVICE: &str = "state";
 /// Prefix of drive device names (`drive/<name>`).
 pub const DRIVE_PREFIX: &str = "drive/";
+/// Prefix of the names of files that travel with the VM (`file/<name>`).
+pub const FILE_PREFIX: &str = "file/";
 
-/// The device name for the drive called `name`, refusing names that could
-/// not be stored as a file name on the destination.
-pub fn drive_device_name(name: &str) -> Result<String, VmMigrationError> {
-    let ok = !name.is_empty()
+/// True if `name` can be stored as (part of) a file name on the destination.
+fn usable_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 64
         && name != "."
         && name != ".."
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The device name for the drive called `name`, refusing names that could
+/// not be stored as a file name on the destination.
+pub fn drive_device_name(name: &str) -> Result<String, VmMigrationError> {
+    if usable_name(name) {
         Ok(format!("{DRIVE_PREFIX}{name}"))
     } else {
         Err(VmMigrationError::BadDriveName(name.to_string()))
+    }
+}
+
+/// The device name for the travelling file called `name` (a package device
+/// such as `config` or `kernel`), refusing names that could not be stored as
+/// a file name on the destination.
+pub fn file_device_name(name: &str) -> Result<String, VmMigrationError> {
+    if usable_name(name) {
+        Ok(format!("{FILE_PREFIX}{name}"))
+    } else {
+        Err(VmMigrationError::BadFileName(name.to_string()))
     }
 }
 

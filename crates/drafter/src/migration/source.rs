@@ -16,7 +16,7 @@ use super::error::VmMigrationError;
 use super::guest_memory::GuestMemoryDevice;
 use super::report::VmMigrationReport;
 use super::state::{StateFrame, DEFAULT_STATE_CAPACITY};
-use super::{drive_device_name, MEMORY_DEVICE, STATE_DEVICE};
+use super::{drive_device_name, file_device_name, MEMORY_DEVICE, STATE_DEVICE};
 
 /// How a VM is migrated out.
 #[derive(Debug, Clone)]
@@ -36,6 +36,13 @@ pub struct SourceOptions {
     /// restored here if the destination turns out not to run it. `None`:
     /// the VM is only kept paused in this process.
     pub unresolved_dir: Option<PathBuf>,
+    /// Files that travel with the VM (name, path), sent once as
+    /// `file/<name>` devices with the drives' settings: a package's
+    /// `config`, `kernel` and `initramfs` that came with the VM from a
+    /// registry ([`IncomingVm::files`](super::IncomingVm::files)), so a
+    /// terminator at the end of the chain can write the package again.
+    /// They must not change while the VM migrates.
+    pub files: Vec<(String, PathBuf)>,
 }
 
 impl Default for SourceOptions {
@@ -51,6 +58,7 @@ impl Default for SourceOptions {
             drives: DeviceConfig::default(),
             migration: MigrationConfig::default(),
             unresolved_dir: None,
+            files: Vec::new(),
         }
     }
 }
@@ -59,8 +67,9 @@ impl Default for SourceOptions {
 ///
 /// Devices: "memory" (guest RAM, dirty pages from KVM's dirty log),
 /// "state" (the snapshot state, written after the VM is paused so the final
-/// dirty cycle carries it) and `drive/<name>` for each drive (a writable
-/// one tracked through the VMM's virtio-blk dirty log, like memory).
+/// dirty cycle carries it), `drive/<name>` for each drive (a writable
+/// one tracked through the VMM's virtio-blk dirty log, like memory) and
+/// `file/<name>` for each of [`SourceOptions::files`].
 pub struct VmMigrationSource {
     vmm: Arc<Mutex<Vmm>>,
     state_device: Arc<TrackedDevice>,
@@ -110,6 +119,15 @@ impl VmMigrationSource {
                 writable_drives.push(d.path.clone());
             }
         }
+        let mut file_devices = Vec::new();
+        for (name, path) in &options.files {
+            let file = FileDevice::open_read_only(path, options.drives.block_size)?;
+            file_devices.push(SourceDevice::fixed(
+                file_device_name(name)?,
+                Arc::new(file),
+                options.drives.clone(),
+            ));
+        }
         // The engine reads guest RAM through the VMM's mapping, whatever
         // backs it; only the guest writes it.
         let guest = vmm
@@ -146,6 +164,7 @@ impl VmMigrationSource {
             options.state.clone(),
         ));
         devices.extend(drive_devices);
+        devices.extend(file_devices);
         Ok(VmMigrationSource {
             vmm: vmm.clone(),
             state_device,

@@ -58,6 +58,22 @@ pub struct StateFrame {
 }
 
 impl StateFrame {
+    /// A frame for a VM state read from a package (what a registry serves):
+    /// no VM was paused for it, which the frame says with a pause time of
+    /// the Unix epoch.
+    pub fn from_package(state: Vec<u8>) -> Self {
+        StateFrame {
+            paused_at: UNIX_EPOCH,
+            state,
+        }
+    }
+
+    /// When the source paused the VM; `None` for a state from a package
+    /// ([`Self::from_package`]).
+    pub fn paused(&self) -> Option<SystemTime> {
+        (self.paused_at != UNIX_EPOCH).then_some(self.paused_at)
+    }
+
     /// The frame's bytes.
     pub fn encode(&self) -> Vec<u8> {
         let nanos = self
@@ -175,6 +191,14 @@ mod tests {
         let mut padded = f.encode();
         padded.resize(64 * 1024, 0);
         assert_eq!(StateFrame::decode(&padded), Ok(f));
+    }
+
+    #[test]
+    fn a_package_frame_has_no_pause_time_and_round_trips() {
+        let f = StateFrame::from_package(vec![1, 2, 3]);
+        assert_eq!(f.paused(), None);
+        assert_eq!(StateFrame::decode(&f.encode()), Ok(f));
+        assert!(frame().paused().is_some());
     }
 
     #[test]

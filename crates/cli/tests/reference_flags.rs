@@ -2,7 +2,6 @@
 //! Drafter's CLI of the same name (taken from the `--help` listings in its
 //! README), so its users find the interface they know.
 //!
-//! `drafter-registry` and `drafter-terminator` do not exist yet, and
 //! `drafter-peer` does not take every reference flag yet: the gaps are listed
 //! below, so this test fails if a flag that is accepted today disappears.
 
@@ -83,6 +82,8 @@ const REFERENCE: &[(&str, &[&str])] = &[
             "uid",
         ],
     ),
+    ("drafter-registry", &["concurrency", "devices", "laddr"]),
+    ("drafter-terminator", &["devices", "raddr"]),
     (
         "drafter-peer",
         &[
@@ -118,7 +119,6 @@ const PEER_NOT_YET: &[&str] = &[
     "firecracker-bin",
     "gid",
     "jailer-bin",
-    "netns",
     "numa-node",
     "rescue-timeout",
     "resume-timeout",

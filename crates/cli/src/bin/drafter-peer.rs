@@ -70,7 +70,8 @@ struct Args {
     /// The snapshot's memory file (copied into --work-dir, never modified).
     #[arg(long, requires = "state")]
     memory: Option<PathBuf>,
-    /// Remote address to migrate the VM in from (host:port).
+    /// Remote address to migrate the VM in from (host:port): another peer
+    /// (--laddr) or a drafter-registry serving a package.
     #[arg(long)]
     raddr: Option<String>,
     /// Local address to listen on (host:port); the first peer to connect
@@ -80,6 +81,11 @@ struct Args {
     /// Directory for the VM's memory file and what migrations bring.
     #[arg(long, default_value = "out/peer")]
     work_dir: PathBuf,
+    /// Network namespace to open the VM's tap in, instead of the one its
+    /// config, snapshot or incoming state names ("" for the current one).
+    /// Peers on one host need one each: two VMs cannot share a tap.
+    #[arg(long)]
+    netns: Option<String>,
     /// Shared secret authenticating peers (default: $DRAFTER_SECRET).
     #[arg(long)]
     secret: Option<String>,
@@ -222,6 +228,7 @@ fn run(a: Args) -> Result<ExitStatus, PeerError> {
             source: options.clone(),
             resume,
             console: None,
+            netns: a.netns.clone(),
         },
     )?;
     match peer.incoming_report() {

@@ -4,7 +4,9 @@
 //!   loopback TCP, next to a plain TCP copy of the same non-zero bytes
 //!   measured in the same run;
 //! * bytes on the wire for the zero half;
-//! * p50/p99 latency of need-block requests issued while the bulk stream runs.
+//! * p50/p99 latency of need-block requests issued while the bulk stream runs;
+//! * the same migration over TLS 1.3 (mutual certificates made at run time),
+//!   its throughput and its ratio to the plain migration.
 //!
 //! Size: `--size 256M` (or env `DRAFTER_BENCH_SIZE`), default 1G.
 //! Run: `cargo bench -p drafter-storage --bench migration -- --size 256M`.
@@ -17,8 +19,17 @@ use std::time::{Duration, Instant};
 
 use drafter_storage::{
     BlockDevice, DestinationDevice, DeviceConfig, Initial, MemoryDevice, MigrationConfig,
-    MigrationDestination, MigrationReport, MigrationSource, Mode, SourceDevice,
+    MigrationDestination, MigrationReport, MigrationSource, Mode, SourceDevice, TlsConfig,
 };
+
+#[path = "../tests/support/certs.rs"]
+mod certs;
+
+/// TLS settings of the source (listener) and destination (dialler).
+struct Tls {
+    source: TlsConfig,
+    destination: TlsConfig,
+}
 
 const BS: u32 = 64 * 1024;
 /// Zero and random blocks alternate in runs of this many blocks.
@@ -119,7 +130,11 @@ fn prefaulted_dest(size: u64) -> Arc<MemoryDevice> {
 /// One post-copy migration over loopback TCP; with `probe`, a thread on the
 /// destination reads absent data blocks during the stream and records how
 /// long each priority fetch took.
-fn migrate(dev: &Arc<MemoryDevice>, probe: bool) -> (Duration, MigrationReport, Vec<Duration>) {
+fn migrate(
+    dev: &Arc<MemoryDevice>,
+    probe: bool,
+    tls: Option<&Tls>,
+) -> (Duration, MigrationReport, Vec<Duration>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let src = MigrationSource::new(
@@ -136,9 +151,11 @@ fn migrate(dev: &Arc<MemoryDevice>, probe: bool) -> (Duration, MigrationReport, 
     );
     let blocks = dev.block_count();
     let backing = prefaulted_dest(dev.size());
+    let dest_tls = tls.map(|t| t.destination.clone());
     let dest = std::thread::spawn(move || {
         let (sock, _) = listener.accept().expect("accept");
         sock.set_nodelay(true).expect("nodelay");
+        let sock = TlsConfig::maybe_accept(dest_tls.as_ref(), sock).expect("TLS");
         let cfg = MigrationConfig {
             socket_buffer_bytes: socket_buffer(),
             ..MigrationConfig::default()
@@ -185,6 +202,7 @@ fn migrate(dev: &Arc<MemoryDevice>, probe: bool) -> (Duration, MigrationReport, 
     let start = Instant::now();
     let sock = TcpStream::connect(addr).expect("connect");
     sock.set_nodelay(true).expect("nodelay");
+    let sock = TlsConfig::maybe_connect(tls.map(|t| &t.source), sock, "localhost").expect("TLS");
     let report = src.migrate(sock, || Ok(())).expect("migrate");
     let took = start.elapsed();
     let (_dreport, lat) = dest.join().expect("destination");
@@ -222,17 +240,25 @@ fn main() {
     let (dev, nonzero) = make_device(size);
     let nz = nonzero.len() as u64;
     let rounds = 3;
+    let pki = certs::Pki::new("bench CA");
+    let tls = Tls {
+        source: pki.issue(&["localhost"]).config(),
+        destination: pki.issue(&["localhost"]).config(),
+    };
     let mut ours = Vec::new();
     let mut plain = Vec::new();
+    let mut over_tls = Vec::new();
     let mut last = None;
     for _ in 0..rounds {
         plain.push(plain_tcp_copy(&nonzero));
-        let (t, r, _) = migrate(&dev, false);
+        let (t, r, _) = migrate(&dev, false, None);
         ours.push(t);
         last = Some(r);
+        over_tls.push(migrate(&dev, false, Some(&tls)).0);
     }
     ours.sort();
     plain.sort();
+    over_tls.sort();
     let (o, p) = (ours[rounds / 2], plain[rounds / 2]);
     let tput = |d: Duration| mib(nz) / d.as_secs_f64();
     println!(
@@ -250,6 +276,16 @@ fn main() {
         "throughput ratio migration / plain copy:  {:.1} % (goal >= 90 %)",
         100.0 * p.as_secs_f64() / o.as_secs_f64()
     );
+    let t = over_tls[rounds / 2];
+    println!(
+        "migration over TLS 1.3 (mutual certs):   median {:.1} ms = {:.0} MiB/s of non-zero data",
+        t.as_secs_f64() * 1e3,
+        tput(t)
+    );
+    println!(
+        "throughput ratio TLS / plain migration:  {:.1} %",
+        100.0 * o.as_secs_f64() / t.as_secs_f64()
+    );
     if let Some(r) = &last {
         println!(
             "wire bytes for the zero half ({:.0} MiB, {} blocks): {} bytes (goal ~0); total wire {:.1} MiB for {:.0} MiB device",
@@ -265,7 +301,7 @@ fn main() {
             println!("{}", r.to_json());
         }
     }
-    let (_, r, mut lat) = migrate(&dev, true);
+    let (_, r, mut lat) = migrate(&dev, true, None);
     lat.sort();
     println!(
         "need-block latency during the bulk stream: n={} p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms max {:.3} ms (goal p99 < 2 ms); served {}",

@@ -3,6 +3,10 @@
 //! Each side sends a fresh 32-byte nonce, then proves knowledge of the secret
 //! with `HMAC(secret, "drafter-migration-v1" ‖ role ‖ own nonce ‖ peer nonce)`.
 //! The role byte stops a proof being reflected back; fresh nonces stop replay.
+//! Over TLS ([`crate::tls`]) the proofs also cover the link's channel
+//! binding (a TLS exporter, [`Link::channel_binding`]), so they are only
+//! valid inside the TLS session they were made in: a man in the middle
+//! holding a certificate of the CA cannot relay them between two sessions.
 //! A peer that fails is sent an Error frame and the connection is closed before
 //! any device frame is read or written.
 
@@ -12,6 +16,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::protocol::{read_frame, Message, ProtocolError, VERSION};
+use crate::transport::Link;
 
 /// A shared secret; the empty secret means "no authentication configured" and
 /// still requires the peer to have the empty secret too.
@@ -60,6 +65,7 @@ fn mac(
     role: Role,
     own: &[u8; 32],
     peer: &[u8; 32],
+    binding: Option<&[u8; 32]>,
 ) -> Result<Hmac<Sha256>, ProtocolError> {
     let mut m =
         <Hmac<Sha256> as Mac>::new_from_slice(&secret.0).map_err(|_| ProtocolError::AuthFailed)?;
@@ -67,6 +73,10 @@ fn mac(
     m.update(&[role.byte()]);
     m.update(own);
     m.update(peer);
+    if let Some(b) = binding {
+        m.update(b"channel-binding");
+        m.update(b);
+    }
     Ok(m)
 }
 
@@ -88,7 +98,26 @@ pub fn handshake<L: Read + Write>(
     role: Role,
     secret: &Secret,
 ) -> Result<(), ProtocolError> {
-    let result = handshake_inner(link, role, secret);
+    handshake_bound(link, role, secret, |_| None)
+}
+
+/// [`handshake`] on a [`Link`], with the proofs bound to the link's
+/// channel binding if it has one (a TLS link does).
+pub fn handshake_link<L: Link>(
+    link: &mut L,
+    role: Role,
+    secret: &Secret,
+) -> Result<(), ProtocolError> {
+    handshake_bound(link, role, secret, |l| l.channel_binding())
+}
+
+fn handshake_bound<L: Read + Write>(
+    link: &mut L,
+    role: Role,
+    secret: &Secret,
+    binding: impl FnOnce(&L) -> Option<[u8; 32]>,
+) -> Result<(), ProtocolError> {
+    let result = handshake_inner(link, role, secret, binding);
     if let Err(e) = &result {
         if !matches!(
             e,
@@ -113,6 +142,7 @@ fn handshake_inner<L: Read + Write>(
     link: &mut L,
     role: Role,
     secret: &Secret,
+    binding: impl FnOnce(&L) -> Option<[u8; 32]>,
 ) -> Result<(), ProtocolError> {
     let mut nonce = [0u8; 32];
     getrandom::getrandom(&mut nonce)
@@ -145,7 +175,11 @@ fn handshake_inner<L: Read + Write>(
         // A reflected Hello: the peer is echoing us.
         return Err(ProtocolError::AuthFailed);
     }
-    let proof = mac(secret, role, &nonce, &peer)?.finalize().into_bytes();
+    // Both ends finished any TLS handshake before the Hellos crossed.
+    let binding = binding(link);
+    let proof = mac(secret, role, &nonce, &peer, binding.as_ref())?
+        .finalize()
+        .into_bytes();
     let mut proof_bytes = [0u8; 32];
     proof_bytes.copy_from_slice(&proof);
     link.write_all(&Message::AuthProof { mac: proof_bytes }.to_frame())?;
@@ -156,7 +190,7 @@ fn handshake_inner<L: Read + Write>(
             state: "during the handshake",
         });
     };
-    mac(secret, role.peer(), &peer, &nonce)?
+    mac(secret, role.peer(), &peer, &nonce, binding.as_ref())?
         .verify_slice(&theirs)
         .map_err(|_| ProtocolError::AuthFailed)
 }

@@ -8,7 +8,8 @@
 //!   volatility ([`VolatilityMonitor`]).
 //! * [`protocol`] is the wire format; [`MigrationSource`] and
 //!   [`MigrationDestination`] run pre-copy or pure post-copy migrations over
-//!   any [`Link`] (TCP, Unix sockets).
+//!   any [`Link`] (TCP, Unix sockets, or either wrapped in TLS 1.3 with
+//!   mutual certificate authentication by [`tls`]).
 //!
 //! # Live migration in a few lines
 //!
@@ -62,6 +63,7 @@ pub mod lazy;
 pub mod migrator;
 pub mod protocol;
 pub mod report;
+pub mod tls;
 pub mod transport;
 pub mod volatility;
 
@@ -76,5 +78,6 @@ pub use migrator::{
     Progress, SourceDevice, ThrottleHook,
 };
 pub use report::{MigrationReport, Phase};
+pub use tls::{TlsConfig, TlsError, TlsFiles, TlsLink};
 pub use transport::Link;
 pub use volatility::VolatilityMonitor;

@@ -38,6 +38,40 @@ pub trait Link: Read + Write + Send + 'static {
     fn limit_buffers(&self, _bytes: usize) -> io::Result<()> {
         Ok(())
     }
+    /// 32 bytes unique to this connection's security session that both
+    /// ends compute alike (a TLS exporter), mixed into the shared-secret
+    /// proofs so they cannot be relayed into another session. `None` for
+    /// links without one (the default), and before a TLS handshake ended.
+    fn channel_binding(&self) -> Option<[u8; 32]> {
+        None
+    }
+}
+
+/// A boxed link is a link, so code choosing between plain and TLS links at
+/// run time (see [`crate::tls::TlsConfig::maybe_accept`]) can hand either to
+/// the migrator.
+impl Link for Box<dyn Link> {
+    fn try_clone_link(&self) -> io::Result<Box<dyn Link>> {
+        (**self).try_clone_link()
+    }
+    fn shutdown_link(&self) {
+        (**self).shutdown_link()
+    }
+    fn set_link_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        (**self).set_link_read_timeout(t)
+    }
+    fn set_link_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        (**self).set_link_write_timeout(t)
+    }
+    fn detect_dead_peer(&self, timeout: Duration) -> io::Result<()> {
+        (**self).detect_dead_peer(timeout)
+    }
+    fn limit_buffers(&self, bytes: usize) -> io::Result<()> {
+        (**self).limit_buffers(bytes)
+    }
+    fn channel_binding(&self) -> Option<[u8; 32]> {
+        (**self).channel_binding()
+    }
 }
 
 /// Sets one integer socket option.

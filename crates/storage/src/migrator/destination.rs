@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{Authority, Cause, MigrationConfig, MigrationError};
-use crate::auth::{handshake, Role};
+use crate::auth::{handshake_link, Role};
 use crate::device::{block_len, BlockDevice};
 use crate::lazy::LazyDevice;
 use crate::protocol::{
@@ -180,7 +180,7 @@ impl MigrationDestination {
             .map_err(|e| io(Phase::Handshake, e))?;
         link.set_link_write_timeout(Some(config.handshake_timeout))
             .map_err(|e| io(Phase::Handshake, e))?;
-        handshake(&mut link, Role::Destination, &config.secret)
+        handshake_link(&mut link, Role::Destination, &config.secret)
             .map_err(|e| err(Phase::Handshake, e.into()))?;
         let handshake_ms = start.elapsed().as_secs_f64() * 1e3;
 

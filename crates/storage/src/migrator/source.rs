@@ -11,7 +11,7 @@ use super::{
     Authority, CancelHandle, Cause, DeviceConfig, MigrationConfig, MigrationError, Mode, Observer,
     Progress,
 };
-use crate::auth::{handshake, Role};
+use crate::auth::{handshake_link, Role};
 use crate::device::{block_len, is_zero, BlockDevice};
 use crate::dirty::TrackedDevice;
 use crate::protocol::{
@@ -812,7 +812,7 @@ impl Run<'_> {
             .map_err(ProtocolError::Io)?;
         link.set_link_write_timeout(Some(cfg.handshake_timeout))
             .map_err(ProtocolError::Io)?;
-        handshake(&mut link, Role::Source, &cfg.secret)?;
+        handshake_link(&mut link, Role::Source, &cfg.secret)?;
         // From here on every read and write is bounded by the link timeout
         // (the socket options are shared by every handle of the connection:
         // the reader thread, the writer thread and need-block replies).

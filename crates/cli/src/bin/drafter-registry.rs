@@ -100,11 +100,7 @@ fn run(a: Args) -> Result<(), Error> {
         .secret
         .clone()
         .unwrap_or_else(|| std::env::var("DRAFTER_SECRET").unwrap_or_default());
-    if secret.is_empty() {
-        tracing::warn!(
-            "no secret given (--secret or DRAFTER_SECRET): any peer can pull the package"
-        );
-    }
+    let no_secret = secret.is_empty();
     let registry = Registry::open(RegistryOptions {
         devices,
         migration: MigrationConfig {
@@ -118,6 +114,11 @@ fn run(a: Args) -> Result<(), Error> {
     .map_err(Error::Registry)?;
     let addr = listen_addr(&a.laddr);
     let listener = TcpListener::bind(&addr).map_err(|e| Error::Listen(a.laddr.clone(), e))?;
+    if no_secret {
+        tracing::warn!(
+            "no secret given (--secret or DRAFTER_SECRET): any peer can pull the package"
+        );
+    }
     let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or(addr);
     let served = registry.devices();
     let total: u64 = served.iter().map(|d| d.size).sum();

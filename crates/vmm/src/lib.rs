@@ -15,6 +15,8 @@ pub mod dirty;
 pub mod heap;
 pub mod memory;
 pub mod persist;
+pub mod seccomp;
+mod seccomp_names;
 pub mod throttle;
 pub mod uffd;
 pub mod vcpu_thread;

@@ -79,6 +79,8 @@ impl VcpuHandle {
         throttle: Arc<VcpuThrottle>,
     ) -> Result<Self, VcpuThreadError> {
         let signal = kick_signal().map_err(|e| VcpuThreadError::Spawn(e.to_string()))?;
+        // Filtered vCPU threads start device threads through the spawner.
+        crate::seccomp::prepare().map_err(|e| VcpuThreadError::Spawn(e.to_string()))?;
         let index = vcpu.index();
         let (cmd_tx, cmd_rx) = channel();
         let (resp_tx, resp_rx) = channel();
@@ -216,6 +218,11 @@ fn vcpu_loop(
     let Ends { cmds, resp, exits } = *ends;
     let index = usize::from(vcpu.index());
     vcpu.bind_to_current_thread();
+    // Before the guest runs; a vCPU that cannot be confined does not run.
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+        let _ = exits.send(ExitStatus::Error(format!("vCPU {index}: {e}")));
+        return;
+    }
     let mut next = if paused { Next::Wait } else { Next::Run };
     // A kick sent before the binding above found no vCPU to interrupt; its
     // command is already queued, so look once before the first run.

@@ -62,12 +62,16 @@ impl<E: Engine> EngineSlot<E> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let thread_stop = stop.try_clone()?;
         let mut engine = engine;
-        let handle = std::thread::Builder::new()
-            .name(self.name.clone())
-            .spawn(move || {
+        // Through the spawner: a vCPU thread activating the device is
+        // filtered, and its filter must not pass to the I/O thread.
+        let handle = crate::seccomp::spawn(
+            self.name.clone(),
+            crate::seccomp::ThreadKind::DeviceIo,
+            move || {
                 engine.run(&thread_stop);
                 engine
-            })?;
+            },
+        )?;
         self.slot = Slot::Running { stop, handle };
         Ok(())
     }

@@ -74,6 +74,10 @@ struct Args {
     /// console, if enabled, then goes to stderr)
     #[arg(long)]
     json: bool,
+    /// Run the VM without seccomp filters (for debugging only; vCPU
+    /// threads are filtered by default, see DRAFTER_SECCOMP).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn emit(json: bool, event: &str, value: serde_json::Value, human: String) {
@@ -137,6 +141,9 @@ fn spinner(json: bool, msg: &'static str) -> ProgressBar {
 }
 
 fn run(a: Args) -> Result<(), RunnerError> {
+    if a.no_seccomp {
+        drafter_vmm::seccomp::set_policy(drafter_vmm::seccomp::SeccompPolicy::OFF);
+    }
     let devices = PackageDevices::parse(&a.devices)?;
     // Registered before the resume: a signal during it suspends right after.
     let stop = Arc::new(AtomicBool::new(false));

@@ -97,6 +97,10 @@ struct Args {
     /// then goes to stderr)
     #[arg(long)]
     json: bool,
+    /// Run the VM without seccomp filters (for debugging only; vCPU
+    /// threads are filtered by default, see DRAFTER_SECCOMP).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn mib(bytes: u64) -> String {
@@ -125,6 +129,9 @@ fn print_report(r: &SnapshotReport) {
 }
 
 fn run(a: Args) -> Result<SnapshotReport, SnapshotterError> {
+    if a.no_seccomp {
+        drafter_vmm::seccomp::set_policy(drafter_vmm::seccomp::SeccompPolicy::OFF);
+    }
     let devices = SnapshotDevices::parse(&a.devices)?;
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -7,7 +7,14 @@
 //! With `--control-socket PATH`, a Unix socket takes one command per line and
 //! answers `ok[ detail]` or `error <message>`: `pause`, `resume`,
 //! `snapshot <state> <memory>` (VM paused), `msync`, `dirty` (count of pages
-//! written since the last call), `stop`.
+//! written since the last call), `stop`. The socket is created mode 0600
+//! (only its owner may connect) before the VM starts. Paths a command names
+//! are resolved inside the VM's directory (`--vm-dir`, by default the
+//! socket's directory): relative ones from there, absolute ones only if
+//! inside it; `..`, symbolic-link escapes and other places are refused.
+//!
+//! vCPU threads run under a seccomp filter (see `drafter_vmm::seccomp`);
+//! `--no-seccomp` turns the filters off for debugging.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -16,7 +23,9 @@ use std::process::ExitCode;
 use std::sync::mpsc::{channel, Sender};
 
 use clap::{Parser, ValueEnum};
+use drafter_cli::{bind_private_socket, resolve_inside};
 use drafter_vmm::config::{DriveConfig, NetConfig, SerialConfig, VsockConfig};
+use drafter_vmm::seccomp::{self, SeccompPolicy};
 use drafter_vmm::uffd::FilePageProvider;
 use drafter_vmm::{BuildOptions, ExitStatus, RestoreMemory, VmConfig, Vmm};
 
@@ -88,9 +97,17 @@ struct Args {
     /// How restored memory is mapped.
     #[arg(long, value_enum, default_value_t = MemoryMode::Private)]
     memory_mode: MemoryMode,
-    /// Unix socket taking control commands (pause, resume, snapshot, msync, dirty, stop).
+    /// Unix socket taking control commands (pause, resume, snapshot, msync,
+    /// dirty, stop); created mode 0600.
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// The VM's directory: paths named over the control socket must lie
+    /// inside it (default: the control socket's directory).
+    #[arg(long, requires = "control_socket")]
+    vm_dir: Option<PathBuf>,
+    /// Run without seccomp filters (for debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn parse_drive(s: &str) -> Result<DriveConfig, String> {
@@ -199,17 +216,22 @@ fn handle_conn(conn: UnixStream, events: &Sender<Event>) {
     }
 }
 
-/// Runs one control command; returns the reply and whether to stop.
-fn control(vmm: &mut Vmm, line: &str) -> (String, bool) {
+/// Runs one control command; returns the reply and whether to stop. Paths
+/// are resolved inside `dir`.
+fn control(vmm: &mut Vmm, dir: &std::path::Path, line: &str) -> (String, bool) {
     let words: Vec<&str> = line.split_whitespace().collect();
     let res = match words.as_slice() {
+        ["snapshot", state, mem] => {
+            let paths = resolve_inside(dir, state).and_then(|s| Ok((s, resolve_inside(dir, mem)?)));
+            match paths {
+                Ok((state, mem)) => vmm.snapshot(&state, &mem).map(|_| String::new()),
+                Err(e) => return (format!("error {e}"), false),
+            }
+        }
         ["pause"] => vmm.pause().map(|_| String::new()),
         ["resume"] => vmm.resume().map(|_| String::new()),
         ["msync"] => vmm.msync().map(|_| String::new()),
         ["dirty"] => vmm.dirty_pages().map(|d| d.count().to_string()),
-        ["snapshot", state, mem] => vmm
-            .snapshot(std::path::Path::new(state), std::path::Path::new(mem))
-            .map(|_| String::new()),
         ["stop"] => return ("ok".into(), true),
         _ => return (format!("error unknown command '{line}'"), false),
     };
@@ -221,6 +243,26 @@ fn control(vmm: &mut Vmm, line: &str) -> (String, bool) {
 }
 
 fn run(a: Args) -> Result<ExitStatus, String> {
+    if a.no_seccomp {
+        seccomp::set_policy(SeccompPolicy::OFF);
+    }
+    // The control socket exists (mode 0600) before any VM thread does.
+    let control_socket = match &a.control_socket {
+        Some(path) => {
+            let dir = match &a.vm_dir {
+                Some(d) => d.clone(),
+                None => match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => PathBuf::from("."),
+                },
+            };
+            if !dir.is_dir() {
+                return Err(format!("VM directory {} is not a directory", dir.display()));
+            }
+            Some((bind_private_socket(path)?, dir))
+        }
+        None => None,
+    };
     let mut vmm = match (&a.restore_state, &a.restore_memory) {
         (Some(state), Some(mem)) => {
             let memory = match a.memory_mode {
@@ -252,10 +294,11 @@ fn run(a: Args) -> Result<ExitStatus, String> {
     };
     tracing::info!("VM running");
     let (tx, rx) = channel();
-    if let Some(path) = &a.control_socket {
-        let _ = std::fs::remove_file(path);
-        let l = UnixListener::bind(path)
-            .map_err(|e| format!("cannot bind control socket {}: {e}", path.display()))?;
+    let vm_dir = control_socket
+        .as_ref()
+        .map(|(_, d)| d.clone())
+        .unwrap_or_default();
+    if let Some((l, _)) = control_socket {
         let tx = tx.clone();
         std::thread::spawn(move || serve_control(l, tx));
     }
@@ -269,7 +312,7 @@ fn run(a: Args) -> Result<ExitStatus, String> {
     while let Ok(ev) = rx.recv() {
         match ev {
             Event::Control(line, reply) => {
-                let (r, stop) = control(&mut vmm, &line);
+                let (r, stop) = control(&mut vmm, &vm_dir, &line);
                 let _ = reply.send(r);
                 if stop {
                     return Ok(vmm.stop());

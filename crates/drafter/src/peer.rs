@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use drafter_storage::migrator::Observer;
-use drafter_storage::DeviceConfig;
+use drafter_storage::tls::host_of;
+use drafter_storage::{DeviceConfig, TlsConfig};
 use drafter_vmm::device_manager::ConsoleOut;
 use drafter_vmm::{BuildOptions, ExitStatus, ExitWaiter, RestoreMemory, VmConfig, Vmm};
 
@@ -40,6 +41,9 @@ pub enum PeerError {
     /// A migration failed.
     #[error(transparent)]
     Migration(#[from] VmMigrationError),
+    /// The TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] drafter_storage::TlsError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PeerError {
@@ -159,8 +163,12 @@ impl Peer {
                 (vmm, None, Vec::new())
             }
             Origin::Migrate { raddr } => {
-                let link =
+                let tcp =
                     TcpStream::connect(&raddr).map_err(io(format!("cannot connect to {raddr}")))?;
+                // With TLS the listener's certificate must name the host
+                // dialled (or the configured server name).
+                let link =
+                    TlsConfig::maybe_connect(options.source.tls.as_ref(), tcp, host_of(&raddr))?;
                 let mut incoming = VmMigrationDestination::accept(
                     link,
                     DestinationOptions {
@@ -225,6 +233,7 @@ impl Peer {
                 options.files.push((name.clone(), path.clone()));
             }
         }
+        let tls = options.tls.clone();
         let mut source = VmMigrationSource::new(self.vmm.clone(), options)?;
         if let Some(o) = observer {
             source = source.with_observer(o);
@@ -234,6 +243,15 @@ impl Peer {
                 .accept()
                 .map_err(io("accepting a peer connection"))?;
             tracing::info!(%peer, "peer connected, migrating the VM out");
+            // A TLS handshake that fails is a failed migration like any
+            // other before the handover: the VM keeps running here.
+            let link = match TlsConfig::maybe_accept(tls.as_ref(), link) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot set up TLS; the VM keeps running here");
+                    continue;
+                }
+            };
             match source.migrate(link) {
                 Ok(report) => return Ok(report),
                 Err(e) if e.source_keeps_authority() => {

@@ -109,7 +109,7 @@ pub enum ProtocolError {
     #[error("timed out: nothing received from the peer within the read timeout")]
     TimedOut,
     /// A frame type this version does not know.
-    #[error("unknown frame type {0}")]
+    #[error("unknown frame type {0}{hint}", hint = tls_hint(*.0))]
     UnknownType(u8),
     /// A frame longer than its type allows.
     #[error("oversized {kind} frame: {len} bytes, at most {max} allowed")]
@@ -842,6 +842,15 @@ impl<'a> Dec<'a> {
         let mut w = [0u8; 32];
         w.copy_from_slice(self.take(32)?);
         Ok(w)
+    }
+}
+
+/// A TLS record where a frame should be (content types 21, alert, and 22,
+/// handshake): the peer uses TLS and this side does not.
+fn tls_hint(ty: u8) -> &'static str {
+    match ty {
+        21 | 22 => " (the peer speaks TLS: use the same --tls-* settings on both sides)",
+        _ => "",
     }
 }
 

@@ -281,6 +281,7 @@ fn foreign_certificates_plain_tcp_and_a_replayed_handshake_are_refused_and_the_s
         refused_destination(TcpStream::connect(addr).unwrap())
     });
     assert!(src_err.contains("does not speak TLS"), "{src_err}");
+    assert!(peer_err.contains("the peer speaks TLS"), "{peer_err}");
     eprintln!("plain TCP: source: {src_err}\n  peer: {peer_err}");
 
     // A recorded handshake replayed: record what a proper dialler sent in

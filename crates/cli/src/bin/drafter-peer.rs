@@ -18,7 +18,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use drafter::migration::{Resume, SourceOptions};
 use drafter::peer::{apply_devices_json, read_config, Origin, Peer, PeerError, PeerOptions};
-use drafter_storage::{Mode, OnNoConvergence, Progress, Secret};
+use drafter_storage::{Mode, OnNoConvergence, Progress, Secret, TlsConfig, TlsFiles};
 use drafter_vmm::ExitStatus;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -89,6 +89,29 @@ struct Args {
     /// Shared secret authenticating peers (default: $DRAFTER_SECRET).
     #[arg(long)]
     secret: Option<String>,
+    /// This peer's certificate (PEM). With --tls-key and --tls-ca,
+    /// migrations in and out run over TLS 1.3 with mutual certificate
+    /// authentication (the secret, if any, is checked inside TLS).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This peer's private key (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate the other peers' certificates must chain to (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// A directory holding cert.pem, key.pem and ca.pem (instead of
+    /// --tls-cert, --tls-key and --tls-ca).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    tls_dir: Option<PathBuf>,
+    /// Name the certificate of the peer at --raddr must carry (default:
+    /// the host part of --raddr).
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Run the VM without seccomp filters (for debugging only; vCPU threads
+    /// are filtered by default, see DRAFTER_SECCOMP).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Devices configuration (the Go Drafter's --devices JSON; entries
     /// named memory, state and drives are used).
     #[arg(long)]
@@ -171,6 +194,26 @@ fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
         tracing::warn!("no secret given (--secret or DRAFTER_SECRET): any peer can take the VM");
     }
     o.migration.secret = Secret::new(secret);
+    let files = match (&a.tls_dir, &a.tls_cert, &a.tls_key, &a.tls_ca) {
+        (Some(dir), ..) => Some(TlsFiles::in_dir(dir)),
+        (None, Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        }),
+        _ => None,
+    };
+    if let Some(files) = files {
+        let mut tls = TlsConfig::load(&files)?;
+        if let Some(name) = &a.tls_server_name {
+            tls = tls.with_server_name(name.clone());
+        }
+        o.tls = Some(tls);
+    } else if a.tls_server_name.is_some() {
+        return Err(PeerError::Config(
+            "--tls-server-name needs --tls-dir or --tls-cert, --tls-key and --tls-ca".into(),
+        ));
+    }
     o.migration.compression = a.compress;
     o.migration.link_timeout = a.link_timeout;
     o.migration.max_downtime = Duration::from_millis(a.max_downtime);
@@ -188,6 +231,9 @@ fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
 }
 
 fn run(a: Args) -> Result<ExitStatus, PeerError> {
+    if a.no_seccomp {
+        drafter_vmm::seccomp::set_policy(drafter_vmm::seccomp::SeccompPolicy::OFF);
+    }
     let origin = match (&a.config, &a.state, &a.memory, &a.raddr) {
         (Some(c), None, None, None) => Origin::Boot(read_config(c)?),
         (None, Some(s), Some(m), None) => Origin::Snapshot {

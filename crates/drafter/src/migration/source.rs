@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 use drafter_storage::migrator::{Authority, Observer};
 use drafter_storage::{
     BlockDevice, DeviceConfig, FileDevice, Link, MemoryDevice, MigrationConfig, MigrationSource,
-    SourceDevice, TrackedDevice,
+    SourceDevice, TlsConfig, TrackedDevice,
 };
 use drafter_vmm::Vmm;
 
@@ -43,6 +43,12 @@ pub struct SourceOptions {
     /// terminator at the end of the chain can write the package again.
     /// They must not change while the VM migrates.
     pub files: Vec<(String, PathBuf)>,
+    /// TLS settings for migration links (mutual certificate
+    /// authentication, see [`drafter_storage::tls`]); `None`: plain TCP.
+    /// [`VmMigrationSource::migrate`] takes a link as it is: the code that
+    /// accepts or dials wraps it ([`TlsConfig::maybe_accept`],
+    /// [`TlsConfig::maybe_connect`]), as [`crate::peer::Peer`] does.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for SourceOptions {
@@ -59,6 +65,7 @@ impl Default for SourceOptions {
             migration: MigrationConfig::default(),
             unresolved_dir: None,
             files: Vec::new(),
+            tls: None,
         }
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use drafter_vmm::{BuildOptions, RestoreMemory, VmConfig, Vmm};
 use support::{guest_dir, scratch, write_initramfs, Console, MARKER};
+use vm_memory::GuestMemoryBackend;
 
 const RUNS: usize = 3;
 const ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
@@ -91,6 +92,29 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resident KiB of the mapping of this process that starts at `start`.
+fn mapping_rss_kib(start: u64) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut inside = false;
+    for l in smaps.lines() {
+        let first = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, _)) = first.split_once('-') {
+            if let Ok(a) = u64::from_str_radix(a, 16) {
+                inside = a == start;
+                continue;
+            }
+        }
+        if inside && l.starts_with("Rss:") {
+            return l
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    0
+}
+
 fn main() {
     let dir = scratch("bench");
     let init = write_initramfs(&dir, "sleep 1000");
@@ -127,10 +151,11 @@ fn main() {
         Err(e) => panic!("boot: {e}"),
     };
     console.wait_for(MARKER, Duration::from_secs(300));
-    let guest_resident: u64 = {
-        let d = vmm.dirty_pages().map(|d| d.count()).unwrap_or(0);
-        d * 4
-    };
+    let guest_resident: u64 = vmm
+        .guest_memory()
+        .iter()
+        .map(|r| mapping_rss_kib(r.as_ptr() as u64))
+        .sum();
     let after = rss_kib();
     println!(
         "VMM RSS beyond guest RAM (approx., guest-touched pages subtracted): {} KiB",

@@ -520,8 +520,17 @@ impl Vmm {
         Ok(self.memory.msync()?)
     }
 
+    /// Turns KVM's dirty log on (a migration starts) or off (it ended and
+    /// the VM runs here on). While it is off the guest runs without the
+    /// write faults logging costs, and [`Vmm::dirty_pages`] reports only the
+    /// pages the VMM's devices wrote.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), Error> {
+        Ok(self.vm.set_dirty_logging(on)?)
+    }
+
     /// Returns and resets the pages written since the last call: KVM's dirty log
-    /// OR'd with pages the VMM's devices wrote.
+    /// (once [`Vmm::set_dirty_logging`] turned it on) OR'd with pages the
+    /// VMM's devices wrote.
     pub fn dirty_pages(&self) -> Result<DirtyPages, Error> {
         let log = self.vm.take_dirty_log()?;
         let mut regions = Vec::new();

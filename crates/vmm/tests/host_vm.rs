@@ -14,19 +14,29 @@ mod counting_guest;
 use counting_guest::{console, counter, wait_counter_past, COUNT, COUNTER};
 
 /// Writes one byte to each of 16 pages from 0x300000, prints 'D', halts forever.
+/// Prints 'R', waits until the byte at 0x200000 is non-zero (the host sets
+/// it), writes one byte to each of the 16 pages from 0x300000, prints 'D'
+/// and halts.
 const DIRTY16: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'R', // mov al, 'R'
+    0xee, // out dx, al
+    0x80, 0x3c, 0x25, 0x00, 0x00, 0x20, 0x00, 0x00, // cmp byte [0x200000], 0
+    0x74, 0xf6, // je -10
     0x48, 0xc7, 0xc7, 0x00, 0x00, 0x30, 0x00, // mov rdi, 0x300000
     0xb9, 0x10, 0x00, 0x00, 0x00, // mov ecx, 16
     0xc6, 0x07, 0x01, // mov byte [rdi], 1
     0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add rdi, 0x1000
     0xff, 0xc9, // dec ecx
     0x75, 0xf2, // jnz -14
-    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
     0xb0, b'D', // mov al, 'D'
     0xee, // out dx, al
     0xf4, // hlt
     0xeb, 0xfd, // jmp -3
 ];
+
+/// Address of the byte that starts [`DIRTY16`]'s writes.
+const DIRTY16_GO: u64 = 0x20_0000;
 
 /// Pulses the reset line through the i8042 (`out 0x64, 0xfe`).
 const I8042_RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
@@ -91,7 +101,11 @@ fn pause_freezes_the_guest_and_resume_continues_it() {
 
 #[test]
 fn dirty_pages_report_guest_writes_then_go_quiet() {
-    let (vmm, rx) = boot(DIRTY16, 1, None);
+    let (mut vmm, rx) = boot(DIRTY16, 1, None);
+    expect_byte(&rx, b'R');
+    vmm.set_dirty_logging(true)
+        .unwrap_or_else(|e| panic!("{e}"));
+    start_dirty16(&vmm);
     expect_byte(&rx, b'D');
     let d = vmm.dirty_pages().unwrap_or_else(|e| panic!("{e}"));
     for i in 0..16 {
@@ -110,8 +124,40 @@ fn dirty_pages_report_guest_writes_then_go_quiet() {
 }
 
 #[test]
+fn guest_writes_are_not_logged_while_dirty_logging_is_off() {
+    let (mut vmm, rx) = boot(DIRTY16, 1, None);
+    expect_byte(&rx, b'R');
+    start_dirty16(&vmm);
+    expect_byte(&rx, b'D');
+    let d = vmm.dirty_pages().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !d.is_dirty(0x30_0000),
+        "guest write logged with logging off"
+    );
+    assert!(
+        d.is_dirty(DIRTY16_GO),
+        "the VMM's own write is always logged"
+    );
+    // Turned on and off again, the log is quiet.
+    vmm.set_dirty_logging(true)
+        .unwrap_or_else(|e| panic!("{e}"));
+    vmm.set_dirty_logging(false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(vmm.dirty_pages().map(|d| d.count()).ok(), Some(0));
+}
+
+/// Lets [`DIRTY16`] go on from its wait.
+fn start_dirty16(vmm: &Vmm) {
+    vmm.guest_memory()
+        .write_obj(1u8, GuestAddress(DIRTY16_GO))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
 fn vmm_writes_show_up_in_dirty_pages() {
     let (vmm, rx) = boot(DIRTY16, 1, None);
+    expect_byte(&rx, b'R');
+    start_dirty16(&vmm);
     expect_byte(&rx, b'D');
     let _ = vmm.dirty_pages();
     vmm.guest_memory()

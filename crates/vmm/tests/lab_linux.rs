@@ -374,8 +374,10 @@ fn lab_dirty_pages_cover_guest_writes_and_quiet_down() {
     let init = write_initramfs(&dir, body);
     let mut c = config(&init, 1);
     c.serial.stdin = false;
-    let (vmm, mut console) = boot(c);
+    let (mut vmm, mut console) = boot(c);
     console.wait_for("READY", BOOT);
+    vmm.set_dirty_logging(true)
+        .unwrap_or_else(|e| panic!("{e}"));
     let _ = vmm.dirty_pages().unwrap_or_else(|e| panic!("{e}"));
     vmm.serial_input(b"go\n");
     console.wait_for("WROTE", BOOT);

@@ -231,7 +231,11 @@ fn control(vmm: &mut Vmm, dir: &std::path::Path, line: &str) -> (String, bool) {
         ["pause"] => vmm.pause().map(|_| String::new()),
         ["resume"] => vmm.resume().map(|_| String::new()),
         ["msync"] => vmm.msync().map(|_| String::new()),
-        ["dirty"] => vmm.dirty_pages().map(|d| d.count().to_string()),
+        // The first call turns KVM's dirty log on.
+        ["dirty"] => vmm
+            .set_dirty_logging(true)
+            .and_then(|_| vmm.dirty_pages())
+            .map(|d| d.count().to_string()),
         ["stop"] => return ("ok".into(), true),
         _ => return (format!("error unknown command '{line}'"), false),
     };

@@ -208,6 +208,11 @@ impl VmMigrationSource {
         let state_path = scratch.path().join("state");
         let mut state_bytes = 0u64;
         let mut timings = (None, None);
+        // KVM logs dirty pages only while a migration runs.
+        self.vmm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_dirty_logging(true)?;
         let result = self.source.migrate(link, || {
             let start = Instant::now();
             let frame = self.suspend(&state_path, &mut timings.0)?;
@@ -237,6 +242,9 @@ impl VmMigrationSource {
             }
             Err(e) => match e.authority {
                 Authority::Source => {
+                    if let Err(e) = vmm.set_dirty_logging(false) {
+                        tracing::warn!(error = %e, "cannot turn the dirty log off");
+                    }
                     if vmm.is_paused() {
                         vmm.resume()?;
                     }

@@ -2,9 +2,11 @@
 //! dirty log, irqfd and ioeventfd registration.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    CpuId, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clear_dirty_log, kvm_clock_data, kvm_enable_cap, kvm_irqchip, kvm_pit_config,
+    kvm_pit_state2, kvm_userspace_memory_region, CpuId, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_CLOCK_TSC_STABLE, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -12,6 +14,14 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
+
+// kvm-ioctls has no wrapper for KVM_CLEAR_DIRTY_LOG (kvm-ioctls 0.25).
+mod ioctls {
+    #![allow(missing_docs)]
+    use super::*;
+    vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+}
+use ioctls::KVM_CLEAR_DIRTY_LOG;
 
 /// Address of the TSS KVM needs on Intel hosts (three pages below the BIOS area).
 const TSS_ADDRESS: usize = 0xfffb_d000;
@@ -48,6 +58,8 @@ pub struct MemSlot {
     pub guest_addr: u64,
     /// Size in bytes.
     pub size: u64,
+    /// Host virtual address of the mapping backing the slot.
+    pub host_addr: u64,
 }
 
 /// VM-wide KVM state saved in a snapshot.
@@ -66,10 +78,20 @@ pub struct VmState {
 }
 
 /// A KVM VM with in-kernel irqchip and PIT.
+///
+/// Dirty logging is off until [`Vm::set_dirty_logging`] turns it on (a
+/// migration): while it is on, KVM maps guest memory in 4 KiB pages and
+/// write-protects every page it reports, which costs the guest a write
+/// fault per page and round of reports. Where the host has
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, reading the log and re-protecting the
+/// reported pages are two steps (`KVM_GET_DIRTY_LOG`, `KVM_CLEAR_DIRTY_LOG`),
+/// as QEMU does.
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     slots: Vec<MemSlot>,
+    dirty_logging: bool,
+    manual_protect: bool,
 }
 
 impl Vm {
@@ -96,10 +118,24 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("CREATE_PIT2"))?;
+        let manual_protect = fd.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))
+            as u32
+            & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            != 0
+            && {
+                let mut cap = kvm_enable_cap {
+                    cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    ..Default::default()
+                };
+                cap.args[0] = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+                fd.enable_cap(&cap).is_ok()
+            };
         Ok(Vm {
             kvm,
             fd,
             slots: Vec::new(),
+            dirty_logging: false,
+            manual_protect,
         })
     }
 
@@ -113,32 +149,54 @@ impl Vm {
         &self.slots
     }
 
-    /// Registers every region of `mem` as a KVM memory slot with dirty logging on.
+    /// Registers every region of `mem` as a KVM memory slot (dirty logging
+    /// as set by [`Vm::set_dirty_logging`], off at first).
     pub fn register_memory(&mut self, mem: &GuestMemory) -> Result<(), VmError> {
         for region in mem.iter() {
-            let slot = self.slots.len() as u32;
-            let guest_addr = region.start_addr().0;
-            let size = region.len();
-            let userspace_addr = region.as_ptr() as u64;
-            let mr = kvm_userspace_memory_region {
-                slot,
-                flags: KVM_MEM_LOG_DIRTY_PAGES,
-                guest_phys_addr: guest_addr,
-                memory_size: size,
-                userspace_addr,
+            let slot = MemSlot {
+                slot: self.slots.len() as u32,
+                guest_addr: region.start_addr().0,
+                size: region.len(),
+                host_addr: region.as_ptr() as u64,
             };
-            // SAFETY: the region is a live mapping owned by `mem`, which the caller
-            // keeps alive (the VMM holds a clone of the GuestMemory for the VM's whole
-            // life), and regions never overlap.
-            unsafe { self.fd.set_user_memory_region(mr) }
-                .map_err(ioctl("SET_USER_MEMORY_REGION"))?;
-            self.slots.push(MemSlot {
-                slot,
-                guest_addr,
-                size,
-            });
+            self.set_slot(&slot, self.dirty_logging)?;
+            self.slots.push(slot);
         }
         Ok(())
+    }
+
+    /// (Re-)registers `slot` with dirty logging `on` or off.
+    fn set_slot(&self, slot: &MemSlot, on: bool) -> Result<(), VmError> {
+        let mr = kvm_userspace_memory_region {
+            slot: slot.slot,
+            flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: slot.guest_addr,
+            memory_size: slot.size,
+            userspace_addr: slot.host_addr,
+        };
+        // SAFETY: `host_addr` is a live mapping of a region of the GuestMemory
+        // the VMM holds for the VM's whole life, `size` bytes long; regions
+        // never overlap. Re-registering a slot changes only its flags.
+        unsafe { self.fd.set_user_memory_region(mr) }.map_err(ioctl("SET_USER_MEMORY_REGION"))
+    }
+
+    /// Turns KVM's dirty log on or off for every slot (vCPUs may run). Once
+    /// on, [`Vm::take_dirty_log`] reports the pages written since it was
+    /// turned on or last called; off, it reports nothing.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
+        if on == self.dirty_logging {
+            return Ok(());
+        }
+        for s in &self.slots {
+            self.set_slot(s, on)?;
+        }
+        self.dirty_logging = on;
+        Ok(())
+    }
+
+    /// Whether KVM's dirty log is on.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging
     }
 
     /// CPUID leaves the host KVM supports.
@@ -189,17 +247,61 @@ impl Vm {
     }
 
     /// Reads and clears KVM's dirty log: for every slot, its guest address and one
-    /// bit per 4 KiB page written by the guest since the last call.
+    /// bit per 4 KiB page written by the guest since the last call (all zero
+    /// while dirty logging is off).
     pub fn take_dirty_log(&self) -> Result<Vec<(MemSlot, Vec<u64>)>, VmError> {
         self.slots
             .iter()
             .map(|s| {
-                self.fd
+                if !self.dirty_logging {
+                    return Ok((*s, vec![0; (s.size / 4096).div_ceil(64) as usize]));
+                }
+                let mut bits = self
+                    .fd
                     .get_dirty_log(s.slot, s.size as usize)
-                    .map(|bits| (*s, bits))
-                    .map_err(ioctl("GET_DIRTY_LOG"))
+                    .map_err(ioctl("GET_DIRTY_LOG"))?;
+                if self.manual_protect {
+                    self.clear_dirty_log(s, &mut bits)?;
+                }
+                Ok((*s, bits))
             })
             .collect()
+    }
+
+    /// Write-protects again the pages of `slot` set in `bits` and clears
+    /// them in KVM's log (manual protect mode), so that the next write to
+    /// one of them is reported. Runs before the caller reads those pages,
+    /// so a write racing with it is either in what the caller reads or in
+    /// the next report.
+    fn clear_dirty_log(&self, slot: &MemSlot, bits: &mut [u64]) -> Result<(), VmError> {
+        if bits.iter().all(|w| *w == 0) {
+            return Ok(());
+        }
+        let pages = slot.size / 4096;
+        let mut clear = kvm_clear_dirty_log {
+            slot: slot.slot,
+            // The whole slot: KVM wants a multiple of 64 pages unless the
+            // range ends at the slot's end, which it does.
+            num_pages: u32::try_from(pages).map_err(|_| VmError::Ioctl {
+                what: "CLEAR_DIRTY_LOG",
+                err: kvm_ioctls::Error::new(libc::E2BIG),
+            })?,
+            first_page: 0,
+            ..Default::default()
+        };
+        clear.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
+        // SAFETY: `clear` names a registered slot and points at a bitmap of
+        // at least `num_pages` bits that stays alive for the call; KVM only
+        // reads it.
+        let r =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &clear) };
+        if r < 0 {
+            return Err(VmError::Ioctl {
+                what: "CLEAR_DIRTY_LOG",
+                err: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(())
     }
 
     /// Saves PIC, IOAPIC, PIT and kvmclock state (vCPUs must be paused).

@@ -748,6 +748,26 @@ fn commit_without_acknowledgement_keeps_the_vm_paused_and_saved() {
     let destination = std::thread::spawn(move || {
         handshake(&mut fake, Role::Destination, &Secret::new("s"))
             .unwrap_or_else(|e| panic!("{e}"));
+        // Alive (keepalives, as a real destination's writer sends) until
+        // it asked for authority, however long the full pass takes on a
+        // busy machine.
+        let (silence, silenced) = channel::<()>();
+        let mut beat = fake.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let (acked, wait_acked) = channel::<()>();
+        let beats = std::thread::spawn(move || {
+            // Not before the acks are written: one writer at a time.
+            let _ = wait_acked.recv();
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                silenced.recv_timeout(Duration::from_millis(200))
+            {
+                if beat
+                    .write_all(&drafter_storage::protocol::KEEPALIVE_FRAME)
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
         loop {
             match read_frame(&mut fake) {
                 Ok(Message::DevicesListed { count }) => {
@@ -759,12 +779,16 @@ fn commit_without_acknowledgement_keeps_the_vm_paused_and_saved() {
                         fake.write_all(&ack.to_frame())
                             .unwrap_or_else(|e| panic!("{e}"));
                     }
+                    let _ = acked.send(());
                 }
                 Ok(Message::Event(Event::HandoverOffered)) => break,
                 Ok(_) => {}
                 Err(e) => panic!("fake destination: {e}"),
             }
         }
+        drop(acked);
+        let _ = silence.send(());
+        let _ = beats.join();
         fake.write_all(&Message::Event(Event::ReadyToRun).to_frame())
             .unwrap_or_else(|e| panic!("{e}"));
         // Frozen: the socket stays open, nothing more is read or written.

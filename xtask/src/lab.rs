@@ -276,7 +276,10 @@ pub fn run(opts: &LabOptions, cmd: &[String]) -> Result<i32> {
     )
     .replace(UP_MARKER, "");
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-M", "q35"])
+    // Overridable to chase emulation bugs (e.g. `tcg,thread=single`).
+    let accel = std::env::var("DRAFTER_LAB_ACCEL").unwrap_or_else(|_| "tcg,thread=multi".into());
+    let cpu = std::env::var("DRAFTER_LAB_CPU").unwrap_or_else(|_| "max".into());
+    qemu.args(["-accel", &accel, "-cpu", &cpu, "-M", "q35"])
         .args([
             "-smp",
             &opts.cpus.to_string(),

@@ -53,12 +53,18 @@ struct PeerProcess {
     stderr: Receiver<String>,
 }
 
+/// When the test process started (the time column of echoed peer lines).
+fn started() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
+}
+
 fn lines(name: &'static str, out: impl Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { return };
-            eprintln!("{name}| {line}");
+            eprintln!("{name}|{:8.3}| {line}", started().elapsed().as_secs_f64());
             if tx.send(line).is_err() {
                 return;
             }

@@ -2,7 +2,7 @@
 //! destination equals the source, and reads on the destination during the
 //! post-copy tail always return the source's final data.
 //!
-//! 1000 cases by default (CI); `DRAFTER_SOAK=1` runs 20000, or set
+//! 1000 cases by default (CI); `DRAFTER_SOAK=1` runs 100000, or set
 //! `DRAFTER_SOAK=<cases>`.
 
 mod common;
@@ -19,7 +19,7 @@ use proptest::prelude::*;
 
 fn cases() -> u32 {
     match std::env::var("DRAFTER_SOAK") {
-        Ok(v) => v.parse().ok().filter(|&n| n > 1).unwrap_or(20_000),
+        Ok(v) => v.parse().ok().filter(|&n| n > 1).unwrap_or(100_000),
         Err(_) => 1000,
     }
 }

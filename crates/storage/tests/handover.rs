@@ -543,18 +543,16 @@ fn handover_case(seed: u64, post_copy: bool, take_early: bool, cut: Cut) -> Resu
         vec![SourceDevice::tracked("disk", dev.clone(), device_config())],
         config(mode),
     )
-    .with_observer(Arc::new(move |_p: &Progress| match cut {
-        Cut::SourceEvent(n) => {
-            if s2.load(Ordering::SeqCst) && seen.fetch_add(1, Ordering::SeqCst) == n {
-                c_src.cut();
-            }
+    .with_observer(Arc::new(move |_p: &Progress| {
+        let after = s2.load(Ordering::SeqCst);
+        let now = match cut {
+            Cut::SourceEvent(n) => after && seen.fetch_add(1, Ordering::SeqCst) == n,
+            Cut::PreCopy(n) => !after && seen_before.fetch_add(1, Ordering::SeqCst) == n,
+            _ => false,
+        };
+        if now {
+            c_src.cut();
         }
-        Cut::PreCopy(n) => {
-            if !s2.load(Ordering::SeqCst) && seen_before.fetch_add(1, Ordering::SeqCst) == n {
-                c_src.cut();
-            }
-        }
-        _ => {}
     }));
     let dest = std::thread::spawn(move || {
         let s = match MigrationDestination::accept(b, &config(mode), memory_factory) {

@@ -31,6 +31,19 @@
 //! what those threads do but cannot be checked against a booting Linux
 //! guest on every host, so they are opt-in until the lab has run with them.
 //!
+//! Where they are installed: each vCPU thread before it first enters the
+//! guest; each device I/O thread as it starts; the main thread of
+//! `drafter-vmm` and `drafter-peer` once the VM runs (a peer's migration
+//! threads are started from it and inherit it, with everything the
+//! migration does: dirty logs, pausing, saving state, sockets, TLS).
+//! [`ThreadKind::Migration`] has the main list, for code that runs a
+//! migration on a thread of its own. The main and migration lists allow
+//! threads but no processes: `clone` must carry `CLONE_THREAD`, `clone3`
+//! fails with ENOSYS (a first filter) so the C library falls back to
+//! `clone`, and `execve`, `fork` and `vfork` are in no list. With
+//! `DRAFTER_SECCOMP=all`, `drafter-vmm`'s control commands and a TLS
+//! migration between two `drafter-peer`s pass on the host (the CLI tests).
+//!
 //! Filters are inherited by threads a filtered thread creates. A vCPU
 //! thread starts a device's I/O thread when the guest activates it, so
 //! threads are started through [`spawn`], which hands the creation to a
@@ -286,16 +299,38 @@ fn io_calls(rules: &mut Rules) {
 
 /// Creating threads and files, for the migration and main threads.
 fn process_calls(rules: &mut Rules) {
+    // Threads only, never processes: clone must carry CLONE_THREAD, and
+    // clone3 (whose flags a filter cannot read) is allowed here only because
+    // a first filter makes it fail with ENOSYS, so the C library falls back
+    // to clone (see `install_always`).
+    r_clone_thread(rules);
+    rules.allow(libc::SYS_clone3);
     for nr in [
-        libc::SYS_clone,
-        libc::SYS_clone3,
         libc::SYS_set_robust_list,
         libc::SYS_rseq,
         libc::SYS_prctl,
         libc::SYS_sched_getaffinity,
         libc::SYS_tgkill,
         libc::SYS_openat,
+        libc::SYS_readlink,
+        libc::SYS_stat,
+        libc::SYS_lstat,
+        libc::SYS_mkdir,
         libc::SYS_mkdirat,
+        libc::SYS_rmdir,
+        libc::SYS_unlink,
+        libc::SYS_rename,
+        libc::SYS_chmod,
+        libc::SYS_fchmod,
+        libc::SYS_fchmodat,
+        libc::SYS_access,
+        libc::SYS_faccessat,
+        libc::SYS_faccessat2,
+        libc::SYS_statfs,
+        libc::SYS_fstatfs,
+        libc::SYS_copy_file_range,
+        libc::SYS_sendfile,
+        libc::SYS_umask,
         libc::SYS_unlinkat,
         libc::SYS_renameat,
         libc::SYS_renameat2,
@@ -319,6 +354,37 @@ fn process_calls(rules: &mut Rules) {
     ] {
         rules.allow(nr);
     }
+}
+
+fn r_clone_thread(rules: &mut Rules) {
+    rules.allow_if(
+        libc::SYS_clone,
+        vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )],
+    );
+}
+
+/// The filter installed before the main and migration filters: `clone3`
+/// fails with ENOSYS (the stricter result wins when filters disagree).
+fn no_clone3() -> Result<BpfProgram, SeccompError> {
+    let build = |why: String| SeccompError::Build {
+        kind: "clone3",
+        why,
+    };
+    let mut rules = BTreeMap::new();
+    rules.insert(libc::SYS_clone3, Vec::new());
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| build(e.to_string()))?;
+    BpfProgram::try_from(f).map_err(|e| build(e.to_string()))
 }
 
 struct Rules(BTreeMap<i64, Vec<SeccompRule>>);
@@ -434,10 +500,14 @@ pub fn install(kind: ThreadKind) -> Result<bool, SeccompError> {
 pub fn install_always(kind: ThreadKind) -> Result<(), SeccompError> {
     let prog = filter(kind)?;
     install_sigsys_handler();
-    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install {
+    let failed = |e: seccompiler::Error| SeccompError::Install {
         kind: kind.name(),
         why: e.to_string(),
-    })?;
+    };
+    if matches!(kind, ThreadKind::Main | ThreadKind::Migration) {
+        seccompiler::apply_filter(&no_clone3()?).map_err(failed)?;
+    }
+    seccompiler::apply_filter(&prog).map_err(failed)?;
     FILTERED.with(|f| f.set(kind.bit()));
     let mut name = [0u8; 16];
     let current = std::thread::current();

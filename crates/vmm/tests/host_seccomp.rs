@@ -1,6 +1,7 @@
 //! Seccomp on the host: the vCPU filter kills a process whose filtered
 //! thread calls `execve`, naming the call in its log (and the same child
-//! without the filter runs the program, so the check can fail); a counting
+//! without the filter runs the program, so the check can fail); the main
+//! filter lets threads start but kills a `fork`; a counting
 //! guest runs, pauses, snapshots and restores with its vCPU threads under
 //! the filter (the default policy), and `--no-seccomp`'s policy leaves them
 //! unfiltered.
@@ -18,12 +19,26 @@ const CHILD_ENV: &str = "DRAFTER_SECCOMP_TEST_CHILD";
 
 /// In a child process (see the tests below): a thread named "vcpu0"
 /// installs the vCPU filter unless `CHILD_ENV` is `unfiltered`, then
-/// calls execve(/bin/true) directly. Does nothing in a normal test run.
+/// calls execve(/bin/true) directly; with `main-fork`, the main filter is
+/// installed, a thread started, then fork called. Does nothing in a normal
+/// test run.
 #[test]
 fn child_thread_calls_execve() {
     let Ok(mode) = std::env::var(CHILD_ENV) else {
         return;
     };
+    if mode == "main-fork" {
+        seccomp::install_always(ThreadKind::Main).unwrap_or_else(|e| panic!("install: {e}"));
+        // Threads still start (clone3 fails with ENOSYS, clone with
+        // CLONE_THREAD is allowed)...
+        let t = std::thread::spawn(|| 7);
+        assert_eq!(t.join().ok(), Some(7));
+        eprintln!("thread started under the main filter");
+        // ...processes do not.
+        // SAFETY: fork in a test child; the filter stops it before it runs.
+        let pid = unsafe { libc::fork() };
+        panic!("fork returned {pid}");
+    }
     let t = std::thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
@@ -80,6 +95,26 @@ fn a_vcpu_filter_kills_a_process_whose_thread_calls_execve_and_names_the_call() 
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_main_filter_lets_threads_start_but_kills_a_fork_naming_clone() {
+    let out = run_child("main-fork");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(seccomp::BAD_SYSCALL_EXIT),
+        "status {:?}, stderr: {stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("thread started under the main filter"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("(main filter) made forbidden system call 56 (clone)"),
+        "{stderr}"
     );
 }
 

@@ -284,6 +284,11 @@ fn run(a: Args) -> Result<ExitStatus, PeerError> {
         ),
         None => event("running", serde_json::json!({})),
     }
+    // The main thread, which serves migrations from here on (their threads
+    // inherit it), under the main filter when the policy enables it
+    // (DRAFTER_SECCOMP=main or all).
+    drafter_vmm::seccomp::install(drafter_vmm::seccomp::ThreadKind::Main)
+        .map_err(|e| PeerError::Config(e.to_string()))?;
     let waiter = peer.exit_waiter();
     std::thread::spawn(move || {
         let status = waiter.wait();

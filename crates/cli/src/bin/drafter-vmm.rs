@@ -297,6 +297,9 @@ fn run(a: Args) -> Result<ExitStatus, String> {
         }
     };
     tracing::info!("VM running");
+    // The main thread (and the threads it starts from here on) under the
+    // main filter, when the policy enables it (DRAFTER_SECCOMP=main or all).
+    seccomp::install(seccomp::ThreadKind::Main).map_err(|e| e.to_string())?;
     let (tx, rx) = channel();
     let vm_dir = control_socket
         .as_ref()

@@ -71,6 +71,12 @@ fn prepare_lab_workflow() {
             "--bin",
             "drafter-packager",
             "--bin",
+            "drafter-registry",
+            "--bin",
+            "drafter-peer",
+            "--bin",
+            "drafter-terminator",
+            "--bin",
             "drafter-blueprint",
         ])
         .status()
@@ -224,7 +230,9 @@ fn lab_workflow_snapshot_run_suspend_resume_keeps_redis_keys() {
     }
 }
 
-fn workflow(bp: &Path, pkg: &Path, ns: &str) {
+/// Runs `drafter-snapshotter` on the blueprint into `pkg` in `ns`; returns
+/// its JSON report.
+fn snapshot_package(bp: &Path, pkg: &Path, ns: &str) -> Value {
     let p = |n: &str| pkg.join(n);
     let devices = json!([
         {"name": "state", "output": p("state.bin")},
@@ -245,8 +253,12 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
         .unwrap_or_else(|e| panic!("drafter-snapshotter: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "drafter-snapshotter failed: {stdout}");
-    let snap: Value =
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{stdout}: {e}"));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{stdout}: {e}"))
+}
+
+fn workflow(bp: &Path, pkg: &Path, ns: &str) {
+    let p = |n: &str| pkg.join(n);
+    let snap = snapshot_package(bp, pkg, ns);
     eprintln!(
         "snapshotter: boot to liveness {} ms, BeforeSuspend {} ms, snapshot {} ms, total {} ms",
         snap["boot_to_liveness_ms"],
@@ -418,4 +430,306 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
     );
     redis(ns, "GET drafter-key", "written-in-run-1");
     second.interrupt();
+}
+
+const CHAIN_SECRET: &str = "lab-workflow-chain";
+
+/// A background tool (`drafter-registry`, `drafter-peer`): its JSON event
+/// lines (from either stream) on a channel, other lines echoed; killed on
+/// drop if still running.
+struct Tool {
+    name: &'static str,
+    child: Reaped,
+    events: Receiver<Value>,
+}
+
+impl Tool {
+    fn start(name: &'static str, args: &[String]) -> Self {
+        let mut child = Command::new(bin(name))
+            .args(args)
+            .env("DRAFTER_SECRET", CHAIN_SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (tx, events) = channel();
+        let streams: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap_or_else(|| panic!("no stdout"))),
+            Box::new(child.stderr.take().unwrap_or_else(|| panic!("no stderr"))),
+        ];
+        for stream in streams {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(v) if v.get("event").is_some() => {
+                            eprintln!("{name}| {line}");
+                            let _ = tx.send(v);
+                        }
+                        _ => eprintln!("{name}> {line}"),
+                    }
+                }
+            });
+        }
+        Tool {
+            name,
+            child: Reaped(Some(child)),
+            events,
+        }
+    }
+
+    /// The next event called `event` (failures end the test).
+    fn event(&mut self, event: &str) -> Value {
+        loop {
+            let v = self.events.recv_timeout(SLOW).unwrap_or_else(|e| {
+                let status = self.child.0.as_mut().and_then(|c| c.try_wait().ok());
+                panic!(
+                    "no {event} event from {} ({e}); exit status {status:?}",
+                    self.name
+                )
+            });
+            assert!(
+                !matches!(v["event"].as_str(), Some("migration-failed" | "failed")),
+                "{}: {v}",
+                self.name
+            );
+            if v["event"] == event {
+                return v;
+            }
+        }
+    }
+
+    /// Waits for the tool to exit with status 0.
+    fn exits_cleanly(mut self) {
+        let mut child = self.child.0.take().unwrap_or_else(|| panic!("no child"));
+        let deadline = Instant::now() + SLOW;
+        loop {
+            if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+                assert!(status.success(), "{} exited with {status}", self.name);
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Device names and file names of the workflow's packages.
+const PACKAGE_FILES: [(&str, &str); 7] = [
+    ("state", "state.bin"),
+    ("memory", "memory.bin"),
+    ("kernel", "vmlinux"),
+    ("initramfs", "initramfs"),
+    ("disk", "rootfs.ext4"),
+    ("config", "config.json"),
+    ("oci", "oci.ext4"),
+];
+
+fn package_json(dir: &Path, field: &str) -> String {
+    let list: Vec<Value> = PACKAGE_FILES
+        .iter()
+        .map(|(n, f)| json!({"name": n, field: dir.join(f)}))
+        .collect();
+    Value::Array(list).to_string()
+}
+
+fn runner_args(ns: &str, pkg: &Path) -> Vec<String> {
+    strings(&[
+        "--netns",
+        ns,
+        "--json",
+        "--enable-output=false",
+        "--resume-timeout",
+        SLOW_GO,
+        "--rescue-timeout",
+        "1m",
+        "--devices",
+        &package_json(pkg, "path"),
+    ])
+}
+
+#[test]
+#[ignore = "lab"]
+fn lab_workflow_registry_to_peers_to_terminator_keeps_redis_keys() {
+    let bp = testing::lab_os_dir(&repo_root());
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        testing::lab_os_is_fresh(&bp, &exe) && redis_disk().is_file(),
+        "no fresh blueprint in {}: run `cargo xtask lab-test lab_workflow` (it prepares one on the host)",
+        bp.display()
+    );
+    let dir = std::env::temp_dir().join(format!("lab-chain-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    // Two namespaces: peers A and B run the VM at the same moment during
+    // their handover, and two VMs cannot share a tap.
+    let id = std::process::id();
+    let (ns1, ns2) = (format!("drafter-c1-{id}"), format!("drafter-c2-{id}"));
+    let ok = |cmd: &str| assert!(sh(cmd).status.success(), "{cmd}");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for ns in [&ns1, &ns2] {
+            ok(&format!("ip netns add {ns}"));
+            ok(&format!(
+                "ip -n {ns} tuntap add dev tap0 mode tap && ip -n {ns} addr add 172.16.0.1/30 dev tap0 && ip -n {ns} link set tap0 up && ip -n {ns} link set lo up"
+            ));
+        }
+        chain(&bp, &dir, &ns1, &ns2);
+    }));
+    for ns in [&ns1, &ns2] {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    let _ = fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn chain(bp: &Path, dir: &Path, ns1: &str, ns2: &str) {
+    let start = Instant::now();
+    let pkg = dir.join("package");
+    let snap = snapshot_package(bp, &pkg, ns1);
+    eprintln!("chain: snapshot in {} ms", snap["total_ms"]);
+    // A key written before the package's last snapshot: the runner's
+    // suspend into the package.
+    let mut runner = RunnerProcess::start(&runner_args(ns1, &pkg));
+    runner.event("resumed");
+    redis(ns1, "SET key-1 before-the-snapshot", "+OK");
+    runner.interrupt();
+
+    let mut registry = Tool::start(
+        "drafter-registry",
+        &strings(&[
+            "--json",
+            "--laddr",
+            "127.0.0.1:0",
+            "--link-timeout",
+            "120",
+            "--devices",
+            &package_json(&pkg, "input"),
+        ]),
+    );
+    let listening = registry.event("listening");
+    let registry_addr = listening["addr"].as_str().unwrap_or_default().to_owned();
+
+    let peer = |name: &str, raddr: &str, ns: &str| {
+        Tool::start(
+            "drafter-peer",
+            &strings(&[
+                "--raddr",
+                raddr,
+                "--laddr",
+                "127.0.0.1:0",
+                "--netns",
+                ns,
+                "--link-timeout",
+                "120",
+                "--work-dir",
+                &dir.join(name).to_string_lossy(),
+            ]),
+        )
+    };
+    // Peer A pulls the package from the registry and resumes it.
+    let mut a = peer("peer-a", &registry_addr, ns1);
+    let arrived = a.event("migrated-in");
+    let served = registry.event("served");
+    eprintln!(
+        "chain: registry -> A: {} bytes in {} ms, restore {} ms",
+        served["bytesSent"], served["totalMs"], arrived["report"]["restoreMillis"]
+    );
+    let a_addr = a.event("listening")["addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // The lab's /tmp is a tmpfs in its RAM: the package goes once A has it
+    // (its small files are kept to compare with the terminator's output).
+    drop(registry);
+    let travelling: Vec<(&str, Option<Vec<u8>>)> = ["vmlinux", "initramfs", "config.json"]
+        .iter()
+        .map(|f| (*f, fs::read(pkg.join(f)).ok()))
+        .collect();
+    let _ = fs::remove_dir_all(&pkg);
+    redis(ns1, "GET key-1", "before-the-snapshot");
+    redis(ns1, "SET key-2 on-peer-a", "+OK");
+
+    // A -> B, live.
+    let mut b = peer("peer-b", &a_addr, ns2);
+    let arrived = b.event("migrated-in");
+    let left = a.event("migrated-out");
+    eprintln!(
+        "chain: A -> B: downtime {} ms (source window {} ms), {} bytes, total {} ms",
+        arrived["report"]["vmDowntimeMillis"],
+        left["report"]["storage"]["downtimeMillis"],
+        left["report"]["storage"]["bytesSent"],
+        left["report"]["storage"]["totalMillis"]
+    );
+    a.exits_cleanly();
+    let _ = fs::remove_dir_all(dir.join("peer-a"));
+    let b_addr = b.event("listening")["addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    redis(ns2, "GET key-1", "before-the-snapshot");
+    redis(ns2, "GET key-2", "on-peer-a");
+    redis(ns2, "SET key-3 on-peer-b", "+OK");
+
+    // B -> terminator: the VM ends in a package.
+    let backup = dir.join("backup");
+    let out = Command::new(bin("drafter-terminator"))
+        .args(["--json", "--raddr", &b_addr, "--link-timeout", "120"])
+        .args(["--devices", &package_json(&backup, "output")])
+        .env("DRAFTER_SECRET", CHAIN_SECRET)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("drafter-terminator: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "drafter-terminator failed: {stdout}");
+    let report: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{stdout}: {e}"));
+    let left = b.event("migrated-out");
+    eprintln!(
+        "chain: B -> terminator: {} bytes in {} ms (flush {} ms); B paused for {} ms",
+        report["bytesReceived"],
+        report["totalMs"],
+        report["syncMs"],
+        left["report"]["storage"]["downtimeMillis"]
+    );
+    b.exits_cleanly();
+    let sources: Vec<(&str, &str)> = report["devices"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|d| {
+                    (
+                        d["name"].as_str().unwrap_or_default(),
+                        d["source"].as_str().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(sources.len(), PACKAGE_FILES.len(), "{report}");
+    assert!(sources.iter().all(|(_, s)| *s == "received"), "{report}");
+    // The package's files travelled with the VM, unchanged.
+    for (f, content) in &travelling {
+        assert!(
+            content.is_some() && fs::read(backup.join(f)).ok() == *content,
+            "{f} changed on the way"
+        );
+    }
+
+    // The runner resumes the backup with every key.
+    let mut runner = RunnerProcess::start(&runner_args(ns1, &backup));
+    let resumed = runner.event("resumed");
+    eprintln!(
+        "chain: runner resumed the backup in {} ms",
+        resumed["total_ms"]
+    );
+    redis(ns1, "GET key-1", "before-the-snapshot");
+    redis(ns1, "GET key-2", "on-peer-a");
+    redis(ns1, "GET key-3", "on-peer-b");
+    runner.interrupt();
+    eprintln!("chain: {} s in all", start.elapsed().as_secs());
 }

@@ -7,6 +7,84 @@
 use std::os::unix::net::UnixListener;
 use std::path::{Component, Path, PathBuf};
 
+use clap::parser::ValueSource;
+use drafter_jail::{CgroupVersion, JailOptions, Role, Supervisor};
+
+/// The reference's jailer flags, shared by every command that runs a VM.
+/// Giving any of them on the command line runs the VM in a jail (see
+/// `drafter_jail`); the others then take these defaults.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JailArgs {
+    /// User ID for the VM process. Any of --uid, --gid, --chroot-base-dir,
+    /// --cgroup-version or --numa-node runs the VM in a jail: its own mount
+    /// namespace and root under --chroot-base-dir, its own cgroup, no
+    /// capabilities, this uid/gid; files it writes are handed to them
+    #[arg(long, default_value_t = 0)]
+    pub uid: u32,
+    /// Group ID for the VM process (see --uid)
+    #[arg(long, default_value_t = 0)]
+    pub gid: u32,
+    /// chroot base directory: the jail is <dir>/<vm-id>/root (see --uid)
+    #[arg(long, default_value = "out/vms")]
+    pub chroot_base_dir: PathBuf,
+    /// Cgroup version to use for the jail (1 or 2; see --uid)
+    #[arg(long, default_value_t = 2)]
+    pub cgroup_version: u32,
+    /// NUMA node to run the VM in: its CPUs and memory (see --uid)
+    #[arg(long, default_value_t = 0)]
+    pub numa_node: u32,
+}
+
+impl JailArgs {
+    /// Whether any jailer flag was given on the command line.
+    pub fn requested(matches: &clap::ArgMatches) -> bool {
+        [
+            "uid",
+            "gid",
+            "chroot_base_dir",
+            "cgroup_version",
+            "numa_node",
+        ]
+        .iter()
+        .any(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+    }
+
+    /// The jail options for command `name` (no paths yet).
+    pub fn options(&self, name: &str) -> Result<JailOptions, String> {
+        let mut o = JailOptions::new(name, &self.chroot_base_dir, self.uid, self.gid);
+        o.cgroup_version =
+            CgroupVersion::from_number(self.cgroup_version).map_err(|e| e.to_string())?;
+        o.numa_node = self.numa_node;
+        if self.uid == 0 || self.gid == 0 {
+            tracing::warn!(
+                uid = self.uid,
+                gid = self.gid,
+                "the jailed VM process keeps uid or gid 0 (without capabilities); give --uid and --gid"
+            );
+        }
+        Ok(o)
+    }
+}
+
+/// Enters the jail `options` describe. In the supervisor, returns it: run it
+/// and exit with its status. In the VM process, runs `prepare` (what needs
+/// privileges: opening taps ahead), locks the process down and returns
+/// `None`: go on running the command.
+pub fn enter_jail(
+    options: JailOptions,
+    prepare: impl FnOnce() -> Result<(), String>,
+) -> Result<Option<Supervisor>, String> {
+    match drafter_jail::enter(options).map_err(|e| e.to_string())? {
+        Role::Supervisor(s) => Ok(Some(s)),
+        Role::Vm(c) => {
+            tracing::info!(vm_id = c.vm_id(), jail = %c.jail_dir().display(), "entering the jail");
+            prepare()?;
+            c.lock_down().map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+    }
+}
+
 /// Resolves `given`, a path a control client named, inside `dir` (the VM's
 /// directory): a relative path is taken from `dir`, an absolute one must
 /// lie inside it. Refused, with one line saying why: an empty path, any

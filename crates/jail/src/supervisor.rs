@@ -47,12 +47,17 @@ impl Proc {
     }
 }
 
-/// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot.
+/// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot;
+/// `None` for a process that is gone or a zombie (dead, not yet reaped).
 fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     // After the command: state is field 3, start time field 22.
-    after.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = after.split_whitespace();
+    if matches!(fields.next(), Some("Z") | Some("X") | None) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// What a jail records about itself, for the next start to judge it.

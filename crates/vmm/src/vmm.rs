@@ -28,6 +28,9 @@ pub enum Error {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The jail's cgroup limits could not be applied (see `drafter_jail`).
+    #[error(transparent)]
+    Jail(#[from] drafter_jail::JailError),
     /// Guest memory setup failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -251,6 +254,9 @@ impl Vmm {
     /// Builds a VM from `config` and starts it running.
     pub fn boot(config: VmConfig, opts: BuildOptions) -> Result<Vmm, Error> {
         validate(&config)?;
+        // In a jail, the VM's cgroup gets its limits before guest memory
+        // exists (a no-op elsewhere).
+        drafter_jail::apply_vm_limits(config.memory_mib << 20, u32::from(config.vcpus))?;
         crate::heap::keep_heap_mapped();
         let backend = match &opts.shared_memory_file {
             Some(p) => MemoryBackend::SharedFile(p.clone()),
@@ -305,6 +311,7 @@ impl Vmm {
                 snap.config.vcpus
             )));
         }
+        drafter_jail::apply_vm_limits(snap.memory_size, u32::from(snap.config.vcpus))?;
         let backend = match memory {
             RestoreMemory::Private(p) => MemoryBackend::PrivateFile(p),
             RestoreMemory::Shared(p) => MemoryBackend::SharedFile(p),

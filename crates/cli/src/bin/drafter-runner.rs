@@ -10,17 +10,21 @@
 //! on its own (its state is then not written) and failures after the resume
 //! (the VM is still suspended into the package within --rescue-timeout).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::Parser;
-use drafter::devices::{PackageDevices, DEFAULT_PACKAGE_DEVICES};
+use clap::{CommandFactory, FromArgMatches, Parser};
+use drafter::devices::{self as devs, PackageDevices, DEFAULT_PACKAGE_DEVICES};
 use drafter::duration::parse_go_duration;
+use drafter::package_config::PackageConfig;
 use drafter::runner::{ResumeReport, RunEnd, Runner, RunnerError, RunnerOptions, SuspendReport};
 use drafter::snapshotter::describe_exit;
+use drafter_cli::{enter_jail, JailArgs};
+use drafter_vmm::devices::virtio::net::Tap;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Resume a VM package in place; SIGINT/SIGTERM suspend it back into the package.
@@ -54,22 +58,8 @@ struct Args {
     /// Jailer binary (accepted and ignored: the VMM is built in)
     #[arg(long, default_value = "jailer")]
     jailer_bin: String,
-    /// User ID for the VMM process (accepted; not honoured yet: isolation is
-    /// a separate issue)
-    #[arg(long, default_value_t = 0)]
-    uid: u32,
-    /// Group ID for the VMM process (accepted; not honoured yet)
-    #[arg(long, default_value_t = 0)]
-    gid: u32,
-    /// chroot base directory (accepted; not honoured yet)
-    #[arg(long, default_value = "out/vms")]
-    chroot_base_dir: String,
-    /// Cgroup version to use for isolation (accepted; not honoured yet)
-    #[arg(long, default_value_t = 2)]
-    cgroup_version: u32,
-    /// NUMA node to run the VM in (accepted; not honoured yet)
-    #[arg(long, default_value_t = 0)]
-    numa_node: u32,
+    #[command(flatten)]
+    jail: JailArgs,
     /// Print each report as one JSON object per line on stdout (the guest
     /// console, if enabled, then goes to stderr)
     #[arg(long)]
@@ -175,6 +165,45 @@ fn run(a: Args) -> Result<(), RunnerError> {
     }
 }
 
+/// The directory holding `p` (`.` for a bare name).
+fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Runs the VM in a jail (any jailer flag given): the package's files are
+/// the VM's (handed to --uid/--gid), the state's directory is writable (the
+/// suspend renames the new state over the old), the tap is opened ahead.
+fn jail(a: &Args) -> Result<Option<drafter_jail::Supervisor>, String> {
+    let devices = PackageDevices::parse(&a.devices).map_err(|e| e.to_string())?;
+    let mut o = a.jail.options("drafter-runner")?;
+    let state = devices.path(devs::STATE);
+    o.write_dir(dir_of(&state));
+    let drives: Vec<String> = PackageConfig::read(&devices.path(devs::CONFIG))
+        .map(|c| c.drives.into_iter().map(|d| d.name).collect())
+        .unwrap_or_default();
+    for d in &devices.devices {
+        if d.name == devs::STATE || d.name == devs::MEMORY || drives.contains(&d.name) {
+            o.write_file(&d.path);
+        } else {
+            o.read_file(&d.path);
+        }
+    }
+    // The tap the state names, opened in --netns (which the jail joins).
+    let snap: Option<drafter_vmm::Snapshot> = drafter_vmm::persist::read_state_file(&state).ok();
+    let tap = snap.and_then(|s| s.config.net).map(|n| n.tap);
+    let netns = (!a.netns.is_empty()).then(|| a.netns.clone());
+    if tap.is_some() {
+        o.netns = netns.clone();
+    }
+    enter_jail(o, || match &tap {
+        Some(t) => Tap::preopen(t, netns.as_deref()).map_err(|e| e.to_string()),
+        None => Ok(()),
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -183,7 +212,21 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .init();
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    if JailArgs::requested(&matches) {
+        match jail(&args) {
+            Err(e) => {
+                eprintln!("drafter-runner: {e}");
+                return ExitCode::from(1);
+            }
+            Ok(Some(supervisor)) => return ExitCode::from(supervisor.run().clamp(0, 255) as u8),
+            Ok(None) => {}
+        }
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -18,13 +18,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc::{channel, Sender};
 
-use clap::{Parser, ValueEnum};
-use drafter_cli::{bind_private_socket, resolve_inside};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use drafter_cli::{bind_private_socket, enter_jail, resolve_inside, JailArgs};
+use drafter_jail::JailOptions;
 use drafter_vmm::config::{DriveConfig, NetConfig, SerialConfig, VsockConfig};
+use drafter_vmm::devices::virtio::net::Tap;
 use drafter_vmm::seccomp::{self, SeccompPolicy};
 use drafter_vmm::uffd::FilePageProvider;
 use drafter_vmm::{BuildOptions, ExitStatus, RestoreMemory, VmConfig, Vmm};
@@ -108,6 +110,85 @@ struct Args {
     /// Run without seccomp filters (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    #[command(flatten)]
+    jail: JailArgs,
+}
+
+/// The directory holding `p` (`.` for a bare name).
+fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// What a VM of `config` reads and writes; the tap it opens is returned.
+fn jail_config_paths(o: &mut JailOptions, c: &VmConfig, boot: bool) -> Option<NetConfig> {
+    if boot {
+        o.read_file(&c.kernel);
+        if let Some(i) = &c.initramfs {
+            o.read_file(i);
+        }
+    }
+    for d in &c.drives {
+        if d.read_only {
+            o.read_file(&d.path);
+        } else {
+            o.write_file(&d.path);
+        }
+    }
+    if let Some(v) = &c.vsock {
+        o.write_dir(dir_of(&v.uds_path));
+    }
+    c.net.clone()
+}
+
+/// Runs the VM in a jail (any jailer flag given): see `drafter_jail`.
+fn jail(a: &Args) -> Result<Option<drafter_jail::Supervisor>, String> {
+    let mut o = a.jail.options("drafter-vmm")?;
+    let net = match (&a.restore_state, &a.restore_memory) {
+        (Some(state), Some(mem)) => {
+            o.read_file(state);
+            match a.memory_mode {
+                MemoryMode::Private => o.read_file(mem),
+                MemoryMode::Shared => o.write_file(mem),
+                MemoryMode::Uffd => {
+                    o.userfaultfd = true;
+                    o.read_file(mem)
+                }
+            };
+            let snap: drafter_vmm::Snapshot = drafter_vmm::persist::read_state_file(state)
+                .map_err(|e| format!("cannot read state {}: {e}", state.display()))?;
+            jail_config_paths(&mut o, &snap.config, false)
+        }
+        _ => {
+            let c = build_config(a)?;
+            if let Some(p) = &a.config {
+                o.read_file(p);
+            }
+            if let Some(m) = &a.memory_file {
+                if m.exists() {
+                    o.write_file(m);
+                } else {
+                    o.write_dir(dir_of(m));
+                }
+            }
+            jail_config_paths(&mut o, &c, true)
+        }
+    };
+    if let Some(sock) = &a.control_socket {
+        let vm_dir = a.vm_dir.clone().unwrap_or_else(|| dir_of(sock));
+        o.write_dir(&vm_dir);
+        if dir_of(sock) != vm_dir {
+            o.write_dir(dir_of(sock));
+        }
+    }
+    o.netns = net.as_ref().and_then(|n| n.netns.clone());
+    enter_jail(o, || match &net {
+        // Opened now: the jailed process may not open taps.
+        Some(n) => Tap::preopen(&n.tap, n.netns.as_deref()).map_err(|e| e.to_string()),
+        None => Ok(()),
+    })
 }
 
 fn parse_drive(s: &str) -> Result<DriveConfig, String> {
@@ -346,7 +427,21 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    if JailArgs::requested(&matches) {
+        match jail(&args) {
+            Err(e) => {
+                eprintln!("drafter-vmm: {e}");
+                return ExitCode::from(1);
+            }
+            Ok(Some(supervisor)) => return ExitCode::from(supervisor.run().clamp(0, 255) as u8),
+            Ok(None) => {}
+        }
+    }
     match run(args) {
         Ok(ExitStatus::Poweroff) | Ok(ExitStatus::Stopped) => ExitCode::SUCCESS,
         Ok(ExitStatus::Reboot) => ExitCode::from(2),

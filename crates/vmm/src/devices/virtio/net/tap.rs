@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 /// Size of the virtio-net header on the tap (`virtio_net_hdr_v1`, used with VIRTIO_F_VERSION_1).
 pub const VNET_HDR_LEN: usize = 12;
@@ -59,12 +60,89 @@ pub struct Tap {
     name: String,
 }
 
+/// Taps opened ahead by [`Tap::preopen`]: name, namespace, tap.
+static PREOPENED: Mutex<Vec<(String, Option<String>, Tap)>> = Mutex::new(Vec::new());
+
 impl Tap {
+    /// Opens tap `name` (in `/run/netns/<netns>` when given) now and keeps
+    /// it, so that a later [`Tap::open`] of the same name and namespace gets
+    /// a duplicate of it instead of opening anew: a jailed VM process opens
+    /// its taps this way before it gives up the privileges (and leaves the
+    /// file system) that opening takes.
+    pub fn preopen(name: &str, netns: Option<&str>) -> Result<(), TapError> {
+        let tap = Self::open(name, netns)?;
+        let mut list = PREOPENED.lock().unwrap_or_else(|p| p.into_inner());
+        list.push((name.to_owned(), netns.map(str::to_owned), tap));
+        Ok(())
+    }
+
+    /// Opens ahead ([`Tap::preopen`]) every tap device of network namespace
+    /// `netns` that no other process holds, for a VM whose tap name is not
+    /// known yet (one that will migrate in); returns their names. Other
+    /// interfaces are left alone (attaching by name to an interface that is
+    /// not a tap fails).
+    pub fn preopen_all(netns: &str) -> Result<Vec<String>, TapError> {
+        let ns = netns.to_string();
+        let opened = std::thread::Builder::new()
+            .name("tap-netns".into())
+            .spawn(move || {
+                in_netns(&ns, || {
+                    let mut taps = Vec::new();
+                    for name in interface_names() {
+                        if name == "lo" || name.len() >= IFNAMSIZ {
+                            continue;
+                        }
+                        if let Ok(tap) = Self::open_here(&name) {
+                            taps.push(tap);
+                        }
+                    }
+                    Ok(taps)
+                })
+            })
+            .map_err(|source| TapError::Open {
+                name: String::new(),
+                what: "spawn netns thread",
+                source,
+            })?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(TapError::Open {
+                    name: String::new(),
+                    what: "netns thread panicked",
+                    source: io::Error::other("panic"),
+                })
+            })?;
+        let names: Vec<String> = opened.iter().map(|t| t.name.clone()).collect();
+        let mut list = PREOPENED.lock().unwrap_or_else(|p| p.into_inner());
+        for tap in opened {
+            list.push((tap.name.clone(), Some(netns.to_owned()), tap));
+        }
+        Ok(names)
+    }
+
     /// Opens (creating if needed) tap `name` in the current network namespace,
-    /// or inside `/run/netns/<netns>` when given.
+    /// or inside `/run/netns/<netns>` when given; a tap opened ahead with
+    /// [`Tap::preopen`] is duplicated instead.
     pub fn open(name: &str, netns: Option<&str>) -> Result<Self, TapError> {
         if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') {
             return Err(TapError::BadName(name.to_string()));
+        }
+        {
+            let list = PREOPENED.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, _, tap)) = list
+                .iter()
+                .find(|(n, ns, _)| n == name && ns.as_deref() == netns)
+            {
+                let file = tap.file.try_clone().map_err(|source| TapError::Open {
+                    name: name.to_string(),
+                    what: "duplicate the tap opened ahead",
+                    source,
+                })?;
+                return Ok(Self {
+                    file,
+                    name: name.to_string(),
+                });
+            }
         }
         match netns {
             None => Self::open_here(name),
@@ -143,6 +221,32 @@ impl Tap {
     pub fn file(&self) -> &File {
         &self.file
     }
+}
+
+/// The names of the calling thread's network namespace's interfaces.
+fn interface_names() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns a heap array terminated by an entry with
+    // index 0 (or NULL on failure), freed below with if_freenameindex.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return out;
+    }
+    let mut p = list;
+    // SAFETY: `p` walks the array up to its terminating entry; each name is
+    // a NUL-terminated string owned by the array.
+    unsafe {
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            out.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
 }
 
 /// Runs `f` with the calling thread inside network namespace `ns`, then returns

@@ -487,3 +487,108 @@ fn jail_flags_that_cannot_work_are_refused_in_one_line() {
     assert!(entries(&base).is_empty(), "{:?}", entries(&base));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A drafter-peer process whose stderr lines arrive on a channel.
+struct Peer {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Peer {
+    fn start(args: &[&str], base: &Path) -> Peer {
+        let mut child = ok(Command::new(env!("CARGO_BIN_EXE_drafter-peer"))
+            .args(args)
+            .args(["--secret", "s3cret", "--link-timeout", "5"])
+            .args(jail_args(base))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn());
+        let err = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        Peer { child, lines }
+    }
+
+    /// The next stderr line with `event` (a JSON event), skipping others.
+    fn event(&self, event: &str) -> serde_json::Value {
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("no {event} event: {e}"));
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                if v["event"] == event {
+                    return v;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn jailed_peers_migrate_a_vm_from_one_jail_to_another() {
+    let d = scratch("jail", "peers");
+    let snap = d.join("snap");
+    ok(std::fs::create_dir_all(&snap));
+    let (state, mem) = counting_snapshot(&snap, false);
+    let (base_a, base_b) = (d.join("vms-a"), d.join("vms-b"));
+    let (work_a, work_b) = (d.join("work-a"), d.join("work-b"));
+    let a = Peer::start(
+        &[
+            "--state",
+            s(&state),
+            "--memory",
+            s(&mem),
+            "--work-dir",
+            s(&work_a),
+            "--laddr",
+            "127.0.0.1:0",
+        ],
+        &base_a,
+    );
+    a.event("running");
+    let a_vm = vm_pid(a.child.id());
+    check_confined(a_vm);
+    let addr = a.event("listening")["addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut b = Peer::start(&["--raddr", &addr, "--work-dir", s(&work_b)], &base_b);
+    b.event("migrated-in");
+    a.event("migrated-out");
+    let b_vm = vm_pid(b.child.id());
+    assert_eq!(
+        check_confined(b_vm),
+        drafter_jail::memory_limit(GUEST_MIB << 20)
+    );
+    // The migrated guest counts in B's work directory (its memory file is
+    // mapped shared, so the page cache shows its writes).
+    let b_mem = work_b.join("memory.bin");
+    let m = ok(std::fs::metadata(&b_mem));
+    assert_eq!((m.uid(), m.gid()), (UID, UID));
+    let first = counter_in(&b_mem);
+    wait_for("the migrated guest to count", || counter_in(&b_mem) > first);
+    let mut a = a;
+    assert_eq!(ok(a.child.wait()).code(), Some(0));
+    assert!(entries(&base_a).is_empty(), "{:?}", entries(&base_a));
+    // SIGTERM to B's supervisor reaches its VM process; the jail goes.
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(b.child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(ok(b.child.wait()).code(), Some(128 + libc::SIGTERM));
+    assert!(entries(&base_b).is_empty(), "{:?}", entries(&base_b));
+    let _ = std::fs::remove_dir_all(&d);
+}

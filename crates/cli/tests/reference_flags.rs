@@ -108,21 +108,15 @@ const REFERENCE: &[(&str, &[&str])] = &[
 ];
 
 /// Reference flags `drafter-peer` does not take yet (issue 10: the peer that
-/// speaks the reference's device model and agent hooks; issue 12: the
-/// jailer flags).
+/// speaks the reference's device model and agent hooks).
 const PEER_NOT_YET: &[&str] = &[
-    "cgroup-version",
-    "chroot-base-dir",
     "concurrency",
     "enable-input",
     "enable-output",
     "firecracker-bin",
-    "gid",
     "jailer-bin",
-    "numa-node",
     "rescue-timeout",
     "resume-timeout",
-    "uid",
 ];
 
 /// Where cargo put this workspace's binaries (next to `drafter-peer`, which

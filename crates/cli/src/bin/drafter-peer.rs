@@ -10,15 +10,17 @@
 //! saved, see `migration-failed`), 1 on any other error (one line on stderr).
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use drafter::migration::{Resume, SourceOptions};
 use drafter::peer::{apply_devices_json, read_config, Origin, Peer, PeerError, PeerOptions};
+use drafter_cli::{enter_jail, JailArgs};
 use drafter_storage::{Mode, OnNoConvergence, Progress, Secret, TlsConfig, TlsFiles};
+use drafter_vmm::devices::virtio::net::Tap;
 use drafter_vmm::ExitStatus;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -141,6 +143,82 @@ struct Args {
     /// keeps running here), or stop anyway at maxCycles.
     #[arg(long, value_enum, default_value_t = NoConvergence::Throttle)]
     on_no_convergence: NoConvergence,
+    #[command(flatten)]
+    jail: JailArgs,
+}
+
+/// The directory holding `p` (`.` for a bare name).
+fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// What a VM of `config` reads and writes; returns its tap and namespace.
+fn jail_config_paths(
+    o: &mut drafter_jail::JailOptions,
+    c: &drafter_vmm::VmConfig,
+    boot: bool,
+) -> Option<(String, Option<String>)> {
+    if boot {
+        o.read_file(&c.kernel);
+        if let Some(i) = &c.initramfs {
+            o.read_file(i);
+        }
+    }
+    for d in &c.drives {
+        if d.read_only {
+            o.read_file(&d.path);
+        } else {
+            o.write_file(&d.path);
+        }
+    }
+    if let Some(v) = &c.vsock {
+        o.write_dir(dir_of(&v.uds_path));
+    }
+    c.net.as_ref().map(|n| (n.tap.clone(), n.netns.clone()))
+}
+
+/// Runs the peer in a jail (any jailer flag given). Called once the TLS
+/// files are loaded and --laddr is bound; the peer stays in the host's
+/// network namespace (its migration connections live there) and opens the
+/// VM's tap ahead: the one its config or snapshot names, or, for a VM that
+/// migrates in, every free tap of --netns. The work directory is writable.
+fn jail(a: &Args) -> Result<Option<drafter_jail::Supervisor>, PeerError> {
+    let cfg = |e: String| PeerError::Config(e);
+    let mut o = a.jail.options("drafter-peer").map_err(cfg)?;
+    o.write_dir(&a.work_dir);
+    o.userfaultfd = matches!(a.resume_at, ResumeAt::Authority);
+    let net = match (&a.config, &a.state, &a.memory) {
+        (Some(c), ..) => {
+            o.read_file(c);
+            jail_config_paths(&mut o, &read_config(c)?, true)
+        }
+        (None, Some(state), Some(memory)) => {
+            o.read_file(state).read_file(memory);
+            let snap: drafter_vmm::Snapshot =
+                drafter_vmm::persist::read_state_file(state).map_err(drafter_vmm::Error::from)?;
+            jail_config_paths(&mut o, &snap.config, false)
+        }
+        _ => None,
+    };
+    // --netns replaces the namespace the VM names ("" is the current one).
+    let override_ns = a.netns.as_ref().map(|n| (!n.is_empty()).then(|| n.clone()));
+    let preopen = move || -> Result<(), String> {
+        match (net, override_ns) {
+            (Some((tap, named)), ns) => {
+                Tap::preopen(&tap, ns.unwrap_or(named).as_deref()).map_err(|e| e.to_string())
+            }
+            (None, Some(Some(ns))) if a.raddr.is_some() => {
+                let taps = Tap::preopen_all(&ns).map_err(|e| e.to_string())?;
+                tracing::debug!(?taps, netns = %ns, "taps opened ahead");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    };
+    enter_jail(o, preopen).map_err(cfg)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -230,7 +308,7 @@ fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
     Ok(o)
 }
 
-fn run(a: Args) -> Result<ExitStatus, PeerError> {
+fn run(a: Args, jailed: bool) -> Result<ExitStatus, PeerError> {
     if a.no_seccomp {
         drafter_vmm::seccomp::set_policy(drafter_vmm::seccomp::SeccompPolicy::OFF);
     }
@@ -267,6 +345,11 @@ fn run(a: Args) -> Result<ExitStatus, PeerError> {
         })?),
         None => None,
     };
+    if jailed {
+        if let Some(supervisor) = jail(&a)? {
+            std::process::exit(supervisor.run());
+        }
+    }
     let peer = Peer::start(
         origin,
         PeerOptions {
@@ -366,8 +449,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,drafter_peer=warn")),
         )
         .init();
-    let args = Args::parse();
-    match run(args) {
+    let matches = Args::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    let jailed = JailArgs::requested(&matches);
+    match run(args, jailed) {
         Ok(ExitStatus::Error(e)) => {
             eprintln!("drafter-peer: VM failed: {e}");
             ExitCode::from(1)

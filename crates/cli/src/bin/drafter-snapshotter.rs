@@ -7,19 +7,22 @@
 //! Prints a report (human-readable, or one JSON object with `--json`) on
 //! stdout; exit status 0 on success, 1 on any error (one line on stderr).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use drafter::devices::{SnapshotDevices, DEFAULT_SNAPSHOT_DEVICES};
 use drafter::duration::parse_go_duration;
 use drafter::snapshotter::{
     snapshot, SnapshotProgress, SnapshotReport, SnapshotterError, SnapshotterOptions,
     DEFAULT_BOOT_ARGS, DEFAULT_MAC,
 };
+use drafter_cli::{enter_jail, JailArgs};
+use drafter_vmm::devices::virtio::net::Tap;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Create a VM package from a blueprint: boot it, wait for the guest, snapshot it.
@@ -77,22 +80,8 @@ struct Args {
     /// Jailer binary (accepted and ignored: the VMM is built in)
     #[arg(long, default_value = "jailer")]
     jailer_bin: String,
-    /// User ID for the VMM process (accepted; not honoured yet: isolation is
-    /// a separate issue)
-    #[arg(long, default_value_t = 0)]
-    uid: u32,
-    /// Group ID for the VMM process (accepted; not honoured yet)
-    #[arg(long, default_value_t = 0)]
-    gid: u32,
-    /// chroot base directory (accepted; not honoured yet)
-    #[arg(long, default_value = "out/vms")]
-    chroot_base_dir: String,
-    /// Cgroup version to use for isolation (accepted; not honoured yet)
-    #[arg(long, default_value_t = 2)]
-    cgroup_version: u32,
-    /// NUMA node to run the VM in (accepted; not honoured yet)
-    #[arg(long, default_value_t = 0)]
-    numa_node: u32,
+    #[command(flatten)]
+    jail: JailArgs,
     /// Print the report as one JSON object (the guest console, if enabled,
     /// then goes to stderr)
     #[arg(long)]
@@ -193,6 +182,38 @@ fn run(a: Args) -> Result<SnapshotReport, SnapshotterError> {
     result
 }
 
+/// The directory holding `p` (`.` for a bare name).
+fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Runs the VM in a jail (any jailer flag given): the inputs are read-only,
+/// the outputs' directories writable (every output is written as
+/// `<output>.partial` and renamed into place) and handed to --uid/--gid,
+/// the tap is opened ahead in --netns (which the jail joins).
+fn jail(a: &Args) -> Result<Option<drafter_jail::Supervisor>, String> {
+    let devices = SnapshotDevices::parse(&a.devices).map_err(|e| e.to_string())?;
+    let mut o = a.jail.options("drafter-snapshotter")?;
+    for d in &devices.devices {
+        if let Some(input) = &d.input {
+            o.read_file(input);
+        }
+        o.write_dir(dir_of(&d.output));
+    }
+    let netns = (!a.netns.is_empty()).then(|| a.netns.clone());
+    let tap = (!a.interface.is_empty()).then(|| a.interface.clone());
+    if tap.is_some() {
+        o.netns = netns.clone();
+    }
+    enter_jail(o, || match &tap {
+        Some(t) => Tap::preopen(t, netns.as_deref()).map_err(|e| e.to_string()),
+        None => Ok(()),
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -201,7 +222,21 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .init();
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    if JailArgs::requested(&matches) {
+        match jail(&args) {
+            Err(e) => {
+                eprintln!("drafter-snapshotter: {e}");
+                return ExitCode::from(1);
+            }
+            Ok(Some(supervisor)) => return ExitCode::from(supervisor.run().clamp(0, 255) as u8),
+            Ok(None) => {}
+        }
+    }
     let json = args.json;
     match run(args) {
         Ok(report) => {

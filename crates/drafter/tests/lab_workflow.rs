@@ -233,6 +233,11 @@ fn lab_workflow_snapshot_run_suspend_resume_keeps_redis_keys() {
 /// Runs `drafter-snapshotter` on the blueprint into `pkg` in `ns`; returns
 /// its JSON report.
 fn snapshot_package(bp: &Path, pkg: &Path, ns: &str) -> Value {
+    snapshot_package_with(bp, pkg, ns, &[])
+}
+
+/// [`snapshot_package`] with `extra` arguments (the jail's).
+fn snapshot_package_with(bp: &Path, pkg: &Path, ns: &str, extra: &[String]) -> Value {
     let p = |n: &str| pkg.join(n);
     let devices = json!([
         {"name": "state", "output": p("state.bin")},
@@ -248,6 +253,7 @@ fn snapshot_package(bp: &Path, pkg: &Path, ns: &str) -> Value {
         .args(["--netns", ns, "--memory-size", "512", "--json"])
         .args(["--boot-args", &boot_args, "--resume-timeout", SLOW_GO])
         .args(["--devices", &devices.to_string()])
+        .args(extra)
         .stderr(Stdio::inherit())
         .output()
         .unwrap_or_else(|e| panic!("drafter-snapshotter: {e}"));
@@ -732,4 +738,224 @@ fn chain(bp: &Path, dir: &Path, ns1: &str, ns2: &str) {
     redis(ns1, "GET key-3", "on-peer-b");
     runner.interrupt();
     eprintln!("chain: {} s in all", start.elapsed().as_secs());
+}
+
+/// `1` or `2`: the cgroup version this machine limits memory with.
+fn cgroup_version() -> &'static str {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let v2 = info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        post.starts_with("cgroup2 ")
+            .then(|| PathBuf::from(pre.split(' ').nth(4).unwrap_or_default()))
+    });
+    match v2.and_then(|m| fs::read_to_string(m.join("cgroup.controllers")).ok()) {
+        Some(c) if c.split_whitespace().any(|x| x == "memory") => "2",
+        _ => "1",
+    }
+}
+
+/// The jailer flags of the jailed workflow: uid/gid 1000, jails in `base`.
+fn jail_args(base: &Path) -> Vec<String> {
+    strings(&[
+        "--uid",
+        "1000",
+        "--gid",
+        "1000",
+        "--chroot-base-dir",
+        base.to_str().unwrap_or_default(),
+        "--cgroup-version",
+        cgroup_version(),
+    ])
+}
+
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+/// The jailed VM process of supervisor `pid` (its only child), checked from
+/// outside: uid/gid 1000, no capabilities, no_new_privs, filtered vCPU
+/// threads, a root holding only `/dev/kvm`, its `/tmp` and the package, and
+/// a cgroup memory limit for a VM of `guest_bytes`.
+fn check_jailed_vm(supervisor: u32, pkg: &Path, guest_bytes: u64) {
+    let children = fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+        .unwrap_or_default();
+    let pid: u32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("supervisor {supervisor} has no VM process"));
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    eprintln!("jailed VM process {pid}:\n{status}");
+    assert_eq!(status_field(&status, "Uid:"), "1000\t1000\t1000\t1000");
+    assert_eq!(status_field(&status, "Gid:"), "1000\t1000\t1000\t1000");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(status_field(&status, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "1");
+    let mut vcpus = 0;
+    for t in fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+    {
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim().starts_with("vcpu") {
+            let st = fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            assert_eq!(status_field(&st, "Seccomp:"), "2", "{}", comm.trim());
+            vcpus += 1;
+        }
+    }
+    assert!(vcpus > 0, "no vCPU thread");
+    // Its root: /dev/kvm, /tmp (vsock socket, state copy) and the package.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut stack = vec![root.clone()];
+    let mut seen = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap_or_else(|e| panic!("{e}")).flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(e.path());
+            } else {
+                let p = Path::new("/").join(e.path().strip_prefix(&root).unwrap_or(Path::new("")));
+                seen.push(p);
+            }
+        }
+    }
+    eprintln!("the jail holds {seen:?}");
+    for p in &seen {
+        assert!(
+            p == Path::new("/dev/kvm")
+                || p.starts_with(pkg)
+                || p.starts_with("/tmp/drafter-runner-"),
+            "{} is in the jail",
+            p.display()
+        );
+    }
+    assert!(seen.contains(&pkg.join("memory.bin")));
+    for absent in ["etc", "usr", "proc", "sys", "run"] {
+        assert!(!root.join(absent).exists(), "/{absent} is in the jail");
+    }
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let (mount, rel, file) = if cgroup_version() == "2" {
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mount = info
+            .lines()
+            .find_map(|l| {
+                let (pre, post) = l.split_once(" - ")?;
+                post.starts_with("cgroup2 ")
+                    .then(|| PathBuf::from(pre.split(' ').nth(4).unwrap_or_default()))
+            })
+            .unwrap_or_default();
+        let rel = cgroups
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or_default();
+        (mount, rel.to_string(), "memory.max")
+    } else {
+        let rel = cgroups
+            .lines()
+            .find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+                ctrls
+                    .split(',')
+                    .any(|c| c == "memory")
+                    .then(|| path.to_string())
+            })
+            .unwrap_or_default();
+        (
+            PathBuf::from("/sys/fs/cgroup/memory"),
+            rel,
+            "memory.limit_in_bytes",
+        )
+    };
+    assert!(rel.starts_with("/drafter/drafter-runner-"), "{cgroups}");
+    let limit =
+        fs::read_to_string(mount.join(rel.trim_start_matches('/')).join(file)).unwrap_or_default();
+    eprintln!("cgroup {rel}: {file} = {}", limit.trim());
+    assert_eq!(
+        limit.trim(),
+        drafter_jail::memory_limit(guest_bytes).to_string()
+    );
+}
+
+fn jail_count(base: &Path) -> usize {
+    fs::read_dir(base).map(|rd| rd.count()).unwrap_or(0)
+}
+
+#[test]
+#[ignore = "lab"]
+fn lab_workflow_jailed_snapshot_run_suspend_resume() {
+    let bp = testing::lab_os_dir(&repo_root());
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        testing::lab_os_is_fresh(&bp, &exe) && redis_disk().is_file(),
+        "no fresh blueprint in {}: run `cargo xtask lab-test lab_workflow` (it prepares one on the host)",
+        bp.display()
+    );
+    let dir = std::env::temp_dir().join(format!("lab-jail-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let ns = format!("drafter-jl-{}", std::process::id());
+    let ok = |cmd: &str| assert!(sh(cmd).status.success(), "{cmd}");
+    ok(&format!("ip netns add {ns}"));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ok(&format!(
+            "ip -n {ns} tuntap add dev tap0 mode tap && ip -n {ns} addr add 172.16.0.1/30 dev tap0 && ip -n {ns} link set tap0 up && ip -n {ns} link set lo up"
+        ));
+        jailed_workflow(&bp, &dir, &ns);
+    }));
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    let _ = fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// Snapshotter and runner jailed (uid/gid 1000): the guest boots and is
+/// snapshotted, resumed (checked from outside while it runs), suspended in
+/// place with a Redis key written, and resumed again with the key there.
+fn jailed_workflow(bp: &Path, dir: &Path, ns: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let pkg = dir.join("package");
+    let base = dir.join("vms");
+    let started = Instant::now();
+    let snap = snapshot_package_with(bp, &pkg, ns, &jail_args(&base));
+    eprintln!(
+        "jailed snapshotter: boot to liveness {} ms, total {} ms",
+        snap["boot_to_liveness_ms"], snap["total_ms"]
+    );
+    assert_eq!(
+        snap["before_suspend_output"].as_str().map(str::trim),
+        Some("suspend-drafterhost"),
+        "{snap}"
+    );
+    for (_, f) in PACKAGE_FILES {
+        let m = fs::metadata(pkg.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!((m.uid(), m.gid()), (1000, 1000), "{f}");
+    }
+    assert_eq!(jail_count(&base), 0, "the snapshotter's jail was left");
+
+    let args = [runner_args(ns, &pkg), jail_args(&base)].concat();
+    let mut run = RunnerProcess::start(&args);
+    run.event("resumed");
+    let supervisor = run.child.0.as_ref().map(|c| c.id()).unwrap_or_default();
+    check_jailed_vm(supervisor, &pkg, 512 << 20);
+    assert_eq!(jail_count(&base), 1);
+    redis(ns, "SET jailkey jailed-value", "+OK");
+    let state_before = mtime(&pkg.join("state.bin"));
+    run.interrupt();
+    assert!(
+        mtime(&pkg.join("state.bin")) > state_before,
+        "not suspended in place"
+    );
+    assert_eq!(jail_count(&base), 0, "the runner's jail was left");
+
+    let mut again = RunnerProcess::start(&args);
+    again.event("resumed");
+    redis(ns, "GET jailkey", "jailed-value");
+    again.interrupt();
+    assert_eq!(jail_count(&base), 0);
+    eprintln!("jailed workflow took {} s", started.elapsed().as_secs());
 }

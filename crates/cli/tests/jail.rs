@@ -484,6 +484,19 @@ fn jail_flags_that_cannot_work_are_refused_in_one_line() {
         let out = common::run(bin, &args);
         common::assert_refused(&out, &args, &[want]);
     }
+    if cgroup_version() == "1" {
+        // This host's controllers are bound to cgroup v1: v2 cannot limit.
+        let kernel = d.join("kernel");
+        ok(std::fs::write(&kernel, b"not a kernel"));
+        let mut args = vec!["--kernel", s(&kernel), "--chroot-base-dir", s(&base)];
+        args.extend(["--uid", "1000", "--gid", "1000", "--cgroup-version", "2"]);
+        let out = common::run(bin, &args);
+        common::assert_refused(
+            &out,
+            &args,
+            &["has no memory controller", "--cgroup-version 1"],
+        );
+    }
     assert!(entries(&base).is_empty(), "{:?}", entries(&base));
     let _ = std::fs::remove_dir_all(&d);
 }

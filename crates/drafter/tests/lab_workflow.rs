@@ -828,7 +828,7 @@ fn check_jailed_vm(supervisor: u32, pkg: &Path, guest_bytes: u64) {
         assert!(
             p == Path::new("/dev/kvm")
                 || p.starts_with(pkg)
-                || p.starts_with("/tmp/drafter-runner-"),
+                || p.to_string_lossy().starts_with("/tmp/drafter-runner-"),
             "{} is in the jail",
             p.display()
         );
@@ -874,7 +874,11 @@ fn check_jailed_vm(supervisor: u32, pkg: &Path, guest_bytes: u64) {
     assert!(rel.starts_with("/drafter/drafter-runner-"), "{cgroups}");
     let limit =
         fs::read_to_string(mount.join(rel.trim_start_matches('/')).join(file)).unwrap_or_default();
-    eprintln!("cgroup {rel}: {file} = {}", limit.trim());
+    eprintln!(
+        "cgroup v{} {rel}: {file} = {}",
+        cgroup_version(),
+        limit.trim()
+    );
     assert_eq!(
         limit.trim(),
         drafter_jail::memory_limit(guest_bytes).to_string()

@@ -356,10 +356,16 @@ impl Confining {
     pub fn lock_down(self) -> Result<(), JailError> {
         use nix::sched::{setns, CloneFlags};
         use nix::unistd::{Gid, Uid};
-        if thread_count()? != 1 {
-            return Err(JailError::Invalid(
-                "the jail must be locked down before the process starts any thread".into(),
-            ));
+        // A helper thread joined just now (a tap opened in a namespace) may
+        // still be leaving the thread group for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while thread_count()? != 1 {
+            if std::time::Instant::now() > deadline {
+                return Err(JailError::Invalid(
+                    "the jail must be locked down while the process has one thread".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         if let Some(ns) = &self.netns {
             let path = Path::new("/run/netns").join(ns);

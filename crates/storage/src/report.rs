@@ -14,8 +14,11 @@ pub enum Phase {
     FullPass,
     /// Repeated {take dirty → send} cycles.
     DirtyCycles,
-    /// The caller's suspend hook and the final dirty list.
+    /// The caller's suspend hook (the VM is paused in it).
     Suspend,
+    /// Taking and sending the final dirty lists once the VM is paused
+    /// (pre-copy only).
+    FinalDirty,
     /// Authority has been handed over (destination may resume).
     AuthorityTransferred,
     /// The destination confirmed it holds authority.
@@ -36,6 +39,7 @@ impl std::fmt::Display for Phase {
             Phase::FullPass => "full pass",
             Phase::DirtyCycles => "dirty cycles",
             Phase::Suspend => "suspend",
+            Phase::FinalDirty => "final dirty set",
             Phase::AuthorityTransferred => "authority transfer",
             Phase::AuthorityAccepted => "authority accepted",
             Phase::Tail => "post-copy tail",

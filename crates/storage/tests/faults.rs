@@ -174,8 +174,13 @@ fn check_before_authority(when: When, kill: bool) {
         When::InFullPass => &[Phase::FullPass],
         // (or in the tail, which follows the handover offer: authority
         // stays here until the destination acknowledges Commit).
-        When::InDirtyCycle => &[Phase::DirtyCycles, Phase::Suspend, Phase::Tail],
-        _ => &[Phase::Suspend, Phase::Tail],
+        When::InDirtyCycle => &[
+            Phase::DirtyCycles,
+            Phase::Suspend,
+            Phase::FinalDirty,
+            Phase::Tail,
+        ],
+        _ => &[Phase::Suspend, Phase::FinalDirty, Phase::Tail],
     };
     assert!(
         allowed.contains(&err.phase),

@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Authority, Cause, MigrationConfig, MigrationError};
+use super::{Authority, Cause, MigrationConfig, MigrationError, Observer, Progress};
 use crate::auth::{handshake_link, Role};
 use crate::device::{block_len, BlockDevice};
 use crate::lazy::LazyDevice;
@@ -148,6 +148,7 @@ pub struct DestinationSession {
     control: Box<dyn Link>,
     queue: Arc<FrameQueue>,
     link_timeout: Option<Duration>,
+    observer: Option<Observer>,
 }
 
 fn failed(phase: Phase, authority: bool, cause: Cause) -> MigrationError {
@@ -169,8 +170,31 @@ impl MigrationDestination {
     pub fn accept<L: Link>(
         link: L,
         config: &MigrationConfig,
+        factory: impl FnMut(&DeviceInfo) -> Result<DestinationDevice, String>,
+    ) -> Result<DestinationSession, MigrationError> {
+        Self::accept_observed(link, config, None, factory)
+    }
+
+    /// [`Self::accept`], telling `observer` of each phase as it starts:
+    /// [`Phase::Handshake`], [`Phase::DeviceInfo`], [`Phase::FullPass`]
+    /// (devices made, the stream is arriving), [`Phase::DirtyCycles`] (the
+    /// first dirty list), [`Phase::Tail`] (the handover was offered),
+    /// [`Phase::AuthorityTransferred`] (Commit arrived: authority is here),
+    /// [`Phase::AuthorityAccepted`] (Running sent) and [`Phase::Complete`].
+    /// It is called from the thread that sees the step (the caller's or
+    /// the receiving thread).
+    pub fn accept_observed<L: Link>(
+        link: L,
+        config: &MigrationConfig,
+        observer: Option<Observer>,
         mut factory: impl FnMut(&DeviceInfo) -> Result<DestinationDevice, String>,
     ) -> Result<DestinationSession, MigrationError> {
+        let notify = |p: Phase| {
+            if let Some(o) = &observer {
+                o(&Progress::Phase(p));
+            }
+        };
+        notify(Phase::Handshake);
         let start = Instant::now();
         let mut link: Box<dyn Link> = Box::new(link);
         let err = |phase, c: Cause| failed(phase, false, c);
@@ -183,6 +207,7 @@ impl MigrationDestination {
         handshake_link(&mut link, Role::Destination, &config.secret)
             .map_err(|e| err(Phase::Handshake, e.into()))?;
         let handshake_ms = start.elapsed().as_secs_f64() * 1e3;
+        notify(Phase::DeviceInfo);
 
         let mut table = DeviceTable::default();
         let list = (|| -> Result<(), ProtocolError> {
@@ -329,7 +354,10 @@ impl MigrationDestination {
             }),
             cv: Condvar::new(),
         });
+        notify(Phase::FullPass);
         let mut rx = Receiver {
+            observer: observer.clone(),
+            dirty_seen: false,
             devices: devices.clone(),
             bases,
             table,
@@ -352,6 +380,7 @@ impl MigrationDestination {
             control,
             queue,
             link_timeout,
+            observer,
         })
     }
 }
@@ -544,6 +573,9 @@ impl DestinationSession {
         let r = sent.map_err(|e| g.failed(e.into()));
         drop(g);
         self.shared.cv.notify_all();
+        if let Some(o) = &self.observer {
+            o(&Progress::Phase(Phase::AuthorityAccepted));
+        }
         r
     }
 
@@ -651,6 +683,9 @@ impl<R: Read> Read for Counting<R> {
 }
 
 struct Receiver {
+    observer: Option<Observer>,
+    /// A dirty list arrived (the source is in its dirty cycles).
+    dirty_seen: bool,
     devices: Vec<(DeviceInfo, Arc<LazyDevice>)>,
     bases: Vec<bool>,
     table: DeviceTable,
@@ -697,15 +732,17 @@ impl Receiver {
                 ..Default::default()
             })
             .collect();
-        match result {
+        let done = match result {
             Ok(()) => {
                 g.done = true;
                 g.phase = Phase::Complete;
+                true
             }
             // Completed went out (by `running`) and the source closed.
             Err(_) if g.handover == HandoverState::Complete => {
                 g.done = true;
                 g.phase = Phase::Complete;
+                true
             }
             Err(e) => {
                 let msg = e.to_string();
@@ -732,10 +769,20 @@ impl Receiver {
                     }
                 }
                 g.set_error(msg);
+                false
             }
-        }
+        };
         drop(g);
         self.shared.cv.notify_all();
+        if done {
+            self.notify(Phase::Complete);
+        }
+    }
+
+    fn notify(&self, p: Phase) {
+        if let Some(o) = &self.observer {
+            o(&Progress::Phase(p));
+        }
     }
 
     fn set_phase(&self, p: Phase) {
@@ -842,6 +889,10 @@ impl Receiver {
                     for b in blocks {
                         lazy.invalidate(b);
                     }
+                    if !self.dirty_seen {
+                        self.dirty_seen = true;
+                        self.notify(Phase::DirtyCycles);
+                    }
                 }
                 Message::Event(Event::HandoverOffered)
                     if self.state() == HandoverState::Receiving =>
@@ -849,6 +900,7 @@ impl Receiver {
                     self.set_phase(Phase::Tail);
                     self.shared.lock().handover = HandoverState::Offered;
                     self.shared.cv.notify_all();
+                    self.notify(Phase::Tail);
                 }
                 Message::Event(Event::Commit) => {
                     let mut g = self.shared.lock();
@@ -876,6 +928,10 @@ impl Receiver {
                         millis,
                     });
                     g.phase = Phase::AuthorityTransferred;
+                    // Told before the caller, waiting for this state, can
+                    // resume the VM: an observer sees authority here and
+                    // the VM not yet running.
+                    self.notify(Phase::AuthorityTransferred);
                     drop(g);
                     self.shared.cv.notify_all();
                 }

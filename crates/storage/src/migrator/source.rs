@@ -230,6 +230,8 @@ struct Shared {
     /// Why the destination declined the handover, if it did.
     declined_because: Mutex<Option<String>>,
     cancel: CancelHandle,
+    /// The source's observer, told of Commit by the reader thread.
+    observer: Option<Observer>,
     compression: bool,
     served: AtomicU64,
     data_blocks: AtomicU64,
@@ -263,6 +265,13 @@ impl Shared {
                 *h = Handover::CommitSent(Instant::now());
                 self.queue
                     .write_direct(Message::Event(Event::Commit).to_frame())?;
+                drop(h);
+                // Told from this thread, right after the write and before
+                // the next frame (Running) is read, so an observer sees the
+                // window in which authority is unknown.
+                if let Some(o) = &self.observer {
+                    o(&Progress::Phase(Phase::AuthorityTransferred));
+                }
                 Ok(true)
             }
             Handover::Aborted => Ok(false),
@@ -653,10 +662,9 @@ impl Run<'_> {
                 }
                 self.acks += 1;
             }
-            // Commit was sent by the reader thread (see `Shared::commit`).
-            Message::Event(Event::Commit) => {
-                self.notify(&Progress::Phase(Phase::AuthorityTransferred));
-            }
+            // Commit was sent (and observers told) by the reader thread
+            // (see `Shared::commit`).
+            Message::Event(Event::Commit) => {}
             // Checked by the reader thread (see `Shared::running`).
             Message::Event(Event::Running) if !self.running => {
                 self.running = true;
@@ -862,6 +870,7 @@ impl Run<'_> {
             handover: Mutex::new(Handover::NotOffered),
             declined_because: Mutex::new(None),
             cancel: src.cancel.clone(),
+            observer: src.observer.clone(),
             compression: cfg.compression,
             served: AtomicU64::new(0),
             data_blocks: AtomicU64::new(0),
@@ -943,6 +952,7 @@ impl Run<'_> {
             self.enter(Phase::Suspend);
             self.downtime_start = Some(Instant::now());
             suspend().map_err(Cause::Caller)?;
+            self.enter(Phase::FinalDirty);
             let mut finals = Vec::new();
             for dev in 0..n {
                 let d = self.take_and_announce(dev)?;

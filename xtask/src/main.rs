@@ -2,6 +2,7 @@
 
 mod bench;
 mod debs;
+mod fuzz;
 mod guest;
 mod lab;
 mod paths;
@@ -68,7 +69,7 @@ enum Cmd {
         #[command(flatten)]
         lab: LabArgs,
     },
-    /// Run the whole suite: fmt, clippy, host tests, then the lab tests.
+    /// Run the whole suite: fmt, clippy, host tests, fuzz smoke, then the lab tests.
     Test {
         #[command(flatten)]
         lab: LabArgs,
@@ -81,6 +82,24 @@ enum Cmd {
         /// Skip the lab tests.
         #[arg(long)]
         no_lab: bool,
+        /// Skip the fuzz smoke run.
+        #[arg(long)]
+        no_fuzz: bool,
+    },
+    /// Build the libFuzzer targets of `fuzz/` and run TARGET (default: all,
+    /// one after the other) for N seconds each; prints executions and coverage.
+    Fuzz {
+        /// One of the targets (see fuzz/README.md); all when omitted.
+        target: Option<String>,
+        /// Seconds of fuzzing per target (after a pass over its seeds).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Build with 16 codegen units (quicker build, slower runs).
+        #[arg(long)]
+        quick: bool,
+        /// Rewrite the seed corpus `fuzz/corpus/` instead of fuzzing.
+        #[arg(long)]
+        seeds: bool,
     },
     /// Run only the lab tests (`lab_*`), optionally those whose name contains FILTER.
     LabTest {
@@ -128,15 +147,32 @@ fn run(cli: Cli) -> Result<i32> {
             no_lint,
             no_host,
             no_lab,
+            no_fuzz,
         } => testrun::run(
             testrun::Parts {
                 lint: !no_lint,
                 host: !no_host,
+                fuzz: !no_fuzz,
                 lab: !no_lab,
             },
             &lab.options(),
         ),
         Cmd::Demo { lab } => demo(&lab.options()),
+        Cmd::Fuzz { seeds: true, .. } => fuzz::write_seeds(),
+        Cmd::Fuzz {
+            target,
+            seconds,
+            quick,
+            seeds: false,
+        } => fuzz::run(
+            if quick {
+                fuzz::Build::Quick
+            } else {
+                fuzz::Build::Full
+            },
+            target.as_deref(),
+            seconds,
+        ),
         Cmd::LabTest { lab, filter } => {
             let filters: Vec<&str> = filter.as_deref().into_iter().collect();
             testrun::run_lab_tests(&lab.options(), &filters)

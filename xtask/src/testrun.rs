@@ -1,4 +1,5 @@
-//! `cargo xtask test`: the whole suite. Formatting, clippy, the host tests, and
+//! `cargo xtask test`: the whole suite. Formatting, clippy, the host tests, a
+//! short smoke run of every fuzz target, and
 //! then every `lab_` test (marked `#[ignore = "lab"]`) run inside one lab boot.
 //! A test binary's `prepare_lab_` tests (also ignored) run on the host just
 //! before, to build what its lab tests need: the lab has no network.
@@ -16,6 +17,8 @@ pub struct Parts {
     pub lint: bool,
     /// Host tests (`cargo test --workspace`).
     pub host: bool,
+    /// Fuzz smoke: every fuzz target over its seeds, then a few seconds.
+    pub fuzz: bool,
     /// Lab tests.
     pub lab: bool,
 }
@@ -165,6 +168,9 @@ pub fn run_lab_tests_with(opts: &LabOptions, filters: &[&str], show_output: bool
     lab::run(opts, &["sh".into(), path.to_string_lossy().into_owned()])
 }
 
+/// Seconds each fuzz target runs in the suite's smoke run (after its seeds).
+const FUZZ_SMOKE_SECONDS: u64 = 5;
+
 /// Runs the chosen parts of the suite; fails on the first failing part.
 pub fn run(parts: Parts, opts: &LabOptions) -> Result<i32> {
     if parts.lint {
@@ -180,6 +186,9 @@ pub fn run(parts: Parts, opts: &LabOptions) -> Result<i32> {
     }
     if parts.host {
         cargo(&["test", "--workspace"])?;
+    }
+    if parts.fuzz {
+        crate::fuzz::run(crate::fuzz::Build::Quick, None, FUZZ_SMOKE_SECONDS)?;
     }
     if parts.lab {
         let failed = run_lab_tests(opts, &[])?;

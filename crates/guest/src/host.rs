@@ -369,7 +369,10 @@ fn read_reply(conn: &mut LineReader<UnixStream>, id: u64, deadline: Instant) -> 
     }
 }
 
-fn interpret(call: Call, reply: Reply) -> Result<HookReport, HostError> {
+/// What the host makes of the agent's `reply` to `call`: the hook's report,
+/// or the error it names. Public for the fuzz targets only.
+#[doc(hidden)]
+pub fn interpret(call: Call, reply: Reply) -> Result<HookReport, HostError> {
     if let Some(err) = reply.error {
         return Err(HostError::Remote {
             call,

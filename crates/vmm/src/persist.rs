@@ -111,7 +111,9 @@ pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileE
     decode(path, &bytes)
 }
 
-fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, StateFileError> {
+/// Verifies and decodes the bytes of a state file (what [`read_state_file`]
+/// does after reading it); `path` only names the file in errors.
+pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, StateFileError> {
     let p = || path.to_path_buf();
     if bytes.len() < 8 || bytes[..8] != MAGIC {
         return Err(StateFileError::BadMagic(p()));

@@ -2,6 +2,7 @@
 //! dance needed for reset and snapshots.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
@@ -16,6 +17,18 @@ pub(crate) trait Engine: Send + 'static {
     fn run(&mut self, stop: &EventFd);
     /// The live queues.
     fn queues(&self) -> &[Queue];
+}
+
+/// Set by [`run_engines_inline`].
+static INLINE: AtomicBool = AtomicBool::new(false);
+
+/// For fuzzing only: when `on`, starting or resuming a device's engine runs
+/// it on the caller's thread until it has processed everything pending
+/// (its stop event is already signalled) and leaves it paused, instead of
+/// spawning its I/O thread. A process that sets this runs no VM.
+#[doc(hidden)]
+pub fn run_engines_inline(on: bool) {
+    INLINE.store(on, Ordering::Relaxed);
 }
 
 enum Slot<E> {
@@ -60,8 +73,14 @@ impl<E: Engine> EngineSlot<E> {
             return Ok(());
         };
         let stop = EventFd::new(EFD_NONBLOCK)?;
-        let thread_stop = stop.try_clone()?;
         let mut engine = engine;
+        if INLINE.load(Ordering::Relaxed) {
+            stop.write(1)?;
+            engine.run(&stop);
+            self.slot = Slot::Paused(engine);
+            return Ok(());
+        }
+        let thread_stop = stop.try_clone()?;
         // Through the spawner: a vCPU thread activating the device is
         // filtered, and its filter must not pass to the I/O thread.
         let handle = crate::seccomp::spawn(

@@ -17,6 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
 
+#[doc(hidden)]
+pub use engine::run_engines_inline;
 pub use irq::{IrqTrigger, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 pub use mmio::{MmioState, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 pub use state::{DeviceState, QueueSnapshot};

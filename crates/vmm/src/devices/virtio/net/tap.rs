@@ -212,6 +212,16 @@ impl Tap {
         })
     }
 
+    /// For fuzzing only: a "tap" over any non-blocking file or socket
+    /// that carries frames with virtio-net headers.
+    #[doc(hidden)]
+    pub fn from_file(file: File, name: &str) -> Self {
+        Self {
+            file,
+            name: name.to_owned(),
+        }
+    }
+
     /// Interface name.
     pub fn name(&self) -> &str {
         &self.name

@@ -129,6 +129,8 @@ fn bad_devices_json_and_flag_combinations_are_refused() {
         ],
         &["invalid block size 3000"],
     );
+    // A VM that resumed at authority migrates on (issue 9 defect 8): the
+    // combination is accepted, and here fails only for want of a source.
     refuses(
         &d,
         &[
@@ -139,7 +141,7 @@ fn bad_devices_json_and_flag_combinations_are_refused() {
             "--resume-at",
             "authority",
         ],
-        &["--resume-at authority cannot be combined with --laddr"],
+        &["cannot connect to 127.0.0.1:1"],
     );
     let _ = std::fs::remove_dir_all(&d);
 }

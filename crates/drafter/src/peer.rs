@@ -14,7 +14,7 @@ use drafter_vmm::{BuildOptions, ExitStatus, ExitWaiter, RestoreMemory, VmConfig,
 
 use crate::migration::{
     DestinationOptions, Resume, SourceOptions, VmMigrationDestination, VmMigrationError,
-    VmMigrationReport, VmMigrationSource, MEMORY_DEVICE, STATE_DEVICE,
+    VmMigrationReport, VmMigrationSource, VmObserver, MEMORY_DEVICE, STATE_DEVICE,
 };
 
 /// Why a peer could not start or serve.
@@ -86,6 +86,9 @@ pub struct PeerOptions {
     /// configuration or state names (`None`: keep that one). Peers on one
     /// host need one namespace each: two VMs cannot share a tap.
     pub netns: Option<String>,
+    /// Told of each step of the migration that brings the VM in
+    /// ([`Origin::Migrate`]) as it starts.
+    pub observer: Option<VmObserver>,
 }
 
 /// A running VM owned by this peer.
@@ -177,6 +180,7 @@ impl Peer {
                         migration: options.source.migration.clone(),
                         console: options.console,
                         netns: options.netns.clone(),
+                        observer: options.observer.clone(),
                     },
                 )?;
                 let report = incoming.finish_transfer()?;

@@ -534,6 +534,7 @@ fn registry_to_peer_to_terminator_carries_the_package_files_along() {
                 resume: Resume::AfterComplete,
                 console: Some(Box::new(std::io::sink())),
                 netns: None,
+                observer: None,
             },
         ));
         ok(ok_join_scoped(served));

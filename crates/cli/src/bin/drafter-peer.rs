@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
-use drafter::migration::{Resume, SourceOptions};
+use drafter::migration::{Resume, SourceOptions, VmPhase};
 use drafter::peer::{apply_devices_json, read_config, Origin, Peer, PeerError, PeerOptions};
 use drafter_cli::{enter_jail, JailArgs};
 use drafter_storage::{Mode, OnNoConvergence, Progress, Secret, TlsConfig, TlsFiles};
@@ -57,7 +57,26 @@ Events (stderr, one JSON object a line):
         this peer exits with status 3: restore it with --state/--memory
         only if the other peer does not run it.
   {\"event\":\"migrated-out\",\"report\":{..}}  the other peer runs the VM
-  {\"event\":\"vm-exited\",\"status\":\"..\"}  the guest powered off or rebooted";
+  {\"event\":\"vm-exited\",\"status\":\"..\"}  the guest powered off or rebooted
+  {\"event\":\"phase\",\"role\":R,\"phase\":P}  a step of a migration starts; R is
+      \"source\" (migrating out) or \"destination\" (migrating in). P, in order:
+      source: handshake, device-info, full-pass, dirty-cycles, suspend (the VM
+        is being paused), final-dirty (paused: the last dirty pages and drive
+        blocks), tail (the handover is offered; post-copy: everything), verify
+        (rarely), authority (Commit sent: until authority-accepted, a fault
+        leaves authority unknown), authority-accepted (the other peer runs
+        the VM), complete. Post-copy skips full-pass to final-dirty.
+      destination: handshake, device-info, full-pass (receiving), dirty-cycles
+        (first dirty list), tail (handover offered), restore (everything the
+        VM needs is here; at --resume-at authority its drives are fetched
+        whole first), ready-to-run (restored, paused; asking for authority),
+        authority (Commit received: the VM is resumed here), authority-accepted
+        (Running sent), post-copy-fetch (--resume-at authority: running, the
+        rest of memory streams in), complete.
+      A failure can end the sequence anywhere (see migration-failed).
+  With DRAFTER_PEER_STOP_AT=[ROLE:]PHASE in the environment the peer stops
+  itself (SIGSTOP) right after the first phase event that matches, until it
+  gets SIGCONT: a fault-injection test injects its fault meanwhile.";
 
 /// Start a VM and live-migrate it between peers.
 #[derive(Parser, Debug)]
@@ -238,6 +257,36 @@ fn seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// Reports that a migration step starts (a `phase` event) and, if it is
+/// the one `DRAFTER_PEER_STOP_AT` names, stops this process (once) until
+/// it is continued.
+fn phase_event(role: &'static str, phase: VmPhase) {
+    event(
+        "phase",
+        serde_json::json!({ "role": role, "phase": phase.name() }),
+    );
+    static STOP_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let stop_at = STOP_AT.get_or_init(|| std::env::var("DRAFTER_PEER_STOP_AT").ok());
+    let Some(want) = stop_at.as_deref() else {
+        return;
+    };
+    let (want_role, want_phase) = match want.split_once(':') {
+        Some((r, p)) => (Some(r), p),
+        None => (None, want),
+    };
+    if want_phase == phase.name()
+        && want_role.is_none_or(|r| r == role)
+        && !STOPPED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        // SAFETY: raise only sends a signal to this process; SIGSTOP cannot
+        // be caught, so no handler runs.
+        unsafe {
+            libc::raise(libc::SIGSTOP);
+        }
+    }
+}
+
 fn event(name: &str, fields: serde_json::Value) {
     let mut v = serde_json::json!({ "event": name });
     if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
@@ -329,13 +378,6 @@ fn run(a: Args, jailed: bool) -> Result<ExitStatus, PeerError> {
         ResumeAt::Complete => Resume::AfterComplete,
         ResumeAt::Authority => Resume::AtAuthority,
     };
-    if resume == Resume::AtAuthority && a.laddr.is_some() {
-        return Err(PeerError::Config(
-            "--resume-at authority cannot be combined with --laddr: such a VM's memory is not \
-             file-backed, so it cannot be migrated on"
-                .into(),
-        ));
-    }
     let options = source_options(&a)?;
     // Bind first: a bad or busy address fails before any VM starts.
     let listener = match &a.laddr {
@@ -358,6 +400,7 @@ fn run(a: Args, jailed: bool) -> Result<ExitStatus, PeerError> {
             resume,
             console: None,
             netns: a.netns.clone(),
+            observer: Some(Arc::new(|p| phase_event("destination", p))),
         },
     )?;
     match peer.incoming_report() {
@@ -394,7 +437,10 @@ fn run(a: Args, jailed: bool) -> Result<ExitStatus, PeerError> {
     let bar = progress_bar();
     let b = bar.clone();
     let observer = Arc::new(move |p: &Progress| match p {
-        Progress::Phase(phase) => b.set_message(phase.to_string()),
+        Progress::Phase(phase) => {
+            b.set_message(phase.to_string());
+            phase_event("source", VmPhase::Engine(*phase));
+        }
         Progress::Blocks { done, total } => {
             b.set_length(*total);
             b.set_position(*done);

@@ -18,6 +18,7 @@ use drafter_vmm::{persist, RestoreMemory, Snapshot, Vmm};
 
 use super::error::VmMigrationError;
 use super::page_provider::LazyPageProvider;
+use super::phase::{engine_observer, VmObserver, VmPhase};
 use super::report::VmMigrationReport;
 use super::state::StateFrame;
 use super::{
@@ -63,6 +64,10 @@ pub struct DestinationOptions {
     /// received state names (`None`: that one). Two VMs cannot share a tap,
     /// so a destination on the source's host needs its own namespace.
     pub netns: Option<String>,
+    /// Told of each step of the receive as it starts ([`VmPhase`]): the
+    /// engine's phases, then [`VmPhase::Restore`], [`VmPhase::ReadyToRun`]
+    /// and, resuming at authority, [`VmPhase::PostCopyFetch`].
+    pub observer: Option<VmObserver>,
 }
 
 impl DestinationOptions {
@@ -74,6 +79,7 @@ impl DestinationOptions {
             migration: MigrationConfig::default(),
             console: None,
             netns: None,
+            observer: None,
         }
     }
 
@@ -473,9 +479,18 @@ impl VmMigrationDestination {
                 "removed the files of an unfinished earlier receive"
             );
         }
-        let session = MigrationDestination::accept(link, &options.migration, |info| {
-            make_device(&mut files, info)
-        })?;
+        let observer = options.observer.clone();
+        let tell = |p: VmPhase| {
+            if let Some(o) = &observer {
+                o(p);
+            }
+        };
+        let session = MigrationDestination::accept_observed(
+            link,
+            &options.migration,
+            observer.clone().map(engine_observer),
+            |info| make_device(&mut files, info),
+        )?;
         let device = |name: &str| {
             session.device(name).ok_or_else(|| {
                 session.abort();
@@ -510,9 +525,13 @@ impl VmMigrationDestination {
             e
         };
         match options.resume {
-            Resume::AfterComplete => session.wait_received()?,
+            Resume::AfterComplete => {
+                session.wait_received()?;
+                tell(VmPhase::Restore);
+            }
             Resume::AtAuthority => {
                 session.wait_offer()?;
+                tell(VmPhase::Restore);
                 fetch_all(&drives).map_err(decline)?;
             }
         }
@@ -552,6 +571,7 @@ impl VmMigrationDestination {
         let restore_millis = start.elapsed().as_secs_f64() * 1e3;
         // The VM is restored and paused: ask for authority. Without Commit
         // (within the link timeout) it must not run here.
+        tell(VmPhase::ReadyToRun);
         if let Err(e) = session.ready_to_run() {
             vmm.stop();
             return Err(e.into());
@@ -595,6 +615,9 @@ impl VmMigrationDestination {
             Resume::AfterComplete => "after-complete",
             Resume::AtAuthority => "at-authority",
         };
+        if options.resume == Resume::AtAuthority {
+            tell(VmPhase::PostCopyFetch);
+        }
         // A state from a package (a registry) was never paused: no downtime.
         let downtime = frame
             .paused()

@@ -558,6 +558,10 @@ impl DestinationSession {
         let sent = self
             .queue
             .write_direct(Message::Event(Event::Running).to_frame());
+        // Told before Completed can go out (and the session end).
+        if let (Ok(()), Some(o)) = (&sent, &self.observer) {
+            o(&Progress::Phase(Phase::AuthorityAccepted));
+        }
         let mut g = self.shared.lock();
         g.handover = HandoverState::Running;
         let sent = sent.and_then(|()| {
@@ -573,9 +577,6 @@ impl DestinationSession {
         let r = sent.map_err(|e| g.failed(e.into()));
         drop(g);
         self.shared.cv.notify_all();
-        if let Some(o) = &self.observer {
-            o(&Progress::Phase(Phase::AuthorityAccepted));
-        }
         r
     }
 

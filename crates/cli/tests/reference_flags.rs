@@ -1,9 +1,6 @@
 //! Issue 10, done-when 6: every seed CLI's `--help` lists the flags of the Go
 //! Drafter's CLI of the same name (taken from the `--help` listings in its
 //! README), so its users find the interface they know.
-//!
-//! `drafter-peer` does not take every reference flag yet: the gaps are listed
-//! below, so this test fails if a flag that is accepted today disappears.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -107,18 +104,6 @@ const REFERENCE: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Reference flags `drafter-peer` does not take yet (issue 10: the peer that
-/// speaks the reference's device model and agent hooks).
-const PEER_NOT_YET: &[&str] = &[
-    "concurrency",
-    "enable-input",
-    "enable-output",
-    "firecracker-bin",
-    "jailer-bin",
-    "rescue-timeout",
-    "resume-timeout",
-];
-
 /// Where cargo put this workspace's binaries (next to `drafter-peer`, which
 /// this package builds; the guest binaries come from `drafter-guest`).
 fn binary(name: &str) -> PathBuf {
@@ -151,8 +136,7 @@ fn every_seed_cli_lists_the_reference_flags() {
     for (name, flags) in REFERENCE {
         let text = help(name);
         for flag in *flags {
-            let known_gap = *name == "drafter-peer" && PEER_NOT_YET.contains(flag);
-            if !known_gap && !text.contains(&format!("--{flag}")) {
+            if !text.contains(&format!("--{flag}")) {
                 missing.push(format!("{name} --{flag}"));
             }
         }
@@ -160,19 +144,5 @@ fn every_seed_cli_lists_the_reference_flags() {
     assert!(
         missing.is_empty(),
         "reference flags not accepted: {missing:?}"
-    );
-}
-
-#[test]
-fn the_peer_gaps_are_still_gaps() {
-    // Keeps the list above honest: a flag the peer learns leaves the list.
-    let text = help("drafter-peer");
-    let learned: Vec<&&str> = PEER_NOT_YET
-        .iter()
-        .filter(|f| text.contains(&format!("--{f}")))
-        .collect();
-    assert!(
-        learned.is_empty(),
-        "drafter-peer accepts these now; remove them from PEER_NOT_YET: {learned:?}"
     );
 }

@@ -6,8 +6,10 @@
 //! to peer (the library behind `drafter-peer`). [`snapshotter`] turns a
 //! blueprint into a package (a set of named device files, see [`devices`]
 //! and [`package_config`]); [`runner`] resumes a package in place and
-//! suspends it back into the same files.
+//! suspends it back into the same files. Both call the guest agent's hooks
+//! through [`agent`].
 
+pub mod agent;
 pub mod devices;
 pub mod duration;
 mod files;

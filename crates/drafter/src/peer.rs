@@ -5,16 +5,20 @@
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use drafter_storage::migrator::Observer;
 use drafter_storage::tls::host_of;
 use drafter_storage::{DeviceConfig, TlsConfig};
+use drafter_vmm::config::SerialConfig;
 use drafter_vmm::device_manager::ConsoleOut;
 use drafter_vmm::{BuildOptions, ExitStatus, ExitWaiter, RestoreMemory, VmConfig, Vmm};
 
+use crate::agent::{GuestAgent, HookSummary};
 use crate::migration::{
-    DestinationOptions, Resume, SourceOptions, VmMigrationDestination, VmMigrationError,
-    VmMigrationReport, VmMigrationSource, VmObserver, MEMORY_DEVICE, STATE_DEVICE,
+    DestinationOptions, IncomingVm, Resume, SourceOptions, VmMigrationDestination,
+    VmMigrationError, VmMigrationReport, VmMigrationSource, VmObserver, MEMORY_DEVICE,
+    STATE_DEVICE,
 };
 
 /// Why a peer could not start or serve.
@@ -70,7 +74,7 @@ pub enum Origin {
     },
 }
 
-/// How the peer runs.
+/// How the peer runs ([`PeerOptions::new`] gives the defaults).
 pub struct PeerOptions {
     /// Holds the memory file the VM runs from (`memory.bin`) and what a
     /// migration brings (state, drives); created if missing.
@@ -86,9 +90,49 @@ pub struct PeerOptions {
     /// configuration or state names (`None`: keep that one). Peers on one
     /// host need one namespace each: two VMs cannot share a tap.
     pub netns: Option<String>,
+    /// The guest console's input and output (`--enable-input`,
+    /// `--enable-output`), replacing what the VM's configuration or state
+    /// says (`None`: keep that).
+    pub serial: Option<SerialConfig>,
+    /// The vsock port the VM's guest agent connects to. `None`: the
+    /// `agent_vsock_port` of the package `config` that came with the VM
+    /// (from a registry, passed on from peer to peer), if one did. The
+    /// agent's hooks are called only for a VM with a vsock device and a
+    /// known port; any other VM (a flat test guest) runs without them.
+    pub agent_vsock_port: Option<u32>,
+    /// Longest wait for the agent after a resume (its reconnection and
+    /// `AfterResume`), and for `BeforeSuspend` before the final stop of a
+    /// migration out.
+    pub resume_timeout: Duration,
+    /// Longest wait for the agent's `AfterResume` when a migration out
+    /// failed after `BeforeSuspend` and the VM resumed here (the rescue).
+    pub rescue_timeout: Duration,
+    /// Most drive blocks fetched at once before a VM migrated in resumes at
+    /// authority ([`DestinationOptions::fetch_concurrency`]).
+    pub fetch_concurrency: usize,
     /// Told of each step of the migration that brings the VM in
     /// ([`Origin::Migrate`]) as it starts.
     pub observer: Option<VmObserver>,
+}
+
+impl PeerOptions {
+    /// Defaults (the reference's timeouts: one minute each) with files in
+    /// `work_dir`.
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        PeerOptions {
+            work_dir: work_dir.into(),
+            source: SourceOptions::default(),
+            resume: Resume::default(),
+            console: None,
+            netns: None,
+            serial: None,
+            agent_vsock_port: None,
+            resume_timeout: Duration::from_secs(60),
+            rescue_timeout: Duration::from_secs(60),
+            fetch_concurrency: crate::migration::MAX_FETCH_WORKERS,
+            observer: None,
+        }
+    }
 }
 
 /// A running VM owned by this peer.
@@ -99,6 +143,12 @@ pub struct Peer {
     /// Files that came with the VM (a package's config, kernel, ...), passed
     /// on to the next peer.
     files: Vec<(String, PathBuf)>,
+    /// The VM's guest agent, if it has one.
+    agent: Option<Arc<Mutex<GuestAgent>>>,
+    /// The `AfterResume` call after the VM resumed here.
+    after_resume: Option<HookSummary>,
+    resume_timeout: Duration,
+    rescue_timeout: Duration,
 }
 
 /// `netns` for a tap: the empty name is the current namespace.
@@ -121,10 +171,14 @@ impl Peer {
             }
         }
         let memory_file = dir.join("memory.bin");
-        let (vmm, incoming, files) = match origin {
+        let mut after_resume = None;
+        let (vmm, mut incoming, files, agent) = match origin {
             Origin::Boot(mut config) => {
                 if let (Some(net), Some(ns)) = (&mut config.net, &options.netns) {
                     net.netns = namespace(ns);
+                }
+                if let Some(serial) = &options.serial {
+                    config.serial = serial.clone();
                 }
                 // Anonymous memory: nothing RAM-sized on disk, and the
                 // migration source reads guest RAM through the VMM's mapping.
@@ -136,34 +190,41 @@ impl Peer {
                         flat_program: None,
                     },
                 )?;
-                (vmm, None, Vec::new())
+                // A booted VM's agent connects once it is up; its first
+                // hook is BeforeSuspend when the VM migrates out.
+                let agent = agent_of(&vmm, options.agent_vsock_port);
+                (vmm, None, Vec::new(), agent)
             }
             Origin::Snapshot { state, memory } => {
                 copy_memory(&memory, &memory_file)?;
-                let state = match &options.netns {
-                    Some(ns) => {
-                        // The snapshot is never modified: the changed state
-                        // goes into the work directory.
-                        let mut snap: drafter_vmm::Snapshot =
-                            drafter_vmm::persist::read_state_file(&state)
-                                .map_err(drafter_vmm::Error::from)?;
-                        if let Some(net) = &mut snap.config.net {
-                            net.netns = namespace(ns);
-                        }
-                        let here = dir.join("netns-state.bin");
-                        drafter_vmm::persist::write_state_file(&here, &snap)
+                let state = if options.netns.is_some() || options.serial.is_some() {
+                    // The snapshot is never modified: the changed state
+                    // goes into the work directory.
+                    let mut snap: drafter_vmm::Snapshot =
+                        drafter_vmm::persist::read_state_file(&state)
                             .map_err(drafter_vmm::Error::from)?;
-                        here
+                    if let (Some(net), Some(ns)) = (&mut snap.config.net, &options.netns) {
+                        net.netns = namespace(ns);
                     }
-                    None => state,
+                    if let Some(serial) = &options.serial {
+                        snap.config.serial = serial.clone();
+                    }
+                    let here = dir.join("netns-state.bin");
+                    drafter_vmm::persist::write_state_file(&here, &snap)
+                        .map_err(drafter_vmm::Error::from)?;
+                    here
+                } else {
+                    state
                 };
                 let mut vmm = Vmm::restore(
                     &state,
                     RestoreMemory::Shared(memory_file.clone()),
                     options.console,
                 )?;
+                let agent = agent_of(&vmm, options.agent_vsock_port);
                 vmm.resume()?;
-                (vmm, None, Vec::new())
+                after_resume = call_after_resume(agent.as_ref(), options.resume_timeout);
+                (vmm, None, Vec::new(), agent)
             }
             Origin::Migrate { raddr } => {
                 let tcp =
@@ -180,22 +241,52 @@ impl Peer {
                         migration: options.source.migration.clone(),
                         console: options.console,
                         netns: options.netns.clone(),
+                        serial: options.serial.clone(),
+                        fetch_concurrency: options.fetch_concurrency,
                         observer: options.observer.clone(),
                     },
                 )?;
+                // The VM runs here now (at authority, its memory still
+                // streaming in): nothing below may lose it. Its agent
+                // reconnects and gets AfterResume before the transfer's end
+                // is awaited.
+                let port = options
+                    .agent_vsock_port
+                    .or_else(|| package_agent_port(&incoming));
+                let agent = agent_of(incoming.vmm(), port);
+                after_resume = call_after_resume(agent.as_ref(), options.resume_timeout);
                 let report = incoming.finish_transfer()?;
                 let files = incoming.files().to_vec();
                 let (vmm, _memory_file) = incoming.into_parts()?;
-                (vmm, Some(report), files)
+                (vmm, Some(report), files, agent)
             }
         };
+        if let Some(r) = &mut incoming {
+            r.after_resume = after_resume.clone();
+        }
         let exit = vmm.exit_waiter();
         Ok(Peer {
             vmm: Arc::new(Mutex::new(vmm)),
             exit,
             incoming,
             files,
+            agent,
+            after_resume,
+            resume_timeout: options.resume_timeout,
+            rescue_timeout: options.rescue_timeout,
         })
+    }
+
+    /// The agent's `AfterResume` call after the VM resumed here (restored
+    /// from a snapshot or migrated in); `None` if the VM has no agent or
+    /// was booted here.
+    pub fn after_resume(&self) -> Option<&HookSummary> {
+        self.after_resume.as_ref()
+    }
+
+    /// Whether the VM's guest agent is called ([`PeerOptions::agent_vsock_port`]).
+    pub fn has_agent(&self) -> bool {
+        self.agent.is_some()
     }
 
     /// The files that came with the VM (a package's `config`, `kernel`, ...
@@ -242,6 +333,9 @@ impl Peer {
         if let Some(o) = observer {
             source = source.with_observer(o);
         }
+        if let Some(agent) = &self.agent {
+            source = source.with_agent(agent.clone(), self.resume_timeout, self.rescue_timeout);
+        }
         loop {
             let (link, peer) = listener
                 .accept()
@@ -275,6 +369,58 @@ impl Peer {
         self.exit.wait();
         self.vmm.lock().unwrap_or_else(|p| p.into_inner()).wait()
     }
+}
+
+/// The agent of `vmm` if it can have one (see [`GuestAgent::for_vm`]). The
+/// VM runs (or is about to) whatever happens here: a listener that cannot
+/// be made only costs the hooks, and is reported.
+fn agent_of(vmm: &Vmm, port: Option<u32>) -> Option<Arc<Mutex<GuestAgent>>> {
+    match GuestAgent::for_vm(vmm.config(), port) {
+        Ok(agent) => agent.map(|a| Arc::new(Mutex::new(a))),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for the guest agent; its hooks are skipped");
+            None
+        }
+    }
+}
+
+/// The agent port in the package `config` that came with an incoming VM.
+fn package_agent_port(incoming: &IncomingVm) -> Option<u32> {
+    let bytes = match incoming.read_file(crate::devices::CONFIG) {
+        Ok(Some(b)) => b,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the package config that came with the VM; the agent's hooks are skipped");
+            return None;
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    match crate::package_config::PackageConfig::from_json(&text, "config (from the source)") {
+        Ok(c) => Some(c.agent_vsock_port),
+        Err(e) => {
+            tracing::warn!(error = %e, "the package config that came with the VM is unusable; the agent's hooks are skipped");
+            None
+        }
+    }
+}
+
+/// Calls `AfterResume` on a VM that just resumed here; a failure is
+/// reported (the VM keeps running).
+fn call_after_resume(
+    agent: Option<&Arc<Mutex<GuestAgent>>>,
+    timeout: Duration,
+) -> Option<HookSummary> {
+    let call = agent?
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .after_resume(timeout);
+    match call.error() {
+        Some(e) => {
+            tracing::warn!(error = %e, "the agent's AfterResume hook failed; the VM keeps running here")
+        }
+        None => tracing::info!(ms = call.ms(), "the agent's AfterResume hook ran"),
+    }
+    Some(call.summary())
 }
 
 fn remove_stale(path: &Path) -> Result<(), PeerError> {

@@ -18,13 +18,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use drafter_guest::{AgentServer, HostError};
+use drafter_guest::HostError;
 use drafter_vmm::config::SerialConfig;
 use drafter_vmm::device_manager::ConsoleOut;
 use drafter_vmm::persist;
 use drafter_vmm::{ExitStatus, ExitWaiter, RestoreMemory, Snapshot, Vmm};
 use serde::Serialize;
 
+use crate::agent::GuestAgent;
 use crate::devices::{self, DevicesError, PackageDevices};
 use crate::files;
 use crate::package_config::{PackageConfig, PackageConfigError};
@@ -180,7 +181,7 @@ fn ms(d: Duration) -> u64 {
 /// A package's VM, running.
 pub struct Runner {
     vmm: Vmm,
-    agent: AgentServer,
+    agent: GuestAgent,
     state_path: PathBuf,
     flush: Vec<(String, PathBuf)>,
     resume_timeout: Duration,
@@ -311,7 +312,7 @@ impl Runner {
                 what: "cannot prepare the state",
                 source,
             })?;
-        let agent = AgentServer::listen(&uds, config.agent_vsock_port).map_err(|source| {
+        let agent = GuestAgent::listen(&uds, config.agent_vsock_port).map_err(|source| {
             RunnerError::Guest {
                 what: "cannot listen for the agent",
                 source,
@@ -346,21 +347,19 @@ impl Runner {
                 source,
             }));
         }
-        let hook_start = Instant::now();
-        match runner.agent.after_resume(options.resume_timeout) {
-            Ok(hook) => {
-                let after_resume_ms = ms(hook_start.elapsed());
-                Ok((
-                    runner,
-                    ResumeReport {
-                        restore_ms,
-                        resume_ms,
-                        after_resume_ms,
-                        total_ms: ms(start.elapsed()),
-                        after_resume_output: hook.stdout,
-                    },
-                ))
-            }
+        let call = runner.agent.after_resume(options.resume_timeout);
+        let after_resume_ms = call.ms();
+        match call.result {
+            Ok(hook) => Ok((
+                runner,
+                ResumeReport {
+                    restore_ms,
+                    resume_ms,
+                    after_resume_ms,
+                    total_ms: ms(start.elapsed()),
+                    after_resume_output: hook.stdout,
+                },
+            )),
             Err(source) => {
                 let ended = runner.vmm.exit_waiter().get();
                 let cause = match ended {
@@ -430,12 +429,9 @@ impl Runner {
 
     fn suspend_in_place(&mut self, hook_timeout: Duration) -> Result<SuspendReport, RunnerError> {
         let start = Instant::now();
-        let (before_suspend_output, before_suspend_error) =
-            match self.agent.before_suspend(hook_timeout) {
-                Ok(h) => (h.stdout, None),
-                Err(e) => (String::new(), Some(e.to_string())),
-            };
-        let before_suspend_ms = ms(start.elapsed());
+        let call = self.agent.before_suspend(hook_timeout);
+        let (before_suspend_ms, before_suspend_output, before_suspend_error) =
+            (call.ms(), call.output(), call.error());
         let pause_start = Instant::now();
         let vmm_err = |what: &'static str| move |source| RunnerError::Vmm { what, source };
         if let Some(status) = self.vmm.exit_waiter().get() {

@@ -526,15 +526,13 @@ fn registry_to_peer_to_terminator_carries_the_package_files_along() {
         let peer = ok(Peer::start(
             Origin::Migrate { raddr },
             PeerOptions {
-                work_dir: dir.join("peer"),
                 source: SourceOptions {
                     migration: migration(),
                     ..SourceOptions::default()
                 },
                 resume: Resume::AfterComplete,
                 console: Some(Box::new(std::io::sink())),
-                netns: None,
-                observer: None,
+                ..PeerOptions::new(dir.join("peer"))
             },
         ));
         ok(ok_join_scoped(served));

@@ -2,8 +2,16 @@
 //! snapshot, or migrated in from another peer (`--raddr`) — and, with
 //! `--laddr`, live-migrates it to the first peer that connects, then exits.
 //!
-//! Guest serial goes to stdout (as the VM's config says). Progress events go
-//! to stderr as single JSON lines (see `EVENTS` below, shown by `--help`).
+//! Guest serial goes to stdout (`--enable-output`, on by default) and reads
+//! stdin with `--enable-input`. Progress events go to stderr as single JSON
+//! lines (see `EVENTS` below, shown by `--help`).
+//!
+//! A VM with a guest agent (a vsock device, and the agent's port from the
+//! package `config` that came with it or `--agent-vsock-port`) gets the
+//! agent's hooks: `AfterResume` after every resume here (within
+//! `--resume-timeout`, reported in `migrated-in`/`running`), `BeforeSuspend`
+//! right before the final stop of a migration out (reported in
+//! `migrated-out`). A failing hook is reported; the VM runs or migrates on.
 //!
 //! Exit status: 0 once migrated out or when the guest powers off, 2 when it
 //! reboots, 3 when a handover ended with authority unknown (the VM was
@@ -15,11 +23,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use drafter::duration::parse_go_duration;
 use drafter::migration::{Resume, SourceOptions, VmPhase};
 use drafter::peer::{apply_devices_json, read_config, Origin, Peer, PeerError, PeerOptions};
 use drafter_cli::{enter_jail, JailArgs};
 use drafter_storage::{Mode, OnNoConvergence, Progress, Secret, TlsConfig, TlsFiles};
+use drafter_vmm::config::SerialConfig;
 use drafter_vmm::devices::virtio::net::Tap;
 use drafter_vmm::ExitStatus;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -44,8 +55,9 @@ enum MigrationMode {
 /// What `--help` says about the JSON events on stderr.
 const EVENTS: &str = "\
 Events (stderr, one JSON object a line):
-  {\"event\":\"running\"}                 the VM runs here (booted or restored)
-  {\"event\":\"migrated-in\",\"report\":{..}}  the VM arrived and runs here
+  {\"event\":\"running\"[,\"afterResume\":H]}  the VM runs here (booted or restored)
+  {\"event\":\"migrated-in\",\"report\":{..}}  the VM arrived and runs here;
+      report.afterResume is H for its agent's AfterResume (null: no agent)
   {\"event\":\"listening\",\"addr\":\"..\"}     waiting for the next peer
   {\"event\":\"migration-failed\",\"error\":\"..\",\"sourceKeepsVm\":B,\"authority\":A[,\"saved\":{\"state\":P,\"memory\":P}]}
       A is \"source\": the other peer does not run the VM; it was resumed here
@@ -56,7 +68,8 @@ Events (stderr, one JSON object a line):
         saved (saved.state, saved.memory, under <work-dir>/unresolved) and
         this peer exits with status 3: restore it with --state/--memory
         only if the other peer does not run it.
-  {\"event\":\"migrated-out\",\"report\":{..}}  the other peer runs the VM
+  {\"event\":\"migrated-out\",\"report\":{..}}  the other peer runs the VM;
+      report.beforeSuspend is H for the agent's BeforeSuspend (null: no agent)
   {\"event\":\"vm-exited\",\"status\":\"..\"}  the guest powered off or rebooted
   {\"event\":\"phase\",\"role\":R,\"phase\":P}  a step of a migration starts; R is
       \"source\" (migrating out) or \"destination\" (migrating in). P, in order:
@@ -76,7 +89,9 @@ Events (stderr, one JSON object a line):
       A failure can end the sequence anywhere (see migration-failed).
   With DRAFTER_PEER_STOP_AT=[ROLE:]PHASE in the environment the peer stops
   itself (SIGSTOP) right after the first phase event that matches, until it
-  gets SIGCONT: a fault-injection test injects its fault meanwhile.";
+  gets SIGCONT: a fault-injection test injects its fault meanwhile.
+  H is {\"millis\":F,\"output\":\"hook stdout\",\"error\":null or \"why it failed\"};
+  a hook that fails leaves the VM running (or migrating) all the same.";
 
 /// Start a VM and live-migrate it between peers.
 #[derive(Parser, Debug)]
@@ -162,6 +177,43 @@ struct Args {
     /// keeps running here), or stop anyway at maxCycles.
     #[arg(long, value_enum, default_value_t = NoConvergence::Throttle)]
     on_no_convergence: NoConvergence,
+    /// Maximum amount of time to wait for agent and liveness to resume (Go
+    /// duration: 1m0s, 500ms): the agent's reconnection and AfterResume
+    /// after a resume here; also bounds BeforeSuspend before the final stop
+    /// of a migration out
+    #[arg(long, default_value = "1m0s", value_parser = parse_go_duration)]
+    resume_timeout: Duration,
+    /// Maximum amount of time to wait for rescue operations: the agent's
+    /// AfterResume when a migration out failed after BeforeSuspend and the
+    /// VM resumed here
+    #[arg(long, default_value = "1m0s", value_parser = parse_go_duration)]
+    rescue_timeout: Duration,
+    /// Whether to enable VM stdin (the peer's stdin feeds the guest console)
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    enable_input: bool,
+    /// Whether to enable VM stdout and stderr: the guest console on this
+    /// peer's stdout (--enable-output=false to disable)
+    #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    enable_output: bool,
+    /// Amount of concurrent workers to use in migrations: drive blocks
+    /// fetched at once while a VM migrating in at --resume-at authority
+    /// waits for its drives (at most 64 threads). A migration out, and one
+    /// in that resumes after every block arrived, stream over one link and
+    /// need no workers
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
+    /// The vsock port of the VM's guest agent, for a VM without a package
+    /// config telling it (booted with --config, or restored with --state):
+    /// its hooks are then called as for a package's VM
+    #[arg(long, value_name = "PORT")]
+    agent_vsock_port: Option<u32>,
+    /// Firecracker binary (accepted and ignored: the VMM is built in)
+    #[arg(long, default_value = "firecracker")]
+    firecracker_bin: String,
+    /// Jailer binary (accepted and ignored: the VMM is built in; the jailer
+    /// flags below run the VM jailed)
+    #[arg(long, default_value = "jailer")]
+    jailer_bin: String,
     #[command(flatten)]
     jail: JailArgs,
 }
@@ -395,12 +447,19 @@ fn run(a: Args, jailed: bool) -> Result<ExitStatus, PeerError> {
     let peer = Peer::start(
         origin,
         PeerOptions {
-            work_dir: a.work_dir.clone(),
             source: options.clone(),
             resume,
-            console: None,
             netns: a.netns.clone(),
+            serial: Some(SerialConfig {
+                stdout: a.enable_output,
+                stdin: a.enable_input,
+            }),
+            agent_vsock_port: a.agent_vsock_port,
+            resume_timeout: a.resume_timeout,
+            rescue_timeout: a.rescue_timeout,
+            fetch_concurrency: usize::try_from(a.concurrency).unwrap_or(usize::MAX),
             observer: Some(Arc::new(|p| phase_event("destination", p))),
+            ..PeerOptions::new(&a.work_dir)
         },
     )?;
     match peer.incoming_report() {
@@ -408,7 +467,13 @@ fn run(a: Args, jailed: bool) -> Result<ExitStatus, PeerError> {
             "migrated-in",
             serde_json::json!({ "report": report_json(r) }),
         ),
-        None => event("running", serde_json::json!({})),
+        None => event(
+            "running",
+            match peer.after_resume() {
+                Some(h) => serde_json::json!({ "afterResume": h }),
+                None => serde_json::json!({}),
+            },
+        ),
     }
     // The main thread, which serves migrations from here on (their threads
     // inherit it), under the main filter when the policy enables it

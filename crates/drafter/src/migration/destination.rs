@@ -13,6 +13,7 @@ use drafter_storage::{
     BlockDevice, DestinationDevice, FileDevice, Initial, LazyDevice, Link, MemoryDevice,
     MigrationConfig, MigrationDestination,
 };
+use drafter_vmm::config::SerialConfig;
 use drafter_vmm::device_manager::ConsoleOut;
 use drafter_vmm::{persist, RestoreMemory, Snapshot, Vmm};
 
@@ -64,11 +65,23 @@ pub struct DestinationOptions {
     /// received state names (`None`: that one). Two VMs cannot share a tap,
     /// so a destination on the source's host needs its own namespace.
     pub netns: Option<String>,
+    /// The guest console's input and output, instead of what the received
+    /// state says (`None`: that).
+    pub serial: Option<SerialConfig>,
+    /// Most drive blocks fetched at once when the VM resumes at authority
+    /// ([`Resume::AtAuthority`]: every drive block must be here before it
+    /// resumes; each missing one is a request to the source). 1 fetches
+    /// one block per round trip; at most [`MAX_FETCH_WORKERS`] are used.
+    pub fetch_concurrency: usize,
     /// Told of each step of the receive as it starts ([`VmPhase`]): the
     /// engine's phases, then [`VmPhase::Restore`], [`VmPhase::ReadyToRun`]
     /// and, resuming at authority, [`VmPhase::PostCopyFetch`].
     pub observer: Option<VmObserver>,
 }
+
+/// Most threads fetching drive blocks at once
+/// ([`DestinationOptions::fetch_concurrency`]).
+pub const MAX_FETCH_WORKERS: usize = 64;
 
 impl DestinationOptions {
     /// Defaults with files under `work_dir`.
@@ -79,6 +92,8 @@ impl DestinationOptions {
             migration: MigrationConfig::default(),
             console: None,
             netns: None,
+            serial: None,
+            fetch_concurrency: MAX_FETCH_WORKERS,
             observer: None,
         }
     }
@@ -150,6 +165,35 @@ impl IncomingVm {
     /// ([`SourceOptions::files`](super::SourceOptions::files)).
     pub fn files(&self) -> &[(String, PathBuf)] {
         &self.travelling
+    }
+
+    /// The contents of the travelling file `name` (a `file/<name>` device,
+    /// see [`Self::files`]), fetched with priority if the transfer is not
+    /// finished ([`Resume::AtAuthority`]); `None` if the VM came without it.
+    pub fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>, VmMigrationError> {
+        let Some((_, path)) = self.travelling.iter().find(|(n, _)| n == name) else {
+            return Ok(None);
+        };
+        let lazy = self
+            .session
+            .as_ref()
+            .and_then(|s| s.device(&format!("{FILE_PREFIX}{name}")));
+        match lazy {
+            Some(device) => {
+                let len = usize::try_from(device.size()).map_err(|_| {
+                    VmMigrationError::io(
+                        format!("reading {}", path.display()),
+                        std::io::Error::other("too large to hold in memory"),
+                    )
+                })?;
+                let mut buf = vec![0u8; len];
+                device.read_at(&mut buf, 0)?;
+                Ok(Some(buf))
+            }
+            None => std::fs::read(path)
+                .map(Some)
+                .map_err(|e| VmMigrationError::io(format!("reading {}", path.display()), e)),
+        }
     }
 
     /// The VM and its memory file, once the transfer is finished.
@@ -532,7 +576,7 @@ impl VmMigrationDestination {
             Resume::AtAuthority => {
                 session.wait_offer()?;
                 tell(VmPhase::Restore);
-                fetch_all(&drives).map_err(decline)?;
+                fetch_all(&drives, options.fetch_concurrency).map_err(decline)?;
             }
         }
         let start = Instant::now();
@@ -565,7 +609,10 @@ impl VmMigrationDestination {
             &drives,
             restore_memory,
             options.console,
-            options.netns.as_deref(),
+            HostSide {
+                netns: options.netns.as_deref(),
+                serial: options.serial.as_ref(),
+            },
         )
         .map_err(|e| decline(VmMigrationError::Restore(Box::new(e))))?;
         let restore_millis = start.elapsed().as_secs_f64() * 1e3;
@@ -642,30 +689,65 @@ impl VmMigrationDestination {
 }
 
 /// Makes every block of the drives present (the VMM reads and writes drive
-/// files directly, not through the lazy device). Once a block is present,
-/// data still arriving for it is dropped, so the source's tail never
-/// overwrites what the guest writes here after it resumed.
-fn fetch_all(drives: &[(String, Arc<LazyDevice>)]) -> Result<(), VmMigrationError> {
+/// files directly, not through the lazy device), with up to `concurrency`
+/// fetches in flight (each waits for its block: one round trip). Once a
+/// block is present, data still arriving for it is dropped, so the
+/// source's tail never overwrites what the guest writes here after it
+/// resumed.
+fn fetch_all(
+    drives: &[(String, Arc<LazyDevice>)],
+    concurrency: usize,
+) -> Result<(), VmMigrationError> {
     for (_, d) in drives {
-        if d.missing_blocks() == 0 {
+        let missing = d.missing_blocks();
+        if missing == 0 {
             continue;
         }
-        let bs = u64::from(d.block_size());
-        let mut buf = vec![0u8; bs as usize];
-        for i in 0..d.block_count() {
-            if d.is_present(i) {
-                continue;
+        let workers = concurrency
+            .clamp(1, MAX_FETCH_WORKERS)
+            .min(usize::try_from(missing).unwrap_or(usize::MAX));
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let fetch = || -> Result<(), VmMigrationError> {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= d.block_count() {
+                    return Ok(());
+                }
+                if !d.is_present(i) {
+                    d.ensure_present(i)?;
+                }
             }
-            let len = bs.min(d.size() - i * bs) as usize;
-            d.read_at(&mut buf[..len], i * bs)?;
-        }
+        };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (1..workers).map(|_| s.spawn(fetch)).collect();
+            let mut result = fetch();
+            for h in handles {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(VmMigrationError::io(
+                        "fetching drive blocks",
+                        std::io::Error::other("a fetch thread panicked"),
+                    ))
+                });
+                result = result.and(r);
+            }
+            result
+        })?;
     }
     Ok(())
 }
 
+/// What the restored VM takes from this host instead of the received state.
+struct HostSide<'a> {
+    /// Namespace of the tap.
+    netns: Option<&'a str>,
+    /// Console input and output.
+    serial: Option<&'a SerialConfig>,
+}
+
 /// Restores the VM from the received state file; it stays paused. The
 /// state is pointed at this host first: drives in the work directory, the
-/// vsock socket there too, the tap in `netns` if given.
+/// vsock socket there too, the tap in `host.netns` and the console as
+/// `host.serial` say if given.
 fn restore(
     work_dir: &Path,
     state_path: &Path,
@@ -673,7 +755,7 @@ fn restore(
     drives: &[(String, Arc<LazyDevice>)],
     memory: RestoreMemory,
     console: Option<ConsoleOut>,
-    netns: Option<&str>,
+    host: HostSide<'_>,
 ) -> Result<Vmm, VmMigrationError> {
     let mut snap: Snapshot =
         persist::read_state_file(state_path).map_err(drafter_vmm::Error::from)?;
@@ -696,8 +778,11 @@ fn restore(
     if let Some(v) = &mut snap.config.vsock {
         v.uds_path = work_dir.join(VSOCK_FILE);
     }
-    if let (Some(net), Some(ns)) = (&mut snap.config.net, netns) {
+    if let (Some(net), Some(ns)) = (&mut snap.config.net, host.netns) {
         net.netns = (!ns.is_empty()).then(|| ns.to_string());
+    }
+    if let Some(serial) = host.serial {
+        snap.config.serial = serial.clone();
     }
     persist::write_state_file(state_path, &snap).map_err(drafter_vmm::Error::from)?;
     Ok(Vmm::restore(state_path, memory, console)?)

@@ -50,7 +50,9 @@ mod report;
 mod source;
 mod state;
 
-pub use destination::{DestinationOptions, IncomingVm, Resume, VmMigrationDestination};
+pub use destination::{
+    DestinationOptions, IncomingVm, Resume, VmMigrationDestination, MAX_FETCH_WORKERS,
+};
 pub use dirty_source::{page_indices, VmDriveDirtySource, VmMemoryDirtySource};
 pub use error::VmMigrationError;
 pub use guest_memory::GuestMemoryDevice;

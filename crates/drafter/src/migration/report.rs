@@ -1,6 +1,8 @@
 //! What a VM migration did.
 
 use drafter_storage::MigrationReport;
+
+use crate::agent::HookSummary;
 use serde::{Deserialize, Serialize};
 
 /// Report of one VM migration, from either side.
@@ -27,6 +29,14 @@ pub struct VmMigrationReport {
     pub vm_downtime_millis: Option<f64>,
     /// Destination: "after-complete" or "at-authority".
     pub resumed: Option<String>,
+    /// Source: the guest agent's `BeforeSuspend` hook, called while the VM
+    /// still ran, right before the final pause (`None`: the VM has no
+    /// agent). The VM migrates even if it failed (`error`).
+    pub before_suspend: Option<HookSummary>,
+    /// Destination: the wait for the guest agent and its `AfterResume`
+    /// hook once the VM resumed here (`None`: the VM has no agent). The VM
+    /// runs here even if it failed (`error`).
+    pub after_resume: Option<HookSummary>,
 }
 
 impl VmMigrationReport {

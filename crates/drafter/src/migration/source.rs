@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use drafter_storage::migrator::{Authority, Observer};
 use drafter_storage::{
@@ -10,6 +10,8 @@ use drafter_storage::{
     SourceDevice, TlsConfig, TrackedDevice,
 };
 use drafter_vmm::Vmm;
+
+use crate::agent::{GuestAgent, HookSummary};
 
 use super::dirty_source::{VmDriveDirtySource, VmMemoryDirtySource};
 use super::error::VmMigrationError;
@@ -84,6 +86,14 @@ pub struct VmMigrationSource {
     writable_drives: Vec<PathBuf>,
     source: MigrationSource,
     unresolved_dir: Option<PathBuf>,
+    agent: Option<SourceAgent>,
+}
+
+/// The guest agent's part in a migration out ([`VmMigrationSource::with_agent`]).
+struct SourceAgent {
+    agent: Arc<Mutex<GuestAgent>>,
+    before_suspend_timeout: Duration,
+    rescue_timeout: Duration,
 }
 
 fn tracked(dev: Arc<dyn BlockDevice>, cfg: &DeviceConfig) -> TrackedDevice {
@@ -179,7 +189,29 @@ impl VmMigrationSource {
             source: MigrationSource::new(devices, options.migration)
                 .with_throttle(throttle_hook(vmm.clone())),
             unresolved_dir: options.unresolved_dir,
+            agent: None,
         })
+    }
+
+    /// Calls the VM's guest agent around the final stop: `BeforeSuspend`
+    /// (within `before_suspend_timeout`) while the VM still runs, right
+    /// before it is paused for the handover (not when the migration
+    /// starts). A hook that fails is reported
+    /// ([`VmMigrationReport::before_suspend`]) and the VM is migrated
+    /// anyway. If the migration then fails and the VM resumes here, the
+    /// agent's `AfterResume` is called within `rescue_timeout`.
+    pub fn with_agent(
+        mut self,
+        agent: Arc<Mutex<GuestAgent>>,
+        before_suspend_timeout: Duration,
+        rescue_timeout: Duration,
+    ) -> Self {
+        self.agent = Some(SourceAgent {
+            agent,
+            before_suspend_timeout,
+            rescue_timeout,
+        });
+        self
     }
 
     /// Calls `observer` with the engine's progress.
@@ -208,12 +240,16 @@ impl VmMigrationSource {
         let state_path = scratch.path().join("state");
         let mut state_bytes = 0u64;
         let mut timings = (None, None);
+        let mut before_suspend = None;
         // KVM logs dirty pages only while a migration runs.
         self.vmm
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .set_dirty_logging(true)?;
         let result = self.source.migrate(link, || {
+            // The final stop: the guest prepares while it still runs, so
+            // what the hook writes travels in the final dirty set.
+            before_suspend = self.before_suspend();
             let start = Instant::now();
             let frame = self.suspend(&state_path, &mut timings.0)?;
             state_bytes = frame.state.len() as u64;
@@ -237,6 +273,7 @@ impl VmMigrationSource {
                     state_bytes,
                     pause_millis: timings.0,
                     state_millis: timings.1,
+                    before_suspend,
                     ..VmMigrationReport::default()
                 })
             }
@@ -247,6 +284,10 @@ impl VmMigrationSource {
                     }
                     if vmm.is_paused() {
                         vmm.resume()?;
+                    }
+                    drop(vmm);
+                    if before_suspend.is_some() {
+                        self.after_resume_here();
                     }
                     Err(e.into())
                 }
@@ -283,6 +324,45 @@ impl VmMigrationSource {
             vmm.resume()?;
         }
         Ok(())
+    }
+
+    /// Runs the agent's `BeforeSuspend` hook, if the VM has an agent.
+    fn before_suspend(&self) -> Option<HookSummary> {
+        let a = self.agent.as_ref()?;
+        let call = a
+            .agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .before_suspend(a.before_suspend_timeout);
+        match call.error() {
+            Some(e) => {
+                tracing::warn!(error = %e, "the agent's BeforeSuspend hook failed; suspending the VM anyway")
+            }
+            None => tracing::info!(ms = call.ms(), "the agent's BeforeSuspend hook ran"),
+        }
+        Some(call.summary())
+    }
+
+    /// The VM resumed here after `BeforeSuspend` ran and the migration
+    /// failed: tells the agent (`AfterResume`, within the rescue timeout).
+    fn after_resume_here(&self) {
+        let Some(a) = &self.agent else { return };
+        let call = a
+            .agent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .after_resume(a.rescue_timeout);
+        match call.error() {
+            Some(e) => {
+                tracing::warn!(error = %e, "the VM resumed here, but the agent's AfterResume hook failed")
+            }
+            None => {
+                tracing::info!(
+                    ms = call.ms(),
+                    "the VM resumed here; the agent's AfterResume hook ran"
+                )
+            }
+        }
     }
 
     /// Pauses the VM and captures its state. Guest memory needs no sync: the

@@ -844,3 +844,89 @@ fn commit_without_acknowledgement_keeps_the_vm_paused_and_saved() {
     wait_counter_past(&vmm.lock().unwrap_or_else(|p| p.into_inner()), frozen);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A VM that resumed at authority writes its drives at once; if the rest of
+/// its memory then never arrives (the source died or the link broke after
+/// Running), the receive fails, but the drive and the state are the
+/// running VM's: they stay in the work directory, off the receive marker
+/// (so a later receive there does not remove them either); only the
+/// partial memory file goes. Before, the failed transfer removed the drive
+/// with everything the guest had written to it here (seen while writing
+/// the lab fault test's post-copy-fetch cases).
+#[test]
+fn a_post_copy_transfer_failing_after_the_vm_ran_keeps_its_drive_and_state() {
+    use drafter::migration::VmPhase;
+    use drafter_storage::{Mode, Phase, Progress};
+    let dir = scratch("postcopy-keep");
+    let data: Vec<u8> = (0..500_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    std::fs::write(dir.join("disk"), &data).unwrap_or_else(|e| panic!("{e}"));
+    let vmm = boot(vec![DriveConfig {
+        name: "disk".into(),
+        path: dir.join("disk"),
+        read_only: false,
+    }]);
+    let (link, far_end) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+    let cutter = far_end.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    // The source holds its tail (every memory block) back until the
+    // destination runs the VM; the destination then cuts the link.
+    let (ran, tail_may_go) = channel::<()>();
+    let tail_may_go = Mutex::new(tail_may_go);
+    let work = dir.join("dst");
+    let dest = {
+        let work = work.clone();
+        std::thread::spawn(move || {
+            let ran = Mutex::new(ran);
+            VmMigrationDestination::accept(
+                far_end,
+                DestinationOptions {
+                    resume: Resume::AtAuthority,
+                    migration: migration_config("p"),
+                    console: Some(Box::new(std::io::sink())),
+                    observer: Some(Arc::new(move |p| {
+                        if p == VmPhase::PostCopyFetch {
+                            let _ = cutter.shutdown(std::net::Shutdown::Both);
+                            let _ = ran.lock().unwrap_or_else(|p| p.into_inner()).send(());
+                        }
+                    })),
+                    ..DestinationOptions::new(work)
+                },
+            )
+        })
+    };
+    let mut options = source_options("p");
+    options.migration.mode = Mode::PostCopy;
+    let source = VmMigrationSource::new(vmm.clone(), options)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_observer(Arc::new(move |p: &Progress| {
+            if *p == Progress::Phase(Phase::Tail) {
+                let rx = tail_may_go.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = rx.recv_timeout(Duration::from_secs(30));
+            }
+        }));
+    let err = source
+        .migrate(link)
+        .err()
+        .unwrap_or_else(|| panic!("the migration survived a cut link"));
+    assert!(!err.source_keeps_authority(), "{err}");
+    let mut incoming = joined(dest);
+    assert!(
+        incoming.finish_transfer().is_err(),
+        "the transfer finished over a cut link"
+    );
+    let names = names_in(&work);
+    assert!(
+        names.contains(&"drive-disk".to_string()) && names.contains(&"state.bin".to_string()),
+        "the running VM's files were removed: {names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("memory.bin")),
+        "the partial memory file stayed: {names:?}"
+    );
+    assert!(std::fs::read(work.join("drive-disk")).unwrap_or_default() == data);
+    drop(incoming);
+    // A later receive into the directory cleans up what is listed, not them.
+    VmMigrationDestination::clean_unfinished(&work).unwrap_or_else(|e| panic!("{e}"));
+    assert!(std::fs::read(work.join("drive-disk")).unwrap_or_default() == data);
+    assert!(work.join("state.bin").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

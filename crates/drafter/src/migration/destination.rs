@@ -139,8 +139,9 @@ impl IncomingVm {
 
     /// Waits until every block arrived (at once for
     /// [`Resume::AfterComplete`]) and returns the full report. If the
-    /// transfer fails, the files this receive created are removed (the VM
-    /// cannot continue without the missing pages).
+    /// transfer fails, the memory file this receive created is removed (the
+    /// VM cannot continue without the missing pages); its drives and state
+    /// stay, holding what the guest wrote here.
     pub fn finish_transfer(&mut self) -> Result<VmMigrationReport, VmMigrationError> {
         if let Some(session) = self.session.take() {
             // On any error `files` is dropped with the session's error, which
@@ -347,6 +348,24 @@ impl ReceiveFiles {
             )
         })?;
         Ok(to)
+    }
+
+    /// The committed file `name` belongs to the VM running here now: this
+    /// receive never removes it, even if its transfer fails later, and it
+    /// is taken off the marker so a later receive into the directory does
+    /// not remove it either (it holds what the guest wrote here).
+    fn keep(&mut self, name: &str) -> Result<(), VmMigrationError> {
+        self.created.retain(|n| n != name);
+        let path = self.marker_path();
+        let Some(marker) = self.marker.as_mut() else {
+            return Ok(());
+        };
+        let io = |e| VmMigrationError::io(format!("rewriting {}", path.display()), e);
+        // Appends land at the new end: the list is written anew.
+        marker.set_len(0).map_err(io)?;
+        let list: String = self.created.iter().map(|n| format!("{n}\n")).collect();
+        marker.write_all(list.as_bytes()).map_err(io)?;
+        Ok(())
     }
 
     /// Writes the partial file that becomes `name` with `bytes`.
@@ -633,12 +652,25 @@ impl VmMigrationDestination {
         if let Err(e) = session.running() {
             tracing::warn!(error = %e, "the source may not have heard that the VM runs here");
         }
+        // The drives (the guest writes them from now on) and the state are
+        // the running VM's: kept whatever happens to the rest of the
+        // transfer (at authority, memory is still arriving).
+        for (name, _) in &drives {
+            if let Err(e) = files.keep(&drive_file(name)) {
+                tracing::error!(error = %e, "cannot keep a drive of the VM running here");
+            }
+        }
+        if let Err(e) = files
+            .commit(STATE_FILE)
+            .and_then(|_| files.keep(STATE_FILE))
+        {
+            tracing::error!(error = %e, "cannot keep the state of the VM running here");
+        }
         let mut keep = |name: &str| {
             if let Err(e) = files.commit(name) {
                 tracing::error!(error = %e, "cannot give a received file its name");
             }
         };
-        keep(STATE_FILE);
         let (session, storage, files) = match options.resume {
             Resume::AfterComplete => {
                 // Every block is here: the files are the VM's now (the

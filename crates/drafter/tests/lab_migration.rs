@@ -9,195 +9,20 @@
 #[path = "../../vmm/tests/support/mod.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader, Read};
+mod lab_peers;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::time::Duration;
+use std::process::Command;
 
-use drafter_vmm::VmConfig;
-use support::{guest_dir, initramfs_with, scratch, write_initramfs, MARKER};
-
-/// Budget for each wait (nested KVM under TCG is slow, and the lab may be busy).
-const WAIT: Duration = Duration::from_secs(300);
-
-const SECRET: &str = "lab-migration-secret";
-
-/// Prints `COUNT <n> <uptime>` twice a second (serial is slow in the lab).
-const COUNTER: &str = "i=0; while true; do i=$((i+1)); \
-     echo COUNT $i $(cut -d' ' -f1 /proc/uptime); sleep 0.5; done";
-
-/// The `drafter-peer` binary next to this test executable's directory.
-fn peer_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("drafter-peer"))
-        .unwrap_or_default();
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p drafter-cli` (cargo xtask lab-test does)",
-        bin.display()
-    );
-    bin
-}
-
-/// A `drafter-peer` process: guest serial lines from stdout, JSON events
-/// (and errors) from stderr.
-struct PeerProcess {
-    name: &'static str,
-    migrated_in: bool,
-    child: Child,
-    stdout: Receiver<String>,
-    stderr: Receiver<String>,
-}
-
-/// When the test process started (the time column of echoed peer lines).
-fn started() -> std::time::Instant {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    *START.get_or_init(std::time::Instant::now)
-}
-
-fn lines(name: &'static str, out: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { return };
-            eprintln!("{name}|{:8.3}| {line}", started().elapsed().as_secs_f64());
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-impl PeerProcess {
-    fn spawn(name: &'static str, args: &[&str]) -> PeerProcess {
-        let mut child = Command::new(peer_binary())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn drafter-peer ({name}): {e}"));
-        let out = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let err = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
-        PeerProcess {
-            name,
-            migrated_in: args.contains(&"--raddr"),
-            child,
-            stdout: lines(name, out),
-            stderr: lines(name, err),
-        }
-    }
-
-    /// Waits for the JSON event `event` on stderr.
-    fn event(&self, event: &str) -> serde_json::Value {
-        loop {
-            match self.stderr.recv_timeout(WAIT) {
-                Ok(l) => {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
-                        if v["event"] == event {
-                            return v;
-                        }
-                    }
-                }
-                Err(e) => panic!("{}: no {event:?} event within {WAIT:?}: {e}", self.name),
-            }
-        }
-    }
-
-    /// Waits for the next counter line; returns (count, uptime). A peer that
-    /// migrated the VM in must never show the boot marker.
-    fn next_count(&self) -> (u64, f64) {
-        loop {
-            match self.stdout.recv_timeout(WAIT) {
-                Ok(l) => {
-                    assert!(
-                        !(self.migrated_in && l.contains(MARKER)),
-                        "{}: the guest booted again",
-                        self.name
-                    );
-                    if let Some(c) = parse_count(&l) {
-                        return c;
-                    }
-                }
-                Err(e) => panic!("{}: no counter line within {WAIT:?}: {e}", self.name),
-            }
-        }
-    }
-
-    /// Waits for the process to end (its stderr closes), returning the exit
-    /// code and the remaining serial lines.
-    fn wait_exit(mut self) -> (Option<i32>, Vec<String>) {
-        loop {
-            match self.stderr.recv_timeout(WAIT) {
-                Ok(_) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(e) => panic!("{}: still running after {WAIT:?}: {e}", self.name),
-            }
-        }
-        let status = self.child.wait().unwrap_or_else(|e| panic!("{e}"));
-        let rest = self.stdout.iter().collect();
-        (status.code(), rest)
-    }
-
-    /// Waits for the next serial line that `pick` accepts; every line seen
-    /// on the way is passed to `seen` first.
-    fn next_line<T>(&self, mut seen: impl FnMut(&str), pick: impl Fn(&str) -> Option<T>) -> T {
-        loop {
-            match self.stdout.recv_timeout(WAIT) {
-                Ok(l) => {
-                    seen(&l);
-                    if let Some(v) = pick(&l) {
-                        return v;
-                    }
-                }
-                Err(e) => panic!(
-                    "{}: no expected serial line within {WAIT:?}: {e}",
-                    self.name
-                ),
-            }
-        }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn parse_count(line: &str) -> Option<(u64, f64)> {
-    let mut w = line
-        .split_whitespace()
-        .skip_while(|w| *w != "COUNT")
-        .skip(1);
-    let n = w.next()?.parse().ok()?;
-    let up = w.next()?.parse().ok()?;
-    Some((n, up))
-}
+use lab_peers::{
+    add_writable_disk, missing_records, parse_count, records_in, s, wait_records,
+    write_config_with, PeerProcess, COUNTER, DISK_BYTES, DISK_WRITER, SECRET,
+};
+use support::{initramfs_with, scratch, write_initramfs};
 
 fn write_config(dir: &Path) -> PathBuf {
     let init = write_initramfs(dir, COUNTER);
     write_config_with(dir, init, 128)
-}
-
-fn write_config_with(dir: &Path, init: PathBuf, memory_mib: u64) -> PathBuf {
-    let mut c = VmConfig::new(guest_dir().join("vmlinuz"));
-    c.initramfs = Some(init);
-    c.vcpus = 1;
-    c.memory_mib = memory_mib;
-    c.boot_args = "console=ttyS0 reboot=k panic=1 pci=off quiet".into();
-    let p = dir.join("vm.json");
-    std::fs::write(&p, serde_json::to_vec(&c).unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}"));
-    p
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
 }
 
 /// Starts peer A with the counter guest, listening; returns it, its
@@ -251,7 +76,7 @@ fn migrate_to(
     let mut args = vec!["--raddr", addr, "--work-dir", s(&work), "--secret", SECRET];
     args.extend_from_slice(extra);
     let b = PeerProcess::spawn(name, &args);
-    let a_name = a.name;
+    let a_name = a.name.clone();
     let out = a.event("migrated-out");
     let incoming = b.event("migrated-in");
     let (code, rest) = a.wait_exit();
@@ -505,55 +330,6 @@ fn repro_fast_writer_migrates_with_memory_intact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Size of the lab guest's writable disk.
-const DISK_BYTES: u64 = 16 << 20;
-
-/// Writes record `i` (`REC<i>`, zero padded, in sector `i`) to /dev/vda,
-/// fsyncs it (and syncs), then prints `W <i>`: a line the host sees only
-/// after the guest saw the write complete.
-const DISK_WRITER: &str = "i=0; while true; do i=$((i+1)); \
-     if printf 'REC%08d\\n' $i | dd of=/dev/vda bs=512 seek=$i conv=notrunc,fsync 2>/dev/null \
-     && sync; then echo W $i; else echo WFAIL $i; fi; sleep 0.2; done";
-
-/// `W <i>`: record `i` is on the guest's disk.
-fn parse_written(line: &str) -> Option<u64> {
-    assert!(
-        !line.contains("WFAIL"),
-        "the guest's disk write failed: {line}"
-    );
-    let mut w = line.split_whitespace().skip_while(|w| *w != "W").skip(1);
-    w.next()?.parse().ok()
-}
-
-/// Reads serial lines of `peer` until it reported `count` more records
-/// written after `after`; adds each record it reports to `written`.
-fn wait_records(peer: &PeerProcess, written: &mut Vec<u64>, after: u64, count: usize) -> u64 {
-    let mut last = after;
-    for _ in 0..count {
-        let i = peer.next_line(|_| {}, parse_written);
-        assert!(
-            i > last,
-            "{}: record {i} after {last}: the guest went back",
-            peer.name
-        );
-        written.push(i);
-        last = i;
-    }
-    last
-}
-
-/// Every record in `lines` (serial output of a peer that exited).
-fn records_in(lines: &[String], written: &mut Vec<u64>) -> u64 {
-    let mut last = 0;
-    for l in lines {
-        if let Some(i) = parse_written(l) {
-            written.push(i);
-            last = last.max(i);
-        }
-    }
-    last
-}
-
 /// Issue #9 defect 7: a guest writing records to a writable virtio-blk disk
 /// is migrated A → B (pre-copy) → C (post-copy, resumed at authority);
 /// every record the guest reported written, on any peer, is in C's disk
@@ -567,16 +343,7 @@ fn lab_writable_drive_moves_with_the_vm() {
     std::fs::write(&disk, vec![0u8; DISK_BYTES as usize]).unwrap_or_else(|e| panic!("{e}"));
     let init = write_initramfs(&dir, DISK_WRITER);
     let cfg_path = write_config_with(&dir, init, 128);
-    let mut cfg: VmConfig =
-        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap_or_else(|e| panic!("{e}")))
-            .unwrap_or_else(|e| panic!("{e}"));
-    cfg.drives.push(drafter_vmm::config::DriveConfig {
-        name: "disk".into(),
-        path: disk.clone(),
-        read_only: false,
-    });
-    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    add_writable_disk(&cfg_path, &disk);
 
     let a = PeerProcess::spawn(
         "A",
@@ -660,16 +427,7 @@ fn lab_writable_drive_moves_with_the_vm() {
     c.kill();
 
     // Every record the guest saw written, on A, B or C, is on C's disk.
-    let on_c = std::fs::read(dir.join("c").join("drive-disk")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(on_c.len() as u64, DISK_BYTES);
-    let mut lost = Vec::new();
-    for &i in &written {
-        let at = (i * 512) as usize;
-        let want = format!("REC{i:08}\n");
-        if on_c.get(at..at + want.len()) != Some(want.as_bytes()) {
-            lost.push(i);
-        }
-    }
+    let lost = missing_records(&dir.join("c").join("drive-disk"), &written);
     assert!(
         lost.is_empty(),
         "records lost on C: {lost:?} (of {} reported written)",

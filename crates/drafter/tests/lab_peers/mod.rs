@@ -1,0 +1,395 @@
+//! What the lab migration tests share: `drafter-peer` processes (guest
+//! serial from stdout, JSON events from stderr, signals, network
+//! namespaces), the Linux guest's configuration, and the guest programs
+//! they run (a counter, a writer of numbered, checksummed, fsynced disk
+//! records) with the parsers of their output. Included by `#[path]`-less
+//! `mod lab_peers;` from `tests/lab_*.rs`, next to `mod support;` (the VMM's
+//! lab support: initramfs, guest kernel, scratch directories).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use drafter_vmm::VmConfig;
+
+use crate::support::{guest_dir, MARKER};
+
+/// Budget for each wait (nested KVM under TCG is slow, and the lab may be busy).
+pub const WAIT: Duration = Duration::from_secs(300);
+
+/// The secret the lab peers share.
+pub const SECRET: &str = "lab-migration-secret";
+
+/// Prints `COUNT <n> <uptime>` twice a second (serial is slow in the lab).
+pub const COUNTER: &str = "i=0; while true; do i=$((i+1)); \
+     echo COUNT $i $(cut -d' ' -f1 /proc/uptime); sleep 0.5; done";
+
+/// The `drafter-peer` binary next to this test executable's directory.
+pub fn peer_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("drafter-peer"))
+        .unwrap_or_default();
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p drafter-cli` (cargo xtask lab-test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// When the test process started (the time column of echoed peer lines).
+pub fn started() -> Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn lines(name: String, out: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            eprintln!("{name}|{:8.3}| {line}", started().elapsed().as_secs_f64());
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A `drafter-peer` process: guest serial lines from stdout, JSON events
+/// (and errors) from stderr. Killed when dropped.
+pub struct PeerProcess {
+    /// Its name in the echoed lines and in failures.
+    pub name: String,
+    /// True if it was started with `--raddr` (the guest must never boot
+    /// again there).
+    pub migrated_in: bool,
+    child: Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+}
+
+impl PeerProcess {
+    /// Starts `drafter-peer` with `args`.
+    pub fn spawn(name: &str, args: &[&str]) -> PeerProcess {
+        Self::spawn_in(name, None, args, &[])
+    }
+
+    /// Starts `drafter-peer` with `args` in network namespace `netns` (if
+    /// given, through `ip netns exec`, which execs it: the child's pid is
+    /// the peer's) with `env` added to its environment.
+    pub fn spawn_in(
+        name: &str,
+        netns: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> PeerProcess {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(peer_binary());
+                c
+            }
+            None => Command::new(peer_binary()),
+        };
+        let mut child = cmd
+            .args(args)
+            .env_remove("DRAFTER_PEER_STOP_AT")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn drafter-peer ({name}): {e}"));
+        let out = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let err = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+        PeerProcess {
+            name: name.to_string(),
+            migrated_in: args.contains(&"--raddr"),
+            child,
+            stdout: lines(name.to_string(), out),
+            stderr: lines(name.to_string(), err),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> libc::pid_t {
+        libc::pid_t::try_from(self.child.id()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits for the JSON event `event` on stderr.
+    pub fn event(&self, event: &str) -> serde_json::Value {
+        match self.next_event(&[event]) {
+            Some(v) => v,
+            None => panic!("{}: exited without a {event:?} event", self.name),
+        }
+    }
+
+    /// Waits for the next JSON event named one of `events`, skipping
+    /// others; `None` once the process closed stderr (it exited).
+    pub fn next_event(&self, events: &[&str]) -> Option<serde_json::Value> {
+        loop {
+            match self.stderr.recv_timeout(WAIT) {
+                Ok(l) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
+                        if events.iter().any(|e| v["event"] == *e) {
+                            return Some(v);
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(e) => panic!("{}: no event of {events:?} within {WAIT:?}: {e}", self.name),
+            }
+        }
+    }
+
+    /// Waits for the next counter line; returns (count, uptime). A peer that
+    /// migrated the VM in must never show the boot marker.
+    pub fn next_count(&self) -> (u64, f64) {
+        let migrated = self.migrated_in;
+        let name = self.name.clone();
+        self.next_line(
+            |l| {
+                assert!(
+                    !(migrated && l.contains(MARKER)),
+                    "{name}: the guest booted again"
+                )
+            },
+            parse_count,
+        )
+    }
+
+    /// Waits for the process to end (its stderr closes), returning the exit
+    /// code and the remaining serial lines.
+    pub fn wait_exit(mut self) -> (Option<i32>, Vec<String>) {
+        let code = self.exit_code();
+        // Ends once the stdout reader saw the pipe close.
+        let rest = self.stdout.iter().collect();
+        (code, rest)
+    }
+
+    /// Waits (bounded) for the process to end; its exit code (`None`:
+    /// killed by a signal).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        loop {
+            match self.stderr.recv_timeout(WAIT) {
+                Ok(_) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(e) => panic!("{}: still running after {WAIT:?}: {e}", self.name),
+            }
+        }
+        let status = self.child.wait().unwrap_or_else(|e| panic!("{e}"));
+        // The stdout reader ends with the process (or its pipe).
+        status.code()
+    }
+
+    /// Waits for the next serial line that `pick` accepts; every line seen
+    /// on the way is passed to `seen` first.
+    pub fn next_line<T>(&self, mut seen: impl FnMut(&str), pick: impl Fn(&str) -> Option<T>) -> T {
+        loop {
+            match self.stdout.recv_timeout(WAIT) {
+                Ok(l) => {
+                    seen(&l);
+                    if let Some(v) = pick(&l) {
+                        return v;
+                    }
+                }
+                Err(e) => panic!(
+                    "{}: no expected serial line within {WAIT:?}: {e}",
+                    self.name
+                ),
+            }
+        }
+    }
+
+    /// The serial lines that arrived so far and were not read yet.
+    pub fn serial_so_far(&self) -> Vec<String> {
+        self.stdout.try_iter().collect()
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill only sends a signal to our own child process.
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(
+            r,
+            0,
+            "{}: kill({sig}): {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits (bounded) until the process is stopped (`T` in its stat).
+    pub fn wait_stopped(&self) {
+        let path = format!("/proc/{}/stat", self.pid());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let stat = std::fs::read_to_string(&path).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            if stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next()) == Some('T') {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} never stopped", self.name);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Kills the process and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `COUNT <n> <uptime>`: the counter guest's line.
+pub fn parse_count(line: &str) -> Option<(u64, f64)> {
+    let mut w = line
+        .split_whitespace()
+        .skip_while(|w| *w != "COUNT")
+        .skip(1);
+    let n = w.next()?.parse().ok()?;
+    let up = w.next()?.parse().ok()?;
+    Some((n, up))
+}
+
+/// Writes `vm.json` in `dir`: the lab guest kernel with `init` as its
+/// initramfs, one vCPU, `memory_mib` of RAM.
+pub fn write_config_with(dir: &Path, init: PathBuf, memory_mib: u64) -> PathBuf {
+    let mut c = VmConfig::new(guest_dir().join("vmlinuz"));
+    c.initramfs = Some(init);
+    c.vcpus = 1;
+    c.memory_mib = memory_mib;
+    c.boot_args = "console=ttyS0 reboot=k panic=1 pci=off quiet".into();
+    let p = dir.join("vm.json");
+    std::fs::write(&p, serde_json::to_vec(&c).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    p
+}
+
+/// Adds a writable drive called `disk` backed by `disk` to the config at `cfg`.
+pub fn add_writable_disk(cfg: &Path, disk: &Path) {
+    let mut c: VmConfig =
+        serde_json::from_slice(&std::fs::read(cfg).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+    c.drives.push(drafter_vmm::config::DriveConfig {
+        name: "disk".into(),
+        path: disk.to_path_buf(),
+        read_only: false,
+    });
+    std::fs::write(cfg, serde_json::to_vec(&c).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A path as `&str` for an argument list.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+/// Size of the lab guest's writable disk.
+pub const DISK_BYTES: u64 = 16 << 20;
+
+/// The checksum a record carries: the record number scrambled (Knuth's
+/// multiplicative hash), so a torn, stale or misplaced sector shows.
+pub fn record_checksum(i: u64) -> u64 {
+    i.wrapping_mul(2_654_435_761) & 0xffff_ffff
+}
+
+/// The record the disk writer puts in sector `i`.
+pub fn record(i: u64) -> String {
+    format!("REC{i:08} {:08x}\n", record_checksum(i))
+}
+
+/// Writes record `i` ([`record`]: number and checksum, in sector `i`) to
+/// /dev/vda, fsyncs it (and syncs), then prints `W <i> ok`: a line the host
+/// sees only after the guest saw the write complete. The line doubles as
+/// the guest's counter; its last word tells a whole line from one cut off
+/// when the VM moved in the middle of it.
+pub const DISK_WRITER: &str = "i=0; while true; do i=$((i+1)); \
+     if printf 'REC%08d %08x\\n' $i $(( (i * 2654435761) & 0xffffffff )) \
+     | dd of=/dev/vda bs=512 seek=$i conv=notrunc,fsync 2>/dev/null \
+     && sync; then echo W $i ok; else echo WFAIL $i; fi; sleep 0.2; done";
+
+/// `W <i> ok`: record `i` is on the guest's disk.
+pub fn parse_written(line: &str) -> Option<u64> {
+    assert!(
+        !line.contains("WFAIL"),
+        "the guest's disk write failed: {line}"
+    );
+    let mut w = line.split_whitespace().skip_while(|w| *w != "W").skip(1);
+    let i = w.next()?.parse().ok()?;
+    (w.next() == Some("ok")).then_some(i)
+}
+
+/// Reads serial lines of `peer` until it reported `count` more records
+/// written after `after`; adds each record it reports to `written`.
+pub fn wait_records(peer: &PeerProcess, written: &mut Vec<u64>, after: u64, count: usize) -> u64 {
+    let mut last = after;
+    let migrated = peer.migrated_in;
+    for _ in 0..count {
+        let i = peer.next_line(
+            |l| {
+                assert!(
+                    !(migrated && l.contains(MARKER)),
+                    "{}: the guest booted again",
+                    peer.name
+                )
+            },
+            parse_written,
+        );
+        assert!(
+            i > last,
+            "{}: record {i} after {last}: the guest went back",
+            peer.name
+        );
+        written.push(i);
+        last = i;
+    }
+    last
+}
+
+/// Every record in `lines` (serial output of a peer); returns the last.
+pub fn records_in(lines: &[String], written: &mut Vec<u64>) -> u64 {
+    let mut last = 0;
+    for l in lines {
+        if let Some(i) = parse_written(l) {
+            written.push(i);
+            last = last.max(i);
+        }
+    }
+    last
+}
+
+/// The records of `written` that the disk image at `disk` does not hold
+/// intact (number and checksum in their sector).
+pub fn missing_records(disk: &Path, written: &[u64]) -> Vec<u64> {
+    let image = std::fs::read(disk).unwrap_or_else(|e| panic!("{}: {e}", disk.display()));
+    assert_eq!(image.len() as u64, DISK_BYTES, "{}", disk.display());
+    let mut lost: Vec<u64> = written
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let at = (i * 512) as usize;
+            let want = record(i);
+            image.get(at..at + want.len()) != Some(want.as_bytes())
+        })
+        .collect();
+    lost.sort_unstable();
+    lost.dedup();
+    lost
+}

@@ -12,13 +12,24 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 /// The lab blueprint's `BeforeSuspend` hook: remembers that it ran (in
-/// `/run/hook-state`) and prints `suspend-<hostname>`.
-pub const LAB_BEFORE_SUSPEND: &str =
-    "echo suspend-$(hostname) > /run/hook-state; cat /run/hook-state";
+/// `/run/hook-state`), increments [`LAB_BEFORE_SUSPEND_KEY`] in the guest's
+/// Redis if one listens on 127.0.0.1:6379 (a trace a test reads through the
+/// network), and prints `suspend-<hostname>`.
+pub const LAB_BEFORE_SUSPEND: &str = "echo suspend-$(hostname) > /run/hook-state; \
+     printf 'INCR drafter:before-suspend\\r\\nQUIT\\r\\n' | /usr/lib/drafter/busybox nc -w 5 127.0.0.1 6379 >/dev/null 2>&1; \
+     cat /run/hook-state";
 
-/// The lab blueprint's `AfterResume` hook: prints
+/// The lab blueprint's `AfterResume` hook: increments
+/// [`LAB_AFTER_RESUME_KEY`] in the guest's Redis (if one listens) and prints
 /// `resumed-after-<what BeforeSuspend left>`, so its output proves both ran.
-pub const LAB_AFTER_RESUME: &str = "echo resumed-after-$(cat /run/hook-state)";
+pub const LAB_AFTER_RESUME: &str = "printf 'INCR drafter:after-resume\\r\\nQUIT\\r\\n' | /usr/lib/drafter/busybox nc -w 5 127.0.0.1 6379 >/dev/null 2>&1; \
+     echo resumed-after-$(cat /run/hook-state)";
+
+/// The Redis key [`LAB_BEFORE_SUSPEND`] increments.
+pub const LAB_BEFORE_SUSPEND_KEY: &str = "drafter:before-suspend";
+
+/// The Redis key [`LAB_AFTER_RESUME`] increments.
+pub const LAB_AFTER_RESUME_KEY: &str = "drafter:after-resume";
 
 /// Where the lab tests' `os` blueprint lives: `target/blueprint/lab-os`.
 pub fn lab_os_dir(workspace_root: &Path) -> PathBuf {

@@ -1,20 +1,26 @@
-//! Lab test of the Drafter workflow (issue 10, done-when 1 and 4): the real
+//! Lab test of the Drafter workflow (issue 10, done-when 1 to 4): the real
 //! `drafter-snapshotter` turns the `os` blueprint plus a Redis OCI disk into
 //! a package; `drafter-packager` archives it and extracts it elsewhere;
 //! `drafter-runner` resumes the extracted package, a key is written into Redis, SIGINT suspends the VM into the package,
 //! a second runner resumes it and the key is still there. The agent hooks'
 //! output (BeforeSuspend writes a file, AfterResume prints what it found)
-//! shows up in the tools' reports.
+//! shows up in the tools' reports, and each hook increments a Redis key, so
+//! the tests see that they ran after every migration and runner restart.
+//! The chain test runs registry → peer A → peer B → peer C → terminator →
+//! runner while a client keeps writing keys through `drafter-forwarder`.
 //!
 //! `prepare_lab_workflow` runs on the host first (`cargo xtask lab-test
 //! lab_workflow`): it builds the binaries, the shared `os` blueprint
 //! (`target/blueprint/lab-os`, the same one `lab_os` uses) and the Redis disk.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use drafter_blueprint::oci::{convert, ImageSource, OciOptions};
@@ -76,6 +82,10 @@ fn prepare_lab_workflow() {
             "drafter-peer",
             "--bin",
             "drafter-terminator",
+            "--bin",
+            "drafter-nat",
+            "--bin",
+            "drafter-forwarder",
             "--bin",
             "drafter-blueprint",
         ])
@@ -238,6 +248,17 @@ fn snapshot_package(bp: &Path, pkg: &Path, ns: &str) -> Value {
 
 /// [`snapshot_package`] with `extra` arguments (the jail's).
 fn snapshot_package_with(bp: &Path, pkg: &Path, ns: &str, extra: &[String]) -> Value {
+    snapshot_package_sized(bp, pkg, ns, 512, extra)
+}
+
+/// [`snapshot_package_with`] for a guest of `memory_mib`.
+fn snapshot_package_sized(
+    bp: &Path,
+    pkg: &Path,
+    ns: &str,
+    memory_mib: u32,
+    extra: &[String],
+) -> Value {
     let p = |n: &str| pkg.join(n);
     let devices = json!([
         {"name": "state", "output": p("state.bin")},
@@ -250,7 +271,8 @@ fn snapshot_package_with(bp: &Path, pkg: &Path, ns: &str, extra: &[String]) -> V
     ]);
     let boot_args = format!("{} quiet", drafter::snapshotter::DEFAULT_BOOT_ARGS);
     let out = Command::new(bin("drafter-snapshotter"))
-        .args(["--netns", ns, "--memory-size", "512", "--json"])
+        .args(["--netns", ns, "--json"])
+        .args(["--memory-size", &memory_mib.to_string()])
         .args(["--boot-args", &boot_args, "--resume-timeout", SLOW_GO])
         .args(["--devices", &devices.to_string()])
         .args(extra)
@@ -400,6 +422,9 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
         "{resumed}"
     );
     redis(ns, "PING", "+PONG");
+    // Redis may come up only after this run's AfterResume (the snapshot
+    // is taken at liveness): the counters now are the baseline.
+    let first_counts = hook_counts_in(ns);
     redis(ns, "SET drafter-key written-in-run-1", "+OK");
     let state_before = mtime(&p("state.bin"));
     std::thread::sleep(Duration::from_millis(20));
@@ -435,7 +460,35 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
         "{resumed}"
     );
     redis(ns, "GET drafter-key", "written-in-run-1");
+    // The hooks' traces: the first run's BeforeSuspend (SIGINT) and the
+    // second run's AfterResume each incremented their key.
+    let counts = hook_counts_in(ns);
+    eprintln!("runner: hook counters (BeforeSuspend, AfterResume) {first_counts:?} in run 1, {counts:?} in run 2");
+    assert!(
+        counts.0 > first_counts.0 && counts.1 > first_counts.1,
+        "the hooks left no new trace across the restart: {first_counts:?} -> {counts:?}"
+    );
     second.interrupt();
+}
+
+/// The lab hooks' counters (BeforeSuspend, AfterResume) in the Redis of the
+/// VM in `ns`.
+fn hook_counts_in(ns: &str) -> (i64, i64) {
+    let get = |key: &str| {
+        let reply = redis(ns, &format!("GET {key}"), "$");
+        let mut lines = reply.lines();
+        match lines.next().map(str::trim) {
+            Some("$-1") => 0,
+            _ => lines
+                .next()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("GET {key}: {reply:?}")),
+        }
+    };
+    (
+        get(testing::LAB_BEFORE_SUSPEND_KEY),
+        get(testing::LAB_AFTER_RESUME_KEY),
+    )
 }
 
 const CHAIN_SECRET: &str = "lab-workflow-chain";
@@ -570,40 +623,489 @@ fn lab_workflow_registry_to_peers_to_terminator_keeps_redis_keys() {
     );
     let dir = std::env::temp_dir().join(format!("lab-chain-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    // Two namespaces: peers A and B run the VM at the same moment during
-    // their handover, and two VMs cannot share a tap.
-    let id = std::process::id();
-    let (ns1, ns2) = (format!("drafter-c1-{id}"), format!("drafter-c2-{id}"));
+    // Two namespaces from drafter-nat (peers A and C use the first, B and
+    // the final runner the second: source and destination run the VM at
+    // the same moment during a handover, and two VMs cannot share a tap),
+    // each with its Redis port forwarded to the host by drafter-forwarder.
+    // The uplink is a dummy: nothing here leaves the lab.
+    let id = std::process::id() % 100_000;
+    let (uplink, prefix) = (format!("dwu{id}"), format!("dw{id}"));
+    let ns = [format!("{prefix}0"), format!("{prefix}1")];
+    let ports = [free_port(), free_port()];
     let ok = |cmd: &str| assert!(sh(cmd).status.success(), "{cmd}");
+    ok(&format!(
+        "ip link add {uplink} type dummy && ip link set {uplink} up"
+    ));
+    let mut nat = Service::start(
+        "drafter-nat",
+        &strings(&[
+            "--host-interface",
+            &uplink,
+            "--namespace-prefix",
+            &prefix,
+            "--namespace-count",
+            "2",
+            "--disable-ipv6",
+            // The os blueprint's guest network: 172.16.0.2/30 via .1.
+            "--namespace-interface-ip",
+            "172.16.0.2",
+            "--namespace-interface-gateway",
+            "172.16.0.1",
+        ]),
+    );
+    nat.wait_for("NAT running");
+    let forwards: Vec<Value> = ns
+        .iter()
+        .zip(ports)
+        .map(|(n, p)| {
+            json!({"netns": n, "internalPort": "6379", "protocol": "tcp",
+                   "externalAddr": format!("127.0.0.1:{p}")})
+        })
+        .collect();
+    let mut forwarder = Service::start(
+        "drafter-forwarder",
+        &strings(&["--port-forwards", &Value::Array(forwards).to_string()]),
+    );
+    forwarder.wait_for("forwarding");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        for ns in [&ns1, &ns2] {
-            ok(&format!("ip netns add {ns}"));
-            ok(&format!(
-                "ip -n {ns} tuntap add dev tap0 mode tap && ip -n {ns} addr add 172.16.0.1/30 dev tap0 && ip -n {ns} link set tap0 up && ip -n {ns} link set lo up"
-            ));
-        }
-        chain(&bp, &dir, &ns1, &ns2);
+        chain(&bp, &dir, [&ns[0], &ns[1]], ports);
     }));
-    for ns in [&ns1, &ns2] {
-        let _ = Command::new("ip").args(["netns", "del", ns]).status();
-    }
+    let stopped = [forwarder.stop(), nat.stop()];
+    let _ = Command::new("ip").args(["link", "del", &uplink]).status();
     let _ = fs::remove_dir_all(&dir);
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
+    assert_eq!(stopped, [true, true], "drafter-forwarder, drafter-nat");
 }
 
-fn chain(bp: &Path, dir: &Path, ns1: &str, ns2: &str) {
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A helper service (`drafter-nat`, `drafter-forwarder`): its output lines
+/// on a channel (and echoed); [`Service::stop`] sends SIGTERM so it removes
+/// what it made.
+struct Service {
+    name: &'static str,
+    child: Reaped,
+    lines: Receiver<String>,
+}
+
+impl Service {
+    fn start(name: &'static str, args: &[String]) -> Self {
+        let mut child = Command::new(bin(name))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (tx, lines) = channel();
+        let streams: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap_or_else(|| panic!("no stdout"))),
+            Box::new(child.stderr.take().unwrap_or_else(|| panic!("no stderr"))),
+        ];
+        for stream in streams {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    eprintln!("{name}> {line}");
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Service {
+            name,
+            child: Reaped(Some(child)),
+            lines,
+        }
+    }
+
+    /// Waits for an output line containing `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        loop {
+            let line = self.lines.recv_timeout(SLOW).unwrap_or_else(|e| {
+                let status = self.child.0.as_mut().and_then(|c| c.try_wait().ok());
+                panic!("{}: no {needle:?} ({e}); exit status {status:?}", self.name)
+            });
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    /// SIGTERM; true if it then exited with status 0.
+    fn stop(mut self) -> bool {
+        let Some(mut child) = self.child.0.take() else {
+            return false;
+        };
+        let _ = sh(&format!("kill -TERM {}", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// A Redis reply (RESP2).
+#[derive(Debug, Clone, PartialEq)]
+enum Reply {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<String>),
+    Array(Vec<Reply>),
+}
+
+fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
+    use std::io::{Error, ErrorKind};
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(Error::from(ErrorKind::UnexpectedEof));
+    }
+    let line = line.trim_end_matches(['\r', '\n']);
+    let bad = || Error::new(ErrorKind::InvalidData, format!("not RESP: {line:?}"));
+    let rest = line.get(1..).ok_or_else(bad)?;
+    let num = || rest.parse::<i64>().map_err(|_| bad());
+    Ok(match line.as_bytes().first() {
+        Some(b'+') => Reply::Simple(rest.to_string()),
+        Some(b'-') => Reply::Error(rest.to_string()),
+        Some(b':') => Reply::Int(num()?),
+        Some(b'$') => match usize::try_from(num()?) {
+            Err(_) => Reply::Bulk(None),
+            Ok(n) => {
+                let mut buf = vec![0u8; n + 2];
+                r.read_exact(&mut buf)?;
+                Reply::Bulk(Some(String::from_utf8_lossy(&buf[..n]).into_owned()))
+            }
+        },
+        Some(b'*') => match usize::try_from(num()?) {
+            Err(_) => Reply::Array(Vec::new()),
+            Ok(n) => Reply::Array((0..n).map(|_| read_reply(r)).collect::<Result<_, _>>()?),
+        },
+        _ => return Err(bad()),
+    })
+}
+
+/// A Redis connection to a forwarded port, every read and write bounded.
+struct Redis {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Redis {
+    fn connect(port: u16, timeout: Duration) -> std::io::Result<Redis> {
+        let s = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        Ok(Redis {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        })
+    }
+
+    /// Connects once the VM's Redis answers PING at `port`.
+    fn reach(port: u16) -> Redis {
+        let deadline = Instant::now() + SLOW;
+        loop {
+            let last = match Redis::connect(port, Duration::from_secs(5)) {
+                Ok(mut r) => match r.call("PING") {
+                    Ok(Reply::Simple(p)) if p == "PONG" => return r,
+                    other => format!("{other:?}"),
+                },
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "Redis at 127.0.0.1:{port} never answered: {last}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn call(&mut self, command: &str) -> std::io::Result<Reply> {
+        self.writer.write_all(format!("{command}\r\n").as_bytes())?;
+        read_reply(&mut self.reader)
+    }
+
+    /// The integer value of `key` (0 if unset).
+    fn counter(&mut self, key: &str) -> i64 {
+        match self.call(&format!("GET {key}")) {
+            Ok(Reply::Bulk(None)) => 0,
+            Ok(Reply::Bulk(Some(v))) => v.parse().unwrap_or_else(|e| panic!("{key}={v}: {e}")),
+            other => panic!("GET {key}: {other:?}"),
+        }
+    }
+
+    /// The hooks' traces: how often BeforeSuspend and AfterResume ran with
+    /// Redis up (each increments its key).
+    fn hook_counts(&mut self) -> (i64, i64) {
+        (
+            self.counter(testing::LAB_BEFORE_SUSPEND_KEY),
+            self.counter(testing::LAB_AFTER_RESUME_KEY),
+        )
+    }
+
+    /// Every acknowledged key `w:<n>` holds `<n>`; returns how many there are.
+    fn check_acked(&mut self, acked: &[(u64, Instant)], hop: &str) -> usize {
+        for chunk in acked.chunks(200) {
+            let keys: Vec<String> = chunk.iter().map(|(n, _)| format!("w:{n}")).collect();
+            let reply = self
+                .call(&format!("MGET {}", keys.join(" ")))
+                .unwrap_or_else(|e| panic!("{hop}: MGET: {e}"));
+            let Reply::Array(values) = reply else {
+                panic!("{hop}: MGET answered {reply:?}")
+            };
+            assert_eq!(values.len(), chunk.len(), "{hop}");
+            for ((n, _), v) in chunk.iter().zip(values) {
+                assert_eq!(
+                    v,
+                    Reply::Bulk(Some(n.to_string())),
+                    "{hop}: key w:{n} was acknowledged but is not there"
+                );
+            }
+        }
+        acked.len()
+    }
+}
+
+/// Pause between two writes of the [`KeyWriter`].
+const WRITE_PACE: Duration = Duration::from_millis(20);
+
+/// Keeps writing `SET w:<n> <n>` (a new n for every attempt) through the
+/// forwarded ports, following the VM from port to port (a write without an
+/// answer in time, or a refused connection, moves on to the next port);
+/// remembers every acknowledged n and when its `+OK` came.
+struct KeyWriter {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(u64, Instant)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KeyWriter {
+    fn start(ports: [u16; 2]) -> KeyWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), acked.clone());
+        let thread = std::thread::spawn(move || {
+            let (mut n, mut target, mut conn) = (0u64, 0usize, None::<Redis>);
+            while !s.load(Ordering::SeqCst) {
+                let c = match conn.as_mut() {
+                    Some(c) => c,
+                    None => match Redis::connect(ports[target], Duration::from_secs(2)) {
+                        Ok(c) => conn.insert(c),
+                        Err(_) => {
+                            target = (target + 1) % ports.len();
+                            continue;
+                        }
+                    },
+                };
+                n += 1;
+                match c.call(&format!("SET w:{n} {n}")) {
+                    Ok(Reply::Simple(r)) if r == "OK" => a
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((n, Instant::now())),
+                    _ => {
+                        conn = None;
+                        target = (target + 1) % ports.len();
+                    }
+                }
+                std::thread::sleep(WRITE_PACE);
+            }
+        });
+        KeyWriter {
+            stop,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    fn acked(&self) -> Vec<(u64, Instant)> {
+        self.acked.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until `more` further keys are acknowledged (the VM takes
+    /// writes where it runs now).
+    fn wait_for_more(&self, more: usize) {
+        let want = self.acked().len() + more;
+        let deadline = Instant::now() + SLOW;
+        while self.acked().len() < want {
+            assert!(Instant::now() < deadline, "the writer got no answers");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Longest time without an acknowledgement since `since` (to the last
+    /// acknowledgement), and how many keys were acknowledged since then.
+    fn longest_gap_since(&self, since: Instant) -> (Duration, usize) {
+        let acked = self.acked();
+        let times: Vec<Instant> = acked
+            .iter()
+            .map(|(_, t)| *t)
+            .filter(|t| *t >= since)
+            .collect();
+        let mut prev = since;
+        let mut gap = Duration::ZERO;
+        for t in &times {
+            gap = gap.max(t.saturating_duration_since(prev));
+            prev = *t;
+        }
+        (gap, times.len())
+    }
+
+    /// Stops writing; returns every acknowledged key.
+    fn stop(&mut self) -> Vec<(u64, Instant)> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.acked()
+    }
+}
+
+impl Drop for KeyWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What the hops of the chain share.
+struct Chain<'a> {
+    dir: &'a Path,
+    writer: KeyWriter,
+    /// Hook counters last seen (BeforeSuspend, AfterResume).
+    counts: (i64, i64),
+}
+
+/// The AfterResume hook of the lab blueprint ran (its output in `event`'s report).
+fn check_after_resume(report: &Value, who: &str) {
+    assert_eq!(
+        report["afterResume"]["output"].as_str().map(str::trim),
+        Some("resumed-after-suspend-drafterhost"),
+        "{who}: {report}"
+    );
+    assert!(report["afterResume"]["error"].is_null(), "{who}: {report}");
+}
+
+/// The BeforeSuspend hook of the lab blueprint ran before the final stop.
+fn check_before_suspend(report: &Value, who: &str) {
+    assert_eq!(
+        report["beforeSuspend"]["output"].as_str().map(str::trim),
+        Some("suspend-drafterhost"),
+        "{who}: {report}"
+    );
+    assert!(
+        report["beforeSuspend"]["error"].is_null(),
+        "{who}: {report}"
+    );
+}
+
+impl Chain<'_> {
+    fn peer(&self, name: &str, raddr: &str, ns: &str) -> Tool {
+        Tool::start(
+            "drafter-peer",
+            &strings(&[
+                "--raddr",
+                raddr,
+                "--laddr",
+                "127.0.0.1:0",
+                "--netns",
+                ns,
+                "--link-timeout",
+                "120",
+                "--resume-timeout",
+                SLOW_GO,
+                "--rescue-timeout",
+                "1m",
+                "--enable-output=false",
+                "--concurrency",
+                "16",
+                "--work-dir",
+                &self.dir.join(name).to_string_lossy(),
+            ]),
+        )
+    }
+
+    /// Checks, at the VM's Redis behind `port`, every key acknowledged so
+    /// far and that both hooks left a new trace since the last check.
+    fn check(&mut self, port: u16, hop: &str) -> usize {
+        let mut redis = Redis::reach(port);
+        let keys = redis.check_acked(&self.writer.acked(), hop);
+        let counts = redis.hook_counts();
+        assert!(
+            counts.0 > self.counts.0 && counts.1 > self.counts.1,
+            "{hop}: the hooks left no new trace: (BeforeSuspend, AfterResume) ran {:?} times before, {counts:?} now",
+            self.counts
+        );
+        self.counts = counts;
+        keys
+    }
+
+    /// Migrates the VM live from `from` (listening at `from_addr`) to a new
+    /// peer `name` in `ns` (Redis at `port`) while the writer writes; checks
+    /// the keys and hooks there. Returns the new peer and its address.
+    fn hop(
+        &mut self,
+        from: &mut Tool,
+        from_addr: &str,
+        name: &str,
+        ns: &str,
+        port: u16,
+        hop: &str,
+    ) -> (Tool, String) {
+        let started = Instant::now();
+        let mut to = self.peer(name, from_addr, ns);
+        let arrived = to.event("migrated-in");
+        let left = from.event("migrated-out");
+        check_after_resume(&arrived["report"], hop);
+        check_before_suspend(&left["report"], hop);
+        let keys = self.check(port, hop);
+        let (gap, during) = self.writer.longest_gap_since(started);
+        eprintln!(
+            "chain: {hop}: downtime {} ms (source window {} ms; the writer saw no answer for {} ms), \
+             BeforeSuspend {} ms, AfterResume {} ms, {} bytes in {} ms; {keys} acknowledged keys all \
+             there ({during} acknowledged during the hop); hook counters {:?}",
+            arrived["report"]["vmDowntimeMillis"],
+            left["report"]["storage"]["downtimeMillis"],
+            gap.as_millis(),
+            left["report"]["beforeSuspend"]["millis"],
+            arrived["report"]["afterResume"]["millis"],
+            left["report"]["storage"]["bytesSent"],
+            left["report"]["storage"]["totalMillis"],
+            self.counts,
+        );
+        // The VM takes writes where it landed before it moves on.
+        self.writer.wait_for_more(5);
+        let addr = to.event("listening")["addr"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        (to, addr)
+    }
+}
+
+fn chain(bp: &Path, dir: &Path, ns: [&str; 2], ports: [u16; 2]) {
     let start = Instant::now();
     let pkg = dir.join("package");
-    let snap = snapshot_package(bp, &pkg, ns1);
+    // A small guest: every hop moves all of its memory.
+    let snap = snapshot_package_sized(bp, &pkg, ns[0], 256, &[]);
     eprintln!("chain: snapshot in {} ms", snap["total_ms"]);
-    // A key written before the package's last snapshot: the runner's
-    // suspend into the package.
-    let mut runner = RunnerProcess::start(&runner_args(ns1, &pkg));
-    runner.event("resumed");
-    redis(ns1, "SET key-1 before-the-snapshot", "+OK");
-    runner.interrupt();
 
     let mut registry = Tool::start(
         "drafter-registry",
@@ -619,32 +1121,17 @@ fn chain(bp: &Path, dir: &Path, ns1: &str, ns2: &str) {
     );
     let listening = registry.event("listening");
     let registry_addr = listening["addr"].as_str().unwrap_or_default().to_owned();
-
-    let peer = |name: &str, raddr: &str, ns: &str| {
-        Tool::start(
-            "drafter-peer",
-            &strings(&[
-                "--raddr",
-                raddr,
-                "--laddr",
-                "127.0.0.1:0",
-                "--netns",
-                ns,
-                "--link-timeout",
-                "120",
-                "--work-dir",
-                &dir.join(name).to_string_lossy(),
-            ]),
-        )
+    let mut chain = Chain {
+        dir,
+        writer: KeyWriter::start(ports),
+        counts: (0, 0),
     };
+
     // Peer A pulls the package from the registry and resumes it.
-    let mut a = peer("peer-a", &registry_addr, ns1);
+    let mut a = chain.peer("peer-a", &registry_addr, ns[0]);
     let arrived = a.event("migrated-in");
     let served = registry.event("served");
-    eprintln!(
-        "chain: registry -> A: {} bytes in {} ms, restore {} ms",
-        served["bytesSent"], served["totalMs"], arrived["report"]["restoreMillis"]
-    );
+    check_after_resume(&arrived["report"], "registry -> A");
     let a_addr = a.event("listening")["addr"]
         .as_str()
         .unwrap_or_default()
@@ -657,34 +1144,31 @@ fn chain(bp: &Path, dir: &Path, ns1: &str, ns2: &str) {
         .map(|f| (*f, fs::read(pkg.join(f)).ok()))
         .collect();
     let _ = fs::remove_dir_all(&pkg);
-    redis(ns1, "GET key-1", "before-the-snapshot");
-    redis(ns1, "SET key-2 on-peer-a", "+OK");
-
-    // A -> B, live.
-    let mut b = peer("peer-b", &a_addr, ns2);
-    let arrived = b.event("migrated-in");
-    let left = a.event("migrated-out");
+    // The baseline of the hooks' counters (Redis may have come up only
+    // after A's AfterResume: the snapshot is taken at liveness).
+    chain.counts = Redis::reach(ports[0]).hook_counts();
+    chain.writer.wait_for_more(5);
     eprintln!(
-        "chain: A -> B: downtime {} ms (source window {} ms), {} bytes, total {} ms",
-        arrived["report"]["vmDowntimeMillis"],
-        left["report"]["storage"]["downtimeMillis"],
-        left["report"]["storage"]["bytesSent"],
-        left["report"]["storage"]["totalMillis"]
+        "chain: registry -> A: {} bytes in {} ms, restore {} ms, AfterResume {} ms; hook counters {:?}",
+        served["bytesSent"],
+        served["totalMs"],
+        arrived["report"]["restoreMillis"],
+        arrived["report"]["afterResume"]["millis"],
+        chain.counts
     );
+
+    // A -> B -> C, live, while the writer writes.
+    let (mut b, b_addr) = chain.hop(&mut a, &a_addr, "peer-b", ns[1], ports[1], "A -> B");
     a.exits_cleanly();
     let _ = fs::remove_dir_all(dir.join("peer-a"));
-    let b_addr = b.event("listening")["addr"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    redis(ns2, "GET key-1", "before-the-snapshot");
-    redis(ns2, "GET key-2", "on-peer-a");
-    redis(ns2, "SET key-3 on-peer-b", "+OK");
+    let (mut c, c_addr) = chain.hop(&mut b, &b_addr, "peer-c", ns[0], ports[0], "B -> C");
+    b.exits_cleanly();
+    let _ = fs::remove_dir_all(dir.join("peer-b"));
 
-    // B -> terminator: the VM ends in a package.
+    // C -> terminator: the VM ends in a package.
     let backup = dir.join("backup");
     let out = Command::new(bin("drafter-terminator"))
-        .args(["--json", "--raddr", &b_addr, "--link-timeout", "120"])
+        .args(["--json", "--raddr", &c_addr, "--link-timeout", "120"])
         .args(["--devices", &package_json(&backup, "output")])
         .env("DRAFTER_SECRET", CHAIN_SECRET)
         .stderr(Stdio::inherit())
@@ -694,15 +1178,18 @@ fn chain(bp: &Path, dir: &Path, ns1: &str, ns2: &str) {
     assert!(out.status.success(), "drafter-terminator failed: {stdout}");
     let report: Value =
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{stdout}: {e}"));
-    let left = b.event("migrated-out");
+    let left = c.event("migrated-out");
+    check_before_suspend(&left["report"], "C -> terminator");
     eprintln!(
-        "chain: B -> terminator: {} bytes in {} ms (flush {} ms); B paused for {} ms",
+        "chain: C -> terminator: {} bytes in {} ms (flush {} ms); C paused for {} ms after BeforeSuspend {} ms",
         report["bytesReceived"],
         report["totalMs"],
         report["syncMs"],
-        left["report"]["storage"]["downtimeMillis"]
+        left["report"]["storage"]["downtimeMillis"],
+        left["report"]["beforeSuspend"]["millis"]
     );
-    b.exits_cleanly();
+    c.exits_cleanly();
+    let _ = fs::remove_dir_all(dir.join("peer-c"));
     let sources: Vec<(&str, &str)> = report["devices"]
         .as_array()
         .map(|a| {
@@ -726,16 +1213,24 @@ fn chain(bp: &Path, dir: &Path, ns1: &str, ns2: &str) {
         );
     }
 
-    // The runner resumes the backup with every key.
-    let mut runner = RunnerProcess::start(&runner_args(ns1, &backup));
+    // The runner resumes the backup with every key, and its AfterResume
+    // (after C's BeforeSuspend) leaves its trace too.
+    let mut runner = RunnerProcess::start(&runner_args(ns[1], &backup));
     let resumed = runner.event("resumed");
-    eprintln!(
-        "chain: runner resumed the backup in {} ms",
-        resumed["total_ms"]
+    assert_eq!(
+        resumed["after_resume_output"].as_str().map(str::trim),
+        Some("resumed-after-suspend-drafterhost"),
+        "{resumed}"
     );
-    redis(ns1, "GET key-1", "before-the-snapshot");
-    redis(ns1, "GET key-2", "on-peer-a");
-    redis(ns1, "GET key-3", "on-peer-b");
+    let keys = chain.check(ports[1], "terminator -> runner");
+    chain.writer.wait_for_more(5);
+    let acked = chain.writer.stop();
+    let all = Redis::reach(ports[1]).check_acked(&acked, "runner");
+    eprintln!(
+        "chain: runner resumed the backup in {} ms (AfterResume {} ms): {keys} keys acknowledged before \
+         were there, {all} in all; hook counters {:?}",
+        resumed["total_ms"], resumed["after_resume_ms"], chain.counts
+    );
     runner.interrupt();
     eprintln!("chain: {} s in all", start.elapsed().as_secs());
 }

@@ -2,13 +2,16 @@
 
 use crate::Corpus;
 
+/// A package's devices: (name, content).
+type Devices = Vec<(&'static str, Vec<u8>)>;
+
 /// Writes `package_archive` seeds: mode byte 1 + the `.tar.zst` as written,
 /// and mode byte 0 + its tar stream (decompressed).
 pub fn write(c: &Corpus) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut memory = vec![0u8; 3 * 4096];
     memory[4096..4200].copy_from_slice(&[0xab; 104]);
-    let sets: [(&str, Vec<(&str, Vec<u8>)>); 3] = [
+    let sets: [(&str, Devices); 3] = [
         (
             "two-devices",
             vec![("memory", memory), ("state", b"state bytes".to_vec())],

@@ -1340,4 +1340,33 @@ mod tests {
         assert!(t.check_run(0, 1, u64::MAX).is_err());
         assert_eq!(t.block_len(0, 2).unwrap(), 10_000 - 8192);
     }
+
+    /// Found by the `storage_frames` fuzz target (its round-trip check, not
+    /// a parser panic): an Error frame of `MAX_ERROR` bytes that are not
+    /// UTF-8 decodes (lossily, so its text grows past `MAX_ERROR` bytes) and
+    /// re-encodes truncated to the limit, into a frame that decodes again.
+    #[test]
+    fn invalid_utf8_error_text_at_the_limit_reencodes_within_it() {
+        let mut payload = vec![0xffu8; MAX_ERROR - 1];
+        payload.insert(0, b'd');
+        let mut frame = vec![T_ERROR];
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        let msg = read_frame(&mut &frame[..]).unwrap_or_else(|e| panic!("{e}"));
+        let Message::Error { message } = &msg else {
+            panic!("decoded as {msg:?}");
+        };
+        assert!(
+            message.len() > MAX_ERROR,
+            "lossy text is {} bytes",
+            message.len()
+        );
+        let again = msg.to_frame();
+        assert!(again.len() <= HEADER_LEN + MAX_ERROR);
+        let back = read_frame(&mut &again[..]).unwrap_or_else(|e| panic!("{e}"));
+        let Message::Error { message: back } = back else {
+            panic!("re-read as {back:?}");
+        };
+        assert!(message.starts_with(&back) && !back.is_empty());
+    }
 }

@@ -224,15 +224,22 @@ fn matrix() -> Vec<Case> {
     all
 }
 
-/// What CI runs: each fault kind once, the authority and tail phases.
+/// What CI runs: each fault kind once (kill, stop, drop both ways, drop
+/// towards the destination) at the risky phases, the tail (VM paused,
+/// handover offered) and the authority handover, with both resolutions of
+/// an unresolved handover (restored: the destination died with Commit;
+/// discarded: it runs the VM) and a destination declining after a lost
+/// Commit.
 fn subset() -> Vec<Case> {
     vec![
-        case(Role::Source, "tail", Fault::Kill(Role::Destination)),
-        case(Role::Source, "final-dirty", Fault::Stop(Role::Destination)),
-        case(Role::Source, "authority", Fault::Stop(Role::Source)),
+        case(
+            Role::Destination,
+            "authority",
+            Fault::Kill(Role::Destination),
+        ),
+        case(Role::Source, "tail", Fault::Stop(Role::Destination)),
         case(Role::Destination, "authority", Fault::Drop),
         case(Role::Destination, "ready-to-run", Fault::DropToDestination),
-        case(Role::Source, "authority", Fault::Kill(Role::Source)),
     ]
 }
 
@@ -254,15 +261,18 @@ struct Net {
     ns: [String; 2],
     ifname: [String; 2],
     ip: [&'static str; 2],
+    /// An `nft -i` in each namespace.
+    nft: Vec<NftShell>,
 }
 
 impl Net {
     fn new() -> Net {
         let id = std::process::id();
-        let net = Net {
+        let mut net = Net {
             ns: [format!("dfa{id}"), format!("dfb{id}")],
             ifname: [format!("fva{id}"), format!("fvb{id}")],
             ip: ["10.231.0.1", "10.231.0.2"],
+            nft: Vec::new(),
         };
         for i in 0..2 {
             let _ = Command::new("ip")
@@ -282,7 +292,8 @@ impl Net {
                  && ip -n {ns} link set {ifname} up"
             ));
         }
-        // The first nft use loads its modules (slow in the lab): done here,
+        net.nft = net.ns.iter().map(|ns| NftShell::start(ns)).collect();
+        // The first use loads nft's modules (slow in the lab): done here,
         // not while a peer is held at a phase.
         for side in 0..2 {
             net.drop_link(side, true);
@@ -292,50 +303,107 @@ impl Net {
     }
 
     /// Drops the link's packets in namespace `side`: arriving ones, and
-    /// with `both` leaving ones too.
+    /// with `both` leaving ones too. Returns once the rules are in.
     fn drop_link(&self, side: usize, both: bool) {
         let ifname = &self.ifname[side];
-        let mut rules = format!(
-            "table inet drafter_fault {{\n\
-             chain input {{ type filter hook input priority 0; policy accept; iifname \"{ifname}\" drop; }}\n"
-        );
+        let mut cmds = vec![
+            "add table inet drafter_fault".to_string(),
+            "add chain inet drafter_fault input { type filter hook input priority 0 ; policy accept ; }"
+                .to_string(),
+            format!("add rule inet drafter_fault input iifname \"{ifname}\" drop"),
+        ];
         if both {
-            rules.push_str(&format!(
-                "chain output {{ type filter hook output priority 0; policy accept; oifname \"{ifname}\" drop; }}\n"
+            cmds.push(
+                "add chain inet drafter_fault output { type filter hook output priority 0 ; policy accept ; }"
+                    .to_string(),
+            );
+            cmds.push(format!(
+                "add rule inet drafter_fault output oifname \"{ifname}\" drop"
             ));
         }
-        rules.push_str("}\n");
-        let path = std::env::temp_dir().join(format!("drafter-fault-{}.nft", std::process::id()));
-        std::fs::write(&path, rules).unwrap_or_else(|e| panic!("{e}"));
-        sh(&format!(
-            "ip netns exec {} nft -f {}",
-            self.ns[side],
-            path.display()
-        ));
+        self.nft[side].run(&cmds);
     }
 
     /// Removes the rules of [`Self::drop_link`], if any.
     fn heal(&self) {
-        for ns in &self.ns {
-            let _ = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "nft",
-                    "delete",
-                    "table",
-                    "inet",
-                    "drafter_fault",
-                ])
-                .stderr(std::process::Stdio::null())
-                .status();
+        for nft in &self.nft {
+            // Added first, so the delete never fails.
+            nft.run(&[
+                "add table inet drafter_fault".to_string(),
+                "delete table inet drafter_fault".to_string(),
+            ]);
         }
+    }
+}
+
+/// `nft -i` running in a network namespace: rules change as soon as a line
+/// is written (starting a process per change takes seconds in the lab,
+/// longer than a peer may be held at a phase).
+struct NftShell {
+    child: std::process::Child,
+    input: std::sync::Mutex<std::process::ChildStdin>,
+    output: std::sync::mpsc::Receiver<String>,
+}
+
+impl NftShell {
+    fn start(ns: &str) -> NftShell {
+        use std::io::BufRead;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-i"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("nft -i in {ns}: {e}"));
+        let input = child.stdin.take().unwrap_or_else(|| panic!("no stdin"));
+        let out = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let (tx, output) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        NftShell {
+            child,
+            input: std::sync::Mutex::new(input),
+            output,
+        }
+    }
+
+    /// Runs `cmds` (a failing one reports on stderr) and returns once nft
+    /// has handled them: it lists a marker table added after them.
+    fn run(&self, cmds: &[String]) {
+        use std::io::Write;
+        let mut script: String = cmds.iter().map(|c| format!("{c}\n")).collect();
+        script.push_str("add table inet drafter_sync\nlist table inet drafter_sync\n");
+        {
+            let mut input = self.input.lock().unwrap_or_else(|p| p.into_inner());
+            input
+                .write_all(script.as_bytes())
+                .and_then(|()| input.flush())
+                .unwrap_or_else(|e| panic!("nft: {e}"));
+        }
+        loop {
+            match self.output.recv_timeout(lab_peers::WAIT) {
+                Ok(l) if l.contains("drafter_sync") => return,
+                Ok(_) => {}
+                Err(e) => panic!("nft did not answer: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for NftShell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
+        self.nft.clear();
         for ns in &self.ns {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
@@ -774,15 +842,24 @@ impl Chain<'_> {
         // retry moves the VM on.
         let (mut runner, kind) = match runner {
             Runner::Nobody(disk) => {
-                let lost_allowed = matches!(case.fault, Fault::Kill(_)) || case.post_copy;
                 self.check_disk(&disk)?;
-                if !lost_allowed {
+                let why = if matches!(case.fault, Fault::Kill(_)) {
+                    // A process killed with its VM: nothing can save it.
+                    "VM lost with the killed peer that held it"
+                } else if case.post_copy {
+                    // Known limitation: after Running, each side gives up
+                    // on a silent link within the link timeout; the
+                    // destination then lacks pages only the source had
+                    // (no post-copy recovery), and the source stopped its
+                    // VM for good.
+                    "VM lost: KNOWN LIMITATION, post-copy cannot recover from a stalled link"
+                } else {
                     return Err(format!("the VM is lost: {outcome}"));
-                }
+                };
                 let _ = std::fs::remove_dir_all(&src_work);
                 let _ = std::fs::remove_dir_all(&dst_work);
                 return Ok(format!(
-                    "{outcome}: VM lost with the peer that held it (records intact on {})",
+                    "{outcome}: {why} (records intact on {})",
                     disk.display()
                 ));
             }

@@ -6,6 +6,7 @@
 //! device nodes the builder could not stage are fixed with `debugfs -w`.
 
 pub mod bundle;
+pub mod cli;
 pub mod error;
 pub mod ext4;
 pub mod image;

@@ -4,6 +4,8 @@
 //! [`resolve_inside`] (paths named over a control socket) and
 //! [`bind_private_socket`] (control sockets only the owner may use).
 
+pub mod commands;
+
 use std::os::unix::net::UnixListener;
 use std::path::{Component, Path, PathBuf};
 

@@ -192,7 +192,7 @@ fn throttle_steps_up_until_the_predicted_downtime_fits() {
     eprintln!("throttle calls {calls:?}; {}", report.ready_reason);
     assert_eq!(calls.last(), Some(&0), "throttle removed at the end");
     let steps = &calls[..calls.len() - 1];
-    assert_eq!(steps.first(), Some(&20));
+    assert!(steps.first().is_some_and(|s| *s >= 20), "{steps:?}");
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
     assert!(
         report.ready_reason.starts_with("throttled to ") && report.ready_reason.contains("fits"),

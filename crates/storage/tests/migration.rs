@@ -347,3 +347,50 @@ fn one_registry_source_serves_several_readers_at_once() {
     let sent = server.join().unwrap();
     assert_eq!(sent.len(), 3);
 }
+
+#[test]
+fn what_prepare_writes_travels_before_the_pause() {
+    let dev = seeded_device(128, 4096, 32);
+    let src = MigrationSource::new(
+        vec![SourceDevice::tracked(
+            "disk",
+            dev.clone(),
+            fast_device_config(),
+        )],
+        MigrationConfig::default(),
+    );
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        let s =
+            MigrationDestination::accept(b, &MigrationConfig::default(), memory_factory).unwrap();
+        let d = s.device("disk").unwrap();
+        s.wait_complete().unwrap();
+        read_all(&*d)
+    });
+    let (dev2, dev3) = (dev.clone(), dev.clone());
+    let prepared = Arc::new(Mutex::new(false));
+    let p2 = prepared.clone();
+    let report = src
+        .migrate_prepared(
+            a,
+            Some(Box::new(move || {
+                // A before-suspend hook: the guest writes 20 blocks.
+                for b in 0..20 {
+                    dev2.write_at(&[0x55; 4096], b * 4096).unwrap();
+                }
+                *p2.lock().unwrap() = true;
+            })),
+            || {
+                assert!(*prepared.lock().unwrap(), "prepare runs before suspend");
+                // The pause itself writes one block.
+                dev3.write_at(&[0x66; 4096], 100 * 4096).unwrap();
+                Ok(())
+            },
+        )
+        .unwrap();
+    let got = dest.join().unwrap();
+    // Only the block written at the pause is left for the final dirty set:
+    // the 20 went out in the cycle after prepare.
+    assert_eq!(report.devices[0].final_dirty, 1);
+    assert!(got == read_all(&*dev));
+}

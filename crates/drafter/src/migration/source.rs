@@ -194,9 +194,9 @@ impl VmMigrationSource {
     }
 
     /// Calls the VM's guest agent around the final stop: `BeforeSuspend`
-    /// (within `before_suspend_timeout`) while the VM still runs, right
-    /// before it is paused for the handover (not when the migration
-    /// starts). A hook that fails is reported
+    /// (within `before_suspend_timeout`) while the VM still runs, once the
+    /// dirty cycles are done (not when the migration starts), followed by
+    /// one more dirty cycle before the pause for the handover. A hook that fails is reported
     /// ([`VmMigrationReport::before_suspend`]) and the VM is migrated
     /// anyway. If the migration then fails and the VM resumes here, the
     /// agent's `AfterResume` is called within `rescue_timeout`.
@@ -240,16 +240,18 @@ impl VmMigrationSource {
         let state_path = scratch.path().join("state");
         let mut state_bytes = 0u64;
         let mut timings = (None, None);
-        let mut before_suspend = None;
+        let hook = std::cell::OnceCell::new();
         // KVM logs dirty pages only while a migration runs.
         self.vmm
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .set_dirty_logging(true)?;
-        let result = self.source.migrate(link, || {
-            // The final stop: the guest prepares while it still runs, so
-            // what the hook writes travels in the final dirty set.
-            before_suspend = self.before_suspend();
+        // The final stop: the guest prepares while it still runs, and what
+        // the hook wrote goes out in one more dirty cycle before the pause.
+        let prepare = Box::new(|| {
+            let _ = hook.set(self.before_suspend());
+        });
+        let result = self.source.migrate_prepared(link, Some(prepare), || {
             let start = Instant::now();
             let frame = self.suspend(&state_path, &mut timings.0)?;
             state_bytes = frame.state.len() as u64;
@@ -260,6 +262,7 @@ impl VmMigrationSource {
             timings.1 = Some(total - timings.0.unwrap_or(0.0));
             Ok(())
         });
+        let before_suspend = hook.into_inner().flatten();
         let mut vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
         // Whatever the outcome, the VM runs unthrottled again.
         if let Err(e) = vmm.set_throttle(0) {

@@ -117,6 +117,21 @@ impl MigrationSource {
         link: L,
         suspend: impl FnOnce() -> Result<(), String>,
     ) -> Result<MigrationReport, MigrationError> {
+        self.migrate_prepared(link, None, suspend)
+    }
+
+    /// [`MigrationSource::migrate`] with a `prepare` step for the final
+    /// stop: called once the dirty cycles are done, while the VM still runs
+    /// (a guest's before-suspend hook), then every tracked device runs one
+    /// more dirty cycle, so what `prepare` made the guest write travels
+    /// before the pause rather than in the downtime. In post-copy it is
+    /// called right before `suspend`.
+    pub fn migrate_prepared<L: Link>(
+        &self,
+        link: L,
+        prepare: Option<Box<dyn FnOnce() + '_>>,
+        suspend: impl FnOnce() -> Result<(), String>,
+    ) -> Result<MigrationReport, MigrationError> {
         let mut run = Run {
             src: self,
             phase: Phase::Handshake,
@@ -142,7 +157,7 @@ impl MigrationSource {
             conv: None,
             ready_reason: None,
         };
-        let result = run.execute(Box::new(link), suspend);
+        let result = run.execute(Box::new(link), prepare, suspend);
         if let Some(c) = run.conv.as_mut() {
             c.release();
         }
@@ -804,6 +819,7 @@ impl Run<'_> {
     fn execute(
         &mut self,
         mut link: Box<dyn Link>,
+        prepare: Option<Box<dyn FnOnce() + '_>>,
         suspend: impl FnOnce() -> Result<(), String>,
     ) -> Result<(), Cause> {
         let src = self.src;
@@ -918,6 +934,9 @@ impl Run<'_> {
 
         let n = infos.len() as u32;
         if cfg.mode == Mode::PostCopy {
+            if let Some(prepare) = prepare {
+                prepare();
+            }
             self.enter(Phase::Suspend);
             self.downtime_start = Some(Instant::now());
             suspend().map_err(Cause::Caller)?;
@@ -949,6 +968,15 @@ impl Run<'_> {
             }
             self.enter(Phase::DirtyCycles);
             self.dirty_cycles(pass_start, bytes_before)?;
+            if let Some(prepare) = prepare {
+                prepare();
+                // What the guest wrote while preparing goes out now.
+                for dev in 0..n as usize {
+                    if self.src.devices[dev].tracker.is_some() {
+                        self.cycle(dev)?;
+                    }
+                }
+            }
             self.enter(Phase::Suspend);
             self.downtime_start = Some(Instant::now());
             suspend().map_err(Cause::Caller)?;

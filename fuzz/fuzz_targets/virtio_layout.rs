@@ -19,7 +19,7 @@
 /// Guest memory size.
 pub const MEM_SIZE: usize = 64 << 10;
 /// Entries per queue.
-pub const QUEUE_SIZE: u16 = 8;
+pub const QUEUE_SIZE: u16 = 16;
 /// First byte of the data area (queues live below it).
 pub const DATA: u64 = 0x1000;
 /// Op tag: MMIO register write.
@@ -35,9 +35,9 @@ pub fn desc_table(q: usize) -> u64 {
 }
 /// Available ring of queue `q`.
 pub fn avail_ring(q: usize) -> u64 {
-    desc_table(q) + 0x80
+    desc_table(q) + 0x100
 }
 /// Used ring of queue `q`.
 pub fn used_ring(q: usize) -> u64 {
-    desc_table(q) + 0xc0
+    desc_table(q) + 0x140
 }

@@ -10,7 +10,7 @@
 mod layout;
 
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixDatagram;
+use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -29,13 +29,20 @@ const DRIVER: u32 = 2;
 const DRIVER_OK: u32 = 4;
 const FEATURES_OK: u32 = 8;
 
-fn scratch() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
+/// Guest port with a host service listening (the agent's port).
+const SERVICE_PORT: u32 = 26;
+
+/// The scratch directory (disk file, vsock sockets) and the host service.
+fn scratch() -> &'static (PathBuf, UnixListener) {
+    static DIR: OnceLock<(PathBuf, UnixListener)> = OnceLock::new();
     DIR.get_or_init(|| {
         run_engines_inline(true);
         let dir = tempfile::tempdir().expect("scratch dir").keep();
         std::fs::write(dir.join("disk"), vec![0x5au8; 64 << 10]).expect("disk file");
-        dir
+        let service = UnixListener::bind(dir.join(format!("vsock.sock_{SERVICE_PORT}")))
+            .expect("host service socket");
+        service.set_nonblocking(true).expect("nonblocking");
+        (dir, service)
     })
 }
 
@@ -83,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
         return;
     }
-    let dir = scratch();
+    let (dir, service) = scratch();
     let (kind, flags) = (data[0] % 3, data[1]);
     let image_len = (usize::from(u16::from_le_bytes([data[2], data[3]])))
         .min(MEM_SIZE)
@@ -140,4 +147,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     t.pause();
+    drop(t);
+    // Connections the guest opened to the host service end with this input.
+    while service.accept().is_ok() {}
 });

@@ -32,6 +32,7 @@ impl Image {
     /// Adds a chain of `(addr, len, device-writable)` to queue `q` and makes it available.
     fn chain(&mut self, q: usize, bufs: &[(u64, u32, bool)]) {
         let head = self.next[q];
+        assert!(usize::from(head) + bufs.len() <= usize::from(QUEUE_SIZE));
         for (i, &(addr, len, write)) in bufs.iter().enumerate() {
             let idx = head + i as u16;
             let mut flags = if write { 2u16 } else { 0 };

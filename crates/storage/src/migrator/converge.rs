@@ -212,7 +212,9 @@ impl Convergence {
         }
         let running = 1.0 - f64::from(self.throttle) / 100.0;
         let share = (self.bandwidth * running / (2.0 * rate)).clamp(0.0, 1.0);
-        ((1.0 - share) * 100.0).ceil().clamp(0.0, f64::from(MAX_THROTTLE)) as u8
+        ((1.0 - share) * 100.0)
+            .ceil()
+            .clamp(0.0, f64::from(MAX_THROTTLE)) as u8
     }
 
     fn step_throttle(&mut self) {

@@ -112,6 +112,10 @@ const ZERO_FREE_MEMORY: &str =
     "free=$(sed -n 's/^MemFree: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo); \
      dd if=/dev/zero of=/zero bs=1M count=$(( free / 1024 - 12 )) 2>/dev/null; rm -f /zero";
 
+/// Prints `C <n>` every 2 s, apart from the disk writer: if the records
+/// stop, this tells a guest whose disk I/O is stuck from one that hangs.
+const HEARTBEAT: &str = "(c=0; while true; do c=$((c+1)); echo C $c; sleep 2; done) &";
+
 /// A side of a migration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
@@ -640,23 +644,23 @@ impl Chain<'_> {
                 Role::Destination => &dst,
             };
             loop {
-                let v = trigger.next_event(&[
-                    "phase",
-                    "migration-failed",
-                    "migrated-in",
-                    "migrated-out",
-                ]);
+                let v = trigger.next_event_within(
+                    &["phase", "migration-failed", "migrated-in", "migrated-out"],
+                    lab_peers::WAIT,
+                );
                 match v {
-                    Some(v) if v["event"] == "phase" => {
+                    Ok(Some(v)) if v["event"] == "phase" => {
                         if v["role"] == case.role.name() && v["phase"] == case.phase {
                             break;
                         }
                     }
                     other => {
                         return Err(format!(
-                            "{} never reached {}: {other:?}",
+                            "{} never reached {}: {other:?} ({}; {})",
                             trigger.name,
-                            case.stop_at()
+                            case.stop_at(),
+                            src.peer.describe(),
+                            dst.describe()
                         ))
                     }
                 }
@@ -834,7 +838,13 @@ impl Chain<'_> {
             (SourceEnd::Killed, _) => {
                 self.drain(src.peer);
                 self.drain(dst);
-                Runner::Nobody(src_disk.clone())
+                // In post-copy-fetch the destination held the VM (it had
+                // sent Running): its disk has the last records.
+                Runner::Nobody(if case.post_copy {
+                    dst_disk.clone()
+                } else {
+                    src_disk.clone()
+                })
             }
         };
 
@@ -971,7 +981,10 @@ fn chosen_cases() -> Vec<Case> {
 #[ignore = "lab"]
 fn lab_faults_at_every_phase_leave_the_vm_on_exactly_one_side() {
     let dir = scratch("faults");
-    let init = write_initramfs(&dir, &format!("{ZERO_FREE_MEMORY}\n{DISK_WRITER}"));
+    let init = write_initramfs(
+        &dir,
+        &format!("{ZERO_FREE_MEMORY}\n{HEARTBEAT}\n{DISK_WRITER}"),
+    );
     let net = Net::new();
     let cases = chosen_cases();
     let mut chain = Chain {

@@ -136,17 +136,35 @@ impl PeerProcess {
     /// Waits for the next JSON event named one of `events`, skipping
     /// others; `None` once the process closed stderr (it exited).
     pub fn next_event(&self, events: &[&str]) -> Option<serde_json::Value> {
+        match self.next_event_within(events, WAIT) {
+            Ok(v) => v,
+            Err(()) => panic!(
+                "{}: no event of {events:?} within {WAIT:?} ({})",
+                self.name,
+                self.describe()
+            ),
+        }
+    }
+
+    /// [`Self::next_event`] within `wait`; `Err` if none came in time.
+    pub fn next_event_within(
+        &self,
+        events: &[&str],
+        wait: Duration,
+    ) -> Result<Option<serde_json::Value>, ()> {
+        let deadline = Instant::now() + wait;
         loop {
-            match self.stderr.recv_timeout(WAIT) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
                 Ok(l) => {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
                         if events.iter().any(|e| v["event"] == *e) {
-                            return Some(v);
+                            return Ok(Some(v));
                         }
                     }
                 }
-                Err(RecvTimeoutError::Disconnected) => return None,
-                Err(e) => panic!("{}: no event of {events:?} within {WAIT:?}: {e}", self.name),
+                Err(RecvTimeoutError::Disconnected) => return Ok(None),
+                Err(RecvTimeoutError::Timeout) => return Err(()),
             }
         }
     }
@@ -194,6 +212,7 @@ impl PeerProcess {
     /// Waits for the next serial line that `pick` accepts; every line seen
     /// on the way is passed to `seen` first.
     pub fn next_line<T>(&self, mut seen: impl FnMut(&str), pick: impl Fn(&str) -> Option<T>) -> T {
+        let mut last = None;
         loop {
             match self.stdout.recv_timeout(WAIT) {
                 Ok(l) => {
@@ -201,9 +220,10 @@ impl PeerProcess {
                     if let Some(v) = pick(&l) {
                         return v;
                     }
+                    last = Some(l);
                 }
                 Err(e) => panic!(
-                    "{}: no expected serial line within {WAIT:?}: {e}",
+                    "{}: no expected serial line within {WAIT:?} (last other line: {last:?}): {e}",
                     self.name
                 ),
             }
@@ -240,6 +260,25 @@ impl PeerProcess {
             }
             assert!(Instant::now() < deadline, "{} never stopped", self.name);
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// What the process is doing, for failure messages: its state and
+    /// kernel wait channel (or that it is gone).
+    pub fn describe(&self) -> String {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()));
+        let wchan =
+            std::fs::read_to_string(format!("/proc/{}/wchan", self.pid())).unwrap_or_default();
+        match stat {
+            Ok(stat) => {
+                let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+                format!(
+                    "{} pid {} state {state:?} wchan {wchan:?}",
+                    self.name,
+                    self.pid()
+                )
+            }
+            Err(_) => format!("{} pid {} gone", self.name, self.pid()),
         }
     }
 

@@ -18,6 +18,52 @@ pub mod snapshotter;
 pub mod terminator;
 pub mod vmm;
 
+/// Logs to stderr at `RUST_LOG`'s level, or at `default` when it is unset.
+fn init_tracing(default: &str) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .init();
+}
+
+/// Parses `argv` into `A` and keeps the matches, which tell whether a flag
+/// was given at all (the jailer flags); a bad command line exits as clap does.
+fn parse_with_matches<A: CommandFactory + clap::FromArgMatches>(
+    argv: impl IntoIterator<Item = OsString>,
+) -> (A, clap::ArgMatches) {
+    let matches = A::command().get_matches_from(argv);
+    match A::from_arg_matches(&matches) {
+        Ok(a) => (a, matches),
+        Err(e) => e.exit(),
+    }
+}
+
+/// Jails this process when jailer flags were given (`jail` builds the
+/// jail). `Some` is the exit code to end with: the supervisor's, once its
+/// VM process ended, or 1 when the jail could not be made (one line naming
+/// `command`). `None`: run the command here (unjailed, or as the jailed VM
+/// process).
+fn enter_jail_if_requested<E: std::fmt::Display>(
+    command: &str,
+    matches: &clap::ArgMatches,
+    jail: impl FnOnce() -> Result<Option<drafter_jail::Supervisor>, E>,
+) -> Option<ExitCode> {
+    if !crate::JailArgs::requested(matches) {
+        return None;
+    }
+    match jail() {
+        Err(e) => {
+            eprintln!("{command}: {e}");
+            Some(ExitCode::from(1))
+        }
+        Ok(Some(supervisor)) => Some(ExitCode::from(supervisor.run().clamp(0, 255) as u8)),
+        Ok(None) => None,
+    }
+}
+
 /// What `drafter --help` adds below the list of commands.
 const AFTER_HELP: &str = "\
 Every command is also a binary of its own: `drafter peer ...` is \

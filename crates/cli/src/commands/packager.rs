@@ -197,14 +197,7 @@ pub fn main() -> ExitCode {
 /// Runs `drafter-packager` on `argv` (`argv[0]` names the command in usage
 /// lines, e.g. `drafter packager` when run as a subcommand of `drafter`).
 pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("error,drafter_packager=warn")
-            }),
-        )
-        .init();
+    super::init_tracing("error,drafter_packager=warn");
     let args = Args::parse_from(argv);
     match run(&args) {
         Ok(o) if args.json => {

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crate::{enter_jail, JailArgs};
 use clap::builder::BoolishValueParser;
-use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{Parser, ValueEnum};
 use drafter::duration::parse_go_duration;
 use drafter::migration::{Resume, SourceOptions, VmPhase};
 use drafter::peer::{apply_devices_json, read_config, Origin, Peer, PeerError, PeerOptions};
@@ -560,18 +560,8 @@ pub fn main() -> ExitCode {
 /// Runs `drafter-peer` on `argv` (`argv[0]` names the command in usage
 /// lines, e.g. `drafter peer` when run as a subcommand of `drafter`).
 pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,drafter_peer=warn")),
-        )
-        .init();
-    let matches = Args::command().get_matches_from(argv);
-    let args = match Args::from_arg_matches(&matches) {
-        Ok(a) => a,
-        Err(e) => e.exit(),
-    };
+    super::init_tracing("error,drafter_peer=warn");
+    let (args, matches) = super::parse_with_matches::<Args>(argv);
     let jailed = JailArgs::requested(&matches);
     match run(args, jailed) {
         Ok(ExitStatus::Error(e)) => {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::{enter_jail, JailArgs};
 use clap::builder::BoolishValueParser;
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 use drafter::devices::{self as devs, PackageDevices, DEFAULT_PACKAGE_DEVICES};
 use drafter::duration::parse_go_duration;
 use drafter::package_config::PackageConfig;
@@ -212,27 +212,10 @@ pub fn main() -> ExitCode {
 /// Runs `drafter-runner` on `argv` (`argv[0]` names the command in usage
 /// lines, e.g. `drafter runner` when run as a subcommand of `drafter`).
 pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
-    let matches = Args::command().get_matches_from(argv);
-    let args = match Args::from_arg_matches(&matches) {
-        Ok(a) => a,
-        Err(e) => e.exit(),
-    };
-    if JailArgs::requested(&matches) {
-        match jail(&args) {
-            Err(e) => {
-                eprintln!("drafter-runner: {e}");
-                return ExitCode::from(1);
-            }
-            Ok(Some(supervisor)) => return ExitCode::from(supervisor.run().clamp(0, 255) as u8),
-            Ok(None) => {}
-        }
+    super::init_tracing("error");
+    let (args, matches) = super::parse_with_matches::<Args>(argv);
+    if let Some(code) = super::enter_jail_if_requested("drafter-runner", &matches, || jail(&args)) {
+        return code;
     }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

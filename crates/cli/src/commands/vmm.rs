@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::sync::mpsc::{channel, Sender};
 
 use crate::{bind_private_socket, enter_jail, resolve_inside, JailArgs};
-use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{Parser, ValueEnum};
 use drafter_jail::JailOptions;
 use drafter_vmm::config::{DriveConfig, NetConfig, SerialConfig, VsockConfig};
 use drafter_vmm::devices::virtio::net::Tap;
@@ -427,27 +427,10 @@ pub fn main() -> ExitCode {
 /// Runs `drafter-vmm` on `argv` (`argv[0]` names the command in usage
 /// lines, e.g. `drafter vmm` when run as a subcommand of `drafter`).
 pub fn main_from(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
-    let matches = Args::command().get_matches_from(argv);
-    let args = match Args::from_arg_matches(&matches) {
-        Ok(a) => a,
-        Err(e) => e.exit(),
-    };
-    if JailArgs::requested(&matches) {
-        match jail(&args) {
-            Err(e) => {
-                eprintln!("drafter-vmm: {e}");
-                return ExitCode::from(1);
-            }
-            Ok(Some(supervisor)) => return ExitCode::from(supervisor.run().clamp(0, 255) as u8),
-            Ok(None) => {}
-        }
+    super::init_tracing("warn");
+    let (args, matches) = super::parse_with_matches::<Args>(argv);
+    if let Some(code) = super::enter_jail_if_requested("drafter-vmm", &matches, || jail(&args)) {
+        return code;
     }
     match run(args) {
         Ok(ExitStatus::Poweroff) | Ok(ExitStatus::Stopped) => ExitCode::SUCCESS,

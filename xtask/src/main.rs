@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, lab and test tooling for the drafter workspace.
 
 mod bench;
+mod bench_migration;
 mod debs;
 mod fuzz;
 mod guest;
@@ -116,6 +117,33 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: u32,
     },
+    /// Benchmark: QEMU's live migration and drafter's side by side in one lab
+    /// boot (heartbeat blackout, reported downtime, total time, bytes, ratios);
+    /// prints, asserts nothing.
+    BenchMigration {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Runs per workload (the table shows medians).
+        #[arg(long, default_value_t = 1)]
+        runs: u32,
+        /// Only this workload: writer-1g, writer-256m or idle-1g.
+        #[arg(long)]
+        workload: Option<String>,
+    },
+    /// (inside the lab) the measuring side of `bench-migration`.
+    #[command(hide = true)]
+    BenchMigrationInner {
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        peer: std::path::PathBuf,
+        #[arg(long)]
+        runs: u32,
+        #[arg(long)]
+        workload: Option<String>,
+    },
     /// (inside the lab) the measuring side of `bench-qemu`.
     #[command(hide = true)]
     QemuBaselineInner {
@@ -178,6 +206,18 @@ fn run(cli: Cli) -> Result<i32> {
             testrun::run_lab_tests(&lab.options(), &filters)
         }
         Cmd::BenchQemu { lab, runs } => bench::qemu_baseline(&lab.options(), runs),
+        Cmd::BenchMigration {
+            lab,
+            runs,
+            workload,
+        } => bench_migration::run(&lab.options(), runs, workload.as_deref()),
+        Cmd::BenchMigrationInner {
+            kernel,
+            dir,
+            peer,
+            runs,
+            workload,
+        } => bench_migration::inner(&kernel, &dir, &peer, runs, workload.as_deref()),
         Cmd::QemuBaselineInner {
             kernel,
             initrd,

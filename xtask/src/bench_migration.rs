@@ -73,14 +73,10 @@ impl Workload {
     }
 }
 
-/// The workloads of issue #11, in the order they run.
+/// The workloads of issue #11, in the order they run: the 1 GiB writer
+/// last, since drafter's migration of it has crashed the lab's kernel (a
+/// stack overflow in the vCPU thread) and the others' figures come first.
 const WORKLOADS: [Workload; 3] = [
-    Workload {
-        name: "writer-1g",
-        memory_mib: 1024,
-        working_set_mib: 256,
-        rate_mib: 64,
-    },
     Workload {
         name: "writer-256m",
         memory_mib: 256,
@@ -92,6 +88,12 @@ const WORKLOADS: [Workload; 3] = [
         memory_mib: 1024,
         working_set_mib: 1,
         rate_mib: 0,
+    },
+    Workload {
+        name: "writer-1g",
+        memory_mib: 1024,
+        working_set_mib: 256,
+        rate_mib: 64,
     },
 ];
 
@@ -918,11 +920,18 @@ fn drafter_migration(
         bytes: storage["bytesSent"].as_u64().unwrap_or(0),
         before_ms,
         notes: format!(
-            "[source downtime {} ms, restore {} ms, storage total {} ms, state {} B]",
+            "[source downtime {} ms, restore {} ms, storage total {} ms, state {} B, \
+             bandwidth {:.1} MB/s, dirty rate {:.1} MB/s, predicted downtime {} ms, throttle {}%, \
+             cycles ended by {}]",
             storage["downtimeMillis"],
             dst_report["restoreMillis"],
             storage["totalMillis"],
-            src_report["stateBytes"]
+            src_report["stateBytes"],
+            storage["bandwidthBytesPerSec"].as_f64().unwrap_or(0.0) / 1e6,
+            storage["dirtyRateBytesPerSec"].as_f64().unwrap_or(0.0) / 1e6,
+            storage["predictedDowntimeMillis"],
+            storage["throttlePercent"],
+            storage["readyReason"]
         ),
     })
 }

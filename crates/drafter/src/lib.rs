@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod devices;
+pub mod dial;
 pub mod duration;
 mod files;
 pub mod migration;

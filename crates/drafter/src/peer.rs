@@ -2,7 +2,7 @@
 //! from another peer — and migrates it out to the next peer that connects.
 //! The library behind `drafter-peer`.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -227,8 +227,8 @@ impl Peer {
                 (vmm, None, Vec::new(), agent)
             }
             Origin::Migrate { raddr } => {
-                let tcp =
-                    TcpStream::connect(&raddr).map_err(io(format!("cannot connect to {raddr}")))?;
+                let tcp = crate::dial::connect(&raddr, options.source.migration.handshake_timeout)
+                    .map_err(io(format!("cannot connect to {raddr}")))?;
                 // With TLS the listener's certificate must name the host
                 // dialled (or the configured server name).
                 let link =

@@ -27,7 +27,6 @@
 //! and liveness ports (26 and 25).
 
 use std::collections::HashMap;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -306,10 +305,13 @@ pub fn terminate_from(
     raddr: &str,
     options: TerminatorOptions,
 ) -> Result<TerminatorReport, TerminatorError> {
-    let link = TcpStream::connect(raddr).map_err(|source| TerminatorError::Connect {
-        addr: raddr.to_owned(),
-        source,
-    })?;
+    let link =
+        crate::dial::connect(raddr, options.migration.handshake_timeout).map_err(|source| {
+            TerminatorError::Connect {
+                addr: raddr.to_owned(),
+                source,
+            }
+        })?;
     terminate(link, options)
 }
 

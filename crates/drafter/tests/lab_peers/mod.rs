@@ -28,8 +28,13 @@ pub const SECRET: &str = "lab-migration-secret";
 pub const COUNTER: &str = "i=0; while true; do i=$((i+1)); \
      echo COUNT $i $(cut -d' ' -f1 /proc/uptime); sleep 0.5; done";
 
-/// The `drafter-peer` binary next to this test executable's directory.
+/// The `drafter-peer` binary next to this test executable's directory, or
+/// the one `DRAFTER_PEER_BIN` names (e.g. a release build: a debug peer
+/// migrates a busy guest several times slower in the lab).
 pub fn peer_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("DRAFTER_PEER_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().unwrap_or_default();
     let bin = exe
         .parent()

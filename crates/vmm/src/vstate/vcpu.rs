@@ -273,6 +273,37 @@ impl Vcpu {
         self.fd.get_regs().map_err(ioctl("GET_REGS"))
     }
 
+    /// One line with what a crash report needs: instruction and stack
+    /// pointers, control registers, the IDT and the event KVM had pending.
+    fn crash_report(&self) -> String {
+        let regs = match self.fd.get_regs() {
+            Ok(r) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax
+            ),
+            Err(e) => format!("regs unreadable ({e})"),
+        };
+        let sregs = match self.fd.get_sregs() {
+            Ok(s) => format!(
+                "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x} cs={:#x}",
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit, s.cs.selector
+            ),
+            Err(e) => format!("sregs unreadable ({e})"),
+        };
+        let events = match self.fd.get_vcpu_events() {
+            Ok(e) => format!(
+                "exception injected={} nr={} error_code={:#x} interrupt injected={} nr={}",
+                e.exception.injected,
+                e.exception.nr,
+                e.exception.error_code,
+                e.interrupt.injected,
+                e.interrupt.nr
+            ),
+            Err(e) => format!("events unreadable ({e})"),
+        };
+        format!("{regs} {sregs} {events}")
+    }
+
     /// Reads the MSRs in `indices`, in that order. KVM lists some MSRs it then
     /// refuses to read (e.g. ones the guest's CPUID does not enable): those
     /// are left out of the result (and logged), so that every returned entry
@@ -451,7 +482,16 @@ impl Vcpu {
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {
                 RunOutcome::Continue
             }
-            Ok(VcpuExit::Shutdown) => RunOutcome::Reset,
+            Ok(VcpuExit::Shutdown) => {
+                // A triple fault: what the vCPU was doing says whether the
+                // guest crashed on its own or ran on memory that is not its.
+                tracing::error!(
+                    vcpu = self.index,
+                    "guest triple fault: {}",
+                    self.crash_report()
+                );
+                RunOutcome::Reset
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => RunOutcome::Poweroff,
                 KVM_SYSTEM_EVENT_RESET => RunOutcome::Reset,

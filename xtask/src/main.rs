@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_migration;
+mod bench_resume;
 mod debs;
 mod fuzz;
 mod guest;
@@ -117,6 +118,32 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: u32,
     },
+    /// Benchmark: resume from a package with our runner vs QEMU `-incoming`
+    /// from a migration file, same guest, in one lab run (prints medians).
+    BenchResume {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Timed resumes per side and memory size.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Guest memory sizes in MiB (repeat the flag).
+        #[arg(long, default_values_t = [256, 1024])]
+        sizes: Vec<u32>,
+    },
+    /// (inside the lab) the measuring side of `bench-resume`.
+    #[command(hide = true)]
+    BenchResumeInner {
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        #[arg(long)]
+        initrd: std::path::PathBuf,
+        #[arg(long)]
+        bin_dir: std::path::PathBuf,
+        #[arg(long)]
+        runs: u32,
+        #[arg(long)]
+        sizes: Vec<u32>,
+    },
     /// Benchmark: QEMU's live migration and drafter's side by side in one lab
     /// boot (heartbeat blackout, reported downtime, total time, bytes, ratios);
     /// prints, asserts nothing.
@@ -223,6 +250,17 @@ fn run(cli: Cli) -> Result<i32> {
             initrd,
             runs,
         } => bench::inner(&kernel, &initrd, runs),
+        Cmd::BenchResume { lab, runs, sizes } => bench_resume::run(
+            &lab.options(),
+            &bench_resume::BenchResumeArgs { runs, sizes },
+        ),
+        Cmd::BenchResumeInner {
+            kernel,
+            initrd,
+            bin_dir,
+            runs,
+            sizes,
+        } => bench_resume::inner(&kernel, &initrd, &bin_dir, runs, &sizes),
         Cmd::GuestKernel => {
             println!("{}", guest::ensure()?.display());
             Ok(0)

@@ -13,6 +13,7 @@ mod lab_peers;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use lab_peers::{
     add_writable_disk, missing_records, parse_count, records_in, s, wait_records,
@@ -214,6 +215,46 @@ fn build_memwriter(dir: &Path) -> Vec<u8> {
     std::fs::read(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()))
 }
 
+/// Prints each vCPU of the state file at `path`: where it ran, whether it
+/// was halted, its pending events and its LAPIC timer (mode, initial and
+/// current count, TSC deadline).
+fn describe_saved_vcpus(path: &Path) {
+    let snap: drafter_vmm::Snapshot = match drafter_vmm::persist::read_state_file(path) {
+        Ok(s) => s,
+        Err(e) => return eprintln!("state {}: {e}", path.display()),
+    };
+    let reg = |lapic: &[i8], off: usize| {
+        let b: Vec<u8> = lapic[off..off + 4].iter().map(|v| *v as u8).collect();
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    };
+    for (i, v) in snap.vcpus.iter().enumerate() {
+        let msr = |idx: u32| v.msrs.iter().find(|m| m.index == idx).map(|m| m.data);
+        eprintln!(
+            "SAVED vcpu {i}: rip={:#x} rsp={:#x} rflags={:#x} cr3={:#x} mp_state={} \
+             events: irq injected={} nr={} nmi pending={} exception injected={} nr={} \
+             lapic: lvt_timer={:#x} tmict={:#x} tmcct={:#x} isr0={:#x} irr0={:#x} \
+             tsc={:?} tsc_deadline={:?}",
+            v.regs.rip,
+            v.regs.rsp,
+            v.regs.rflags,
+            v.sregs.cr3,
+            v.mp_state.mp_state,
+            v.events.interrupt.injected,
+            v.events.interrupt.nr,
+            v.events.nmi.pending,
+            v.events.exception.injected,
+            v.events.exception.nr,
+            reg(&v.lapic.regs, 0x320),
+            reg(&v.lapic.regs, 0x380),
+            reg(&v.lapic.regs, 0x390),
+            reg(&v.lapic.regs, 0x100),
+            reg(&v.lapic.regs, 0x200),
+            msr(0x10),
+            msr(0x6e0),
+        );
+    }
+}
+
 /// `V <checked> <bad>`: the memory writer's periodic verdict.
 fn parse_verdict(line: &str) -> Option<(u64, u64)> {
     let mut w = line.split_whitespace().skip_while(|w| *w != "V").skip(1);
@@ -307,6 +348,14 @@ fn repro_fast_writer_migrates_with_memory_intact() {
         "the source guest made no progress during pre-copy: {before:?} -> {last:?}"
     );
     let incoming = b.event("migrated-in");
+    // A destination guest that stays silent: what its vCPU was doing when
+    // the source paused it (the state it got) says whether it had hung
+    // already (halted with no timer armed, or spinning somewhere).
+    let first = b.next_line_within(Duration::from_secs(120));
+    if first.is_none() {
+        describe_saved_vcpus(&dir.join("b").join("state.bin"));
+        panic!("B printed nothing for 120 s after migrated-in");
+    }
     // On the destination the writer goes on from where it was, and every
     // page it checks is intact.
     let mut prev = last;

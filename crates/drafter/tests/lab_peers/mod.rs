@@ -235,6 +235,12 @@ impl PeerProcess {
         }
     }
 
+    /// The next serial line within `wait`, or `None` if the guest stayed
+    /// silent that long (or the process ended).
+    pub fn next_line_within(&self, wait: Duration) -> Option<String> {
+        self.stdout.recv_timeout(wait).ok()
+    }
+
     /// The serial lines that arrived so far and were not read yet.
     pub fn serial_so_far(&self) -> Vec<String> {
         self.stdout.try_iter().collect()

@@ -930,3 +930,67 @@ fn a_post_copy_transfer_failing_after_the_vm_ran_keeps_its_drive_and_state() {
     assert!(work.join("state.bin").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 11 item 4: a pre-copy destination restores the VM (state read,
+/// KVM VM, devices) while the final dirty blocks are still on their way,
+/// not after the last one: the source holds its tail back until the
+/// destination has started restoring, and the VM still arrives whole and
+/// runs only after every block is here.
+#[test]
+fn a_pre_copy_destination_restores_while_the_tail_is_in_flight() {
+    use drafter::migration::VmPhase;
+    use drafter_storage::{Phase, Progress};
+    let dir = scratch("restore-early");
+    let vmm = boot(Vec::new());
+    let (link, far_end) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+    let (restoring, tail_may_go) = channel::<()>();
+    let tail_may_go = Mutex::new(tail_may_go);
+    let work = dir.join("dst");
+    let dest = {
+        let work = work.clone();
+        std::thread::spawn(move || {
+            let restoring = Mutex::new(restoring);
+            VmMigrationDestination::accept(
+                far_end,
+                DestinationOptions {
+                    resume: Resume::AfterComplete,
+                    migration: migration_config("r"),
+                    console: Some(Box::new(std::io::sink())),
+                    observer: Some(Arc::new(move |p| {
+                        if p == VmPhase::Restore {
+                            let tx = restoring.lock().unwrap_or_else(|p| p.into_inner());
+                            let _ = tx.send(());
+                        }
+                    })),
+                    ..DestinationOptions::new(work)
+                },
+            )
+        })
+    };
+    let released_by_restore = Arc::new(Mutex::new(None));
+    let released = released_by_restore.clone();
+    let source = VmMigrationSource::new(vmm.clone(), source_options("r"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_observer(Arc::new(move |p: &Progress| {
+            if *p == Progress::Phase(Phase::Tail) {
+                let rx = tail_may_go.lock().unwrap_or_else(|p| p.into_inner());
+                let ok = rx.recv_timeout(Duration::from_secs(20)).is_ok();
+                *released.lock().unwrap_or_else(|p| p.into_inner()) = Some(ok);
+            }
+        }));
+    source.migrate(link).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        *released_by_restore
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+        Some(true),
+        "the destination did not start restoring before the final blocks came"
+    );
+    let mut incoming = joined(dest);
+    incoming
+        .finish_transfer()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = counter(incoming.vmm());
+    wait_counter_past(incoming.vmm(), c);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -299,19 +299,23 @@ fn repro_fast_writer_migrates_with_memory_intact() {
     );
     std::fs::write(&init, image).unwrap_or_else(|e| panic!("{e}"));
     let cfg = write_config_with(&dir, init, mem);
-    let a = PeerProcess::spawn(
-        "A",
-        &[
-            "--config",
-            s(&cfg),
-            "--work-dir",
-            s(&dir.join("a")),
-            "--laddr",
-            "127.0.0.1:0",
-            "--secret",
-            SECRET,
-        ],
-    );
+    let mut args = vec![
+        "--config".to_string(),
+        s(&cfg).to_string(),
+        "--work-dir".to_string(),
+        s(&dir.join("a")).to_string(),
+        "--laddr".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--secret".to_string(),
+        SECRET.to_string(),
+    ];
+    // REPRO_DEVICES: the source's --devices JSON (e.g. another memory
+    // block size).
+    if let Ok(devices) = std::env::var("REPRO_DEVICES") {
+        args.extend(["--devices".to_string(), devices]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = PeerProcess::spawn("A", &args);
     let addr = a.event("listening")["addr"]
         .as_str()
         .unwrap_or_default()

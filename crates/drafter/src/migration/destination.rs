@@ -587,16 +587,16 @@ impl VmMigrationDestination {
             session.decline(&e.to_string());
             e
         };
-        match options.resume {
-            Resume::AfterComplete => {
-                session.wait_received()?;
-                tell(VmPhase::Restore);
-            }
-            Resume::AtAuthority => {
-                session.wait_offer()?;
-                tell(VmPhase::Restore);
-                fetch_all(&drives, options.fetch_concurrency).map_err(decline)?;
-            }
+        // The restore starts at the offer, while the final dirty blocks are
+        // still arriving (off the downtime's critical path): reading the
+        // state fetches its blocks first, and nothing the restore does reads
+        // guest memory, which the tail keeps writing into the shared memory
+        // file. The VM stays paused until every block is here (after
+        // complete) or runs on fetched pages (at authority).
+        session.wait_offer()?;
+        tell(VmPhase::Restore);
+        if let Resume::AtAuthority = options.resume {
+            fetch_all(&drives, options.fetch_concurrency).map_err(decline)?;
         }
         let start = Instant::now();
         // The drives are put in place before the restore (the VM's
@@ -635,6 +635,11 @@ impl VmMigrationDestination {
         )
         .map_err(|e| decline(VmMigrationError::Restore(Box::new(e))))?;
         let restore_millis = start.elapsed().as_secs_f64() * 1e3;
+        if let Resume::AfterComplete = options.resume {
+            // Drives and memory complete before the VM may run here (the
+            // restored VM is dropped, paused, if the transfer fails).
+            session.wait_received()?;
+        }
         // The VM is restored and paused: ask for authority. Without Commit
         // (within the link timeout) it must not run here.
         tell(VmPhase::ReadyToRun);

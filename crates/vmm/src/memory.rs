@@ -99,6 +99,9 @@ pub struct Memory {
     pub shared_file: Option<PathBuf>,
     /// The userfaultfd handler thread, when pages are served on demand.
     pub uffd: Option<UffdHandler>,
+    /// Whether a page the process never touched reads as zero: anonymous
+    /// private RAM, not a file's pages nor pages a provider still owes.
+    pub untouched_is_zero: bool,
 }
 
 impl Memory {
@@ -256,6 +259,7 @@ pub fn create(mem_size: u64, backend: MemoryBackend) -> Result<Memory, MemoryErr
         guest,
         shared_file,
         uffd,
+        untouched_is_zero: matches!(backend_kind, BackendKind::Anonymous),
     })
 }
 

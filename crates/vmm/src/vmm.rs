@@ -387,6 +387,13 @@ impl Vmm {
         &self.memory.guest
     }
 
+    /// Whether guest RAM the process never touched reads as zero
+    /// (anonymous memory), so a reader may skip pages that are neither
+    /// present nor swapped out instead of faulting them in.
+    pub fn untouched_memory_is_zero(&self) -> bool {
+        self.memory.untouched_is_zero
+    }
+
     /// Whether the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         self.paused

@@ -7,10 +7,13 @@
 //! it). Reads race with a running guest, as with any pre-copy: the dirty log
 //! reports every page written after it was read.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
 use drafter_storage::error::Result;
 use drafter_storage::{BlockDevice, StorageError};
 use drafter_vmm::memory::GuestMemory;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 /// One guest RAM region in the memory file layout.
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +31,15 @@ pub struct GuestMemoryDevice {
     spans: Vec<Span>,
     size: u64,
     block_size: u32,
+    /// `/proc/self/pagemap`, when untouched pages read as zero.
+    pagemap: Option<File>,
 }
+
+/// Page size of the host mappings and of `/proc/self/pagemap` entries.
+const PAGE: u64 = 4096;
+/// Pagemap entry bits: the page is mapped, or swapped out (or migrating).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
 
 impl GuestMemoryDevice {
     /// Guest RAM of `memory` in blocks of `block_size` bytes.
@@ -49,8 +60,82 @@ impl GuestMemoryDevice {
             spans,
             size,
             block_size,
+            pagemap: None,
         })
     }
+
+    /// Reads pages this process never touched (neither mapped nor swapped
+    /// out, per `/proc/self/pagemap`) as zeros without faulting them in.
+    /// Only for memory whose untouched pages are zero (anonymous RAM, see
+    /// [`drafter_vmm::Vmm::untouched_memory_is_zero`]): an idle guest's
+    /// free memory is then neither copied nor mapped (the zero page) by the
+    /// full pass. Without a readable pagemap every page is read.
+    pub fn skip_untouched_pages(mut self) -> Self {
+        match File::open("/proc/self/pagemap") {
+            Ok(f) => self.pagemap = Some(f),
+            Err(e) => tracing::debug!("no /proc/self/pagemap, reading every page: {e}"),
+        }
+        self
+    }
+
+    /// Reads `buf.len()` bytes at guest address `addr`, zero-filling the
+    /// whole pages that were never touched.
+    fn read_guest(&self, buf: &mut [u8], addr: GuestAddress) -> Result<()> {
+        let err = |e: String| StorageError::io("reading guest memory", std::io::Error::other(e));
+        let untouched = match &self.pagemap {
+            Some(pm) if addr.0.is_multiple_of(PAGE) && (buf.len() as u64).is_multiple_of(PAGE) => {
+                untouched_pages(pm, &self.memory, addr, buf.len())
+            }
+            _ => None,
+        };
+        let Some(untouched) = untouched else {
+            return self
+                .memory
+                .read_slice(buf, addr)
+                .map_err(|e| err(e.to_string()));
+        };
+        let mut i = 0usize;
+        while i < untouched.len() {
+            // A run of pages of the same kind: one copy or one fill.
+            let kind = untouched[i];
+            let mut j = i;
+            while j < untouched.len() && untouched[j] == kind {
+                j += 1;
+            }
+            let (from, to) = (i * PAGE as usize, j * PAGE as usize);
+            if kind {
+                buf[from..to].fill(0);
+            } else {
+                self.memory
+                    .read_slice(&mut buf[from..to], addr.unchecked_add(from as u64))
+                    .map_err(|e| err(e.to_string()))?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+}
+
+/// For each page of `len` bytes at `addr` (page-aligned, within one
+/// region): whether it was never touched. `None` if the pagemap cannot say.
+fn untouched_pages(
+    pm: &File,
+    memory: &GuestMemory,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<Vec<bool>> {
+    let hva = memory.get_host_address(addr).ok()? as u64;
+    let pages = len / PAGE as usize;
+    let mut raw = vec![0u8; pages * 8];
+    pm.read_exact_at(&mut raw, hva / PAGE * 8).ok()?;
+    Some(
+        raw.chunks_exact(8)
+            .map(|e| {
+                let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+                v & (PM_PRESENT | PM_SWAPPED) == 0
+            })
+            .collect(),
+    )
 }
 
 fn out_of_range(offset: u64, len: usize, size: u64) -> StorageError {
@@ -86,9 +171,7 @@ impl BlockDevice for GuestMemoryDevice {
             }
             let n = (stop.min(end) - from) as usize;
             let addr = GuestAddress(s.guest_addr + (from - start));
-            self.memory
-                .read_slice(&mut buf[done..done + n], addr)
-                .map_err(|e| StorageError::io("reading guest memory", std::io::Error::other(e)))?;
+            self.read_guest(&mut buf[done..done + n], addr)?;
             done += n;
         }
         if done == buf.len() {
@@ -137,5 +220,63 @@ mod tests {
         assert!(buf[9086..].iter().all(|b| *b == 0));
         assert!(dev.read_at(&mut buf, (8 << 20) - 4096).is_err());
         assert!(dev.write_at(&buf, 0).is_err());
+    }
+
+    /// Whether the page at `addr` of `mem` is mapped in this process.
+    fn mapped(mem: &GuestMemory, addr: u64) -> bool {
+        let pm = File::open("/proc/self/pagemap").unwrap_or_else(|e| panic!("{e}"));
+        untouched_pages(&pm, mem, GuestAddress(addr), 4096)
+            .unwrap_or_else(|| panic!("pagemap unreadable"))
+            .first()
+            == Some(&false)
+    }
+
+    #[test]
+    fn untouched_pages_read_as_zero_without_being_faulted_in() {
+        let mem = create(16 << 20, MemoryBackend::Anonymous).unwrap_or_else(|e| panic!("{e}"));
+        assert!(mem.untouched_is_zero);
+        // Pages 3 and 4 written (page 4 only partly), the rest never touched.
+        mem.guest
+            .write_slice(&[9u8; 4096 + 100], GuestAddress(3 * 4096))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plain =
+            GuestMemoryDevice::new(mem.guest.clone(), 65536).unwrap_or_else(|e| panic!("{e}"));
+        let skipping = GuestMemoryDevice::new(mem.guest.clone(), 65536)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .skip_untouched_pages();
+        let mut a = vec![0xffu8; 1 << 20];
+        skipping
+            .read_at(&mut a, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(a[..3 * 4096].iter().all(|b| *b == 0));
+        assert!(a[3 * 4096..4 * 4096 + 100].iter().all(|b| *b == 9));
+        assert!(a[4 * 4096 + 100..].iter().all(|b| *b == 0));
+        let mut b = vec![0xffu8; 1 << 20];
+        plain.read_at(&mut b, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a, b);
+        // Far from the written pages (another huge page), a skipping read
+        // leaves untouched pages unmapped; a plain read maps them (the
+        // zero page), with the same bytes.
+        let far = 8u64 << 20;
+        a.fill(0xff);
+        skipping
+            .read_at(&mut a, far)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(a.iter().all(|b| *b == 0));
+        assert!(!mapped(&mem.guest, far + 2 * 4096));
+        assert!(mapped(&mem.guest, 3 * 4096));
+        b.fill(0xff);
+        plain.read_at(&mut b, far).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a, b);
+        assert!(mapped(&mem.guest, far + 2 * 4096));
+        // File-backed memory is never skipped.
+        let dir = std::env::temp_dir().join(format!("gmd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("mem");
+        std::fs::write(&path, vec![5u8; 1 << 20]).unwrap_or_else(|e| panic!("{e}"));
+        let filed =
+            create(1 << 20, MemoryBackend::PrivateFile(path)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!filed.untouched_is_zero);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

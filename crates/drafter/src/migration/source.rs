@@ -147,12 +147,14 @@ impl VmMigrationSource {
         }
         // The engine reads guest RAM through the VMM's mapping, whatever
         // backs it; only the guest writes it.
-        let guest = vmm
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .guest_memory()
-            .clone();
-        let file = GuestMemoryDevice::new(guest, options.memory.block_size)?;
+        let (guest, untouched_is_zero) = {
+            let v = vmm.lock().unwrap_or_else(|p| p.into_inner());
+            (v.guest_memory().clone(), v.untouched_memory_is_zero())
+        };
+        let mut file = GuestMemoryDevice::new(guest, options.memory.block_size)?;
+        if untouched_is_zero {
+            file = file.skip_untouched_pages();
+        }
         if file.size() != ram {
             return Err(VmMigrationError::GuestMemorySize {
                 actual: file.size(),

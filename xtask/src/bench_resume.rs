@@ -8,7 +8,7 @@
 //! build) snapshots it into a package; each run copies the package (the runner
 //! resumes in place, so every run starts from the same files) and times
 //! `drafter-runner` from spawn to the first heartbeat line, keeping the
-//! runner's own `resume_ms`/`total_ms`. QEMU: the guest boots under
+//! runner's own `resumeMs`/`totalMs`. QEMU: the guest boots under
 //! `qemu-system-x86_64 -M microvm`, is migrated while running into a file
 //! over QMP (`migrate exec:cat > FILE`, QEMU 7.2 has no `file:` URI), and each
 //! run times `qemu-system-x86_64 ... -incoming "exec:cat FILE"` (autostart: the
@@ -337,7 +337,7 @@ fn make_package(s: &Setup) -> Result<Duration> {
 }
 
 /// One timed resume with our runner from a fresh copy of the package:
-/// (spawn to first heartbeat, the runner's `resume_ms`, its `total_ms`).
+/// (spawn to first heartbeat, the runner's `resumeMs`, its `totalMs`).
 fn ours_once(s: &Setup, i: u32) -> Result<(Duration, u64, u64)> {
     let copy = s.work.join(format!("package-run-{i}"));
     let _ = std::fs::remove_dir_all(&copy);
@@ -378,11 +378,7 @@ fn ours_once(s: &Setup, i: u32) -> Result<(Duration, u64, u64)> {
         }
         let r = report.unwrap_or_default();
         let ms = |k: &str| r[k].as_u64().unwrap_or_default();
-        Ok((
-            heartbeat.unwrap_or_default(),
-            ms("resume_ms"),
-            ms("total_ms"),
-        ))
+        Ok((heartbeat.unwrap_or_default(), ms("resumeMs"), ms("totalMs")))
     })();
     let _ = std::fs::remove_dir_all(&copy);
     result

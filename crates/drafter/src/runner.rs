@@ -69,6 +69,7 @@ impl RunnerOptions {
 
 /// What a resume took.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ResumeReport {
     /// Reading the state and rebuilding the VM (memory mapped, devices
     /// restored), in milliseconds.
@@ -85,6 +86,7 @@ pub struct ResumeReport {
 
 /// What a suspend took.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SuspendReport {
     /// The agent's `BeforeSuspend` call.
     pub before_suspend_ms: u64,

@@ -132,6 +132,7 @@ pub struct DeviceReport {
 
 /// What a snapshot took and produced.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SnapshotReport {
     /// Copying the inputs, in milliseconds.
     pub copy_ms: u64,

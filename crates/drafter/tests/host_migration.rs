@@ -987,9 +987,7 @@ fn a_pre_copy_destination_restores_while_the_tail_is_in_flight() {
         "the destination did not start restoring before the final blocks came"
     );
     let mut incoming = joined(dest);
-    incoming
-        .finish_transfer()
-        .unwrap_or_else(|e| panic!("{e}"));
+    incoming.finish_transfer().unwrap_or_else(|e| panic!("{e}"));
     let c = counter(incoming.vmm());
     wait_counter_past(incoming.vmm(), c);
     let _ = std::fs::remove_dir_all(&dir);

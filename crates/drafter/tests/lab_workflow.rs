@@ -289,13 +289,10 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
     let snap = snapshot_package(bp, pkg, ns);
     eprintln!(
         "snapshotter: boot to liveness {} ms, BeforeSuspend {} ms, snapshot {} ms, total {} ms",
-        snap["boot_to_liveness_ms"],
-        snap["before_suspend_ms"],
-        snap["snapshot_ms"],
-        snap["total_ms"]
+        snap["bootToLivenessMs"], snap["beforeSuspendMs"], snap["snapshotMs"], snap["totalMs"]
     );
     assert_eq!(
-        snap["before_suspend_output"].as_str().map(str::trim),
+        snap["beforeSuspendOutput"].as_str().map(str::trim),
         Some("suspend-drafterhost"),
         "{snap}"
     );
@@ -411,13 +408,10 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
     let resumed = first.event("resumed");
     eprintln!(
         "runner 1: resumed in {} ms (restore {} ms, vCPUs running at {} ms, AfterResume {} ms)",
-        resumed["total_ms"],
-        resumed["restore_ms"],
-        resumed["resume_ms"],
-        resumed["after_resume_ms"]
+        resumed["totalMs"], resumed["restoreMs"], resumed["resumeMs"], resumed["afterResumeMs"]
     );
     assert_eq!(
-        resumed["after_resume_output"].as_str().map(str::trim),
+        resumed["afterResumeOutput"].as_str().map(str::trim),
         Some("resumed-after-suspend-drafterhost"),
         "{resumed}"
     );
@@ -431,10 +425,10 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
     let suspended = first.interrupt();
     eprintln!(
         "runner 1: suspended in {} ms (BeforeSuspend {} ms, state+memory+disks {} ms)",
-        suspended["total_ms"], suspended["before_suspend_ms"], suspended["suspend_ms"]
+        suspended["totalMs"], suspended["beforeSuspendMs"], suspended["suspendMs"]
     );
     assert_eq!(
-        suspended["before_suspend_output"].as_str().map(str::trim),
+        suspended["beforeSuspendOutput"].as_str().map(str::trim),
         Some("suspend-drafterhost"),
         "{suspended}"
     );
@@ -449,13 +443,10 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
     let resumed = second.event("resumed");
     eprintln!(
         "runner 2: resumed in {} ms (restore {} ms, vCPUs running at {} ms, AfterResume {} ms)",
-        resumed["total_ms"],
-        resumed["restore_ms"],
-        resumed["resume_ms"],
-        resumed["after_resume_ms"]
+        resumed["totalMs"], resumed["restoreMs"], resumed["resumeMs"], resumed["afterResumeMs"]
     );
     assert_eq!(
-        resumed["after_resume_output"].as_str().map(str::trim),
+        resumed["afterResumeOutput"].as_str().map(str::trim),
         Some("resumed-after-suspend-drafterhost"),
         "{resumed}"
     );
@@ -1105,7 +1096,7 @@ fn chain(bp: &Path, dir: &Path, ns: [&str; 2], ports: [u16; 2]) {
     let pkg = dir.join("package");
     // A small guest: every hop moves all of its memory.
     let snap = snapshot_package_sized(bp, &pkg, ns[0], 256, &[]);
-    eprintln!("chain: snapshot in {} ms", snap["total_ms"]);
+    eprintln!("chain: snapshot in {} ms", snap["totalMs"]);
 
     let mut registry = Tool::start(
         "drafter-registry",
@@ -1218,7 +1209,7 @@ fn chain(bp: &Path, dir: &Path, ns: [&str; 2], ports: [u16; 2]) {
     let mut runner = RunnerProcess::start(&runner_args(ns[1], &backup));
     let resumed = runner.event("resumed");
     assert_eq!(
-        resumed["after_resume_output"].as_str().map(str::trim),
+        resumed["afterResumeOutput"].as_str().map(str::trim),
         Some("resumed-after-suspend-drafterhost"),
         "{resumed}"
     );
@@ -1229,7 +1220,7 @@ fn chain(bp: &Path, dir: &Path, ns: [&str; 2], ports: [u16; 2]) {
     eprintln!(
         "chain: runner resumed the backup in {} ms (AfterResume {} ms): {keys} keys acknowledged before \
          were there, {all} in all; hook counters {:?}",
-        resumed["total_ms"], resumed["after_resume_ms"], chain.counts
+        resumed["totalMs"], resumed["afterResumeMs"], chain.counts
     );
     runner.interrupt();
     eprintln!("chain: {} s in all", start.elapsed().as_secs());
@@ -1423,10 +1414,10 @@ fn jailed_workflow(bp: &Path, dir: &Path, ns: &str) {
     let snap = snapshot_package_with(bp, &pkg, ns, &jail_args(&base));
     eprintln!(
         "jailed snapshotter: boot to liveness {} ms, total {} ms",
-        snap["boot_to_liveness_ms"], snap["total_ms"]
+        snap["bootToLivenessMs"], snap["totalMs"]
     );
     assert_eq!(
-        snap["before_suspend_output"].as_str().map(str::trim),
+        snap["beforeSuspendOutput"].as_str().map(str::trim),
         Some("suspend-drafterhost"),
         "{snap}"
     );

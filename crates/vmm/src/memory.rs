@@ -153,33 +153,10 @@ fn region(
         .ok_or_else(|| MemoryError::Mmap("region overflows the address space".into()))
 }
 
-/// Whether a backend's RAM may use transparent huge pages.
+/// Whether a backend's untouched pages read as zero.
 enum BackendKind {
     Anonymous,
     Other,
-}
-
-/// Asks for transparent huge pages on anonymous guest RAM, as QEMU does:
-/// KVM then maps the guest with 2 MiB pages (fewer TLB misses and nested
-/// page faults) until a migration's dirty logging splits them. Userfault
-/// memory stays at 4 KiB (pages arrive one at a time); shared files are the
-/// page cache's. Advisory: a host with THP off keeps 4 KiB pages.
-fn huge_pages(r: &GuestRegionMmap<AtomicBitmap>) {
-    // SAFETY: the range is exactly this region's own live mapping;
-    // MADV_HUGEPAGE changes how it is backed, never its contents.
-    let rc = unsafe {
-        libc::madvise(
-            r.as_ptr().cast::<libc::c_void>(),
-            r.len() as usize,
-            libc::MADV_HUGEPAGE,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(
-            "MADV_HUGEPAGE on guest RAM: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 /// Creates `mem_size` bytes of guest RAM on `backend`.
@@ -244,9 +221,6 @@ pub fn create(mem_size: u64, backend: MemoryBackend) -> Result<Memory, MemoryErr
     let mut file_off = 0u64;
     for (base, size) in ranges {
         let r = region(base, size, flags, file.as_ref().map(|f| (f, file_off)))?;
-        if matches!(backend_kind, BackendKind::Anonymous) {
-            huge_pages(&r);
-        }
         regions.push(r);
         file_off += size;
     }
@@ -349,61 +323,6 @@ mod tests {
         assert_eq!(bytes.len(), 1 << 20);
         assert_eq!(&bytes[0x3000..0x300a], &[0xab; 10]);
         assert!(bytes[..0x3000].iter().all(|b| *b == 0));
-    }
-
-    /// The `/proc/self/smaps` block of the mapping that holds `addr`.
-    fn smaps_of(addr: usize) -> String {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-        let mut out = String::new();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let range = line.split_whitespace().next().unwrap_or("");
-            if let Some((a, b)) = range.split_once('-') {
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                {
-                    inside = a <= addr && addr < b;
-                    continue;
-                }
-            }
-            if inside {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn anonymous_ram_asks_for_huge_pages_and_file_backed_ram_does_not() {
-        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-            .unwrap_or_default();
-        if thp.is_empty() || thp.contains("[never]") {
-            eprintln!("transparent huge pages are off on this host: nothing to check");
-            return;
-        }
-        let m = create(64 << 20, MemoryBackend::Anonymous).unwrap_or_else(|e| panic!("{e}"));
-        let r = m.guest.iter().next().unwrap_or_else(|| panic!("no region"));
-        let block = smaps_of(r.as_ptr() as usize);
-        assert!(block.contains("VmFlags:"), "mapping not found in smaps");
-        let flags = block
-            .lines()
-            .find(|l| l.starts_with("VmFlags:"))
-            .unwrap_or_default();
-        assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
-        // A private file mapping is left alone.
-        let dir = std::env::temp_dir().join(format!("vmm-thp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.join("mem");
-        std::fs::write(&path, vec![0u8; 4 << 20]).unwrap_or_else(|e| panic!("{e}"));
-        let p = create(4 << 20, MemoryBackend::PrivateFile(path)).unwrap_or_else(|e| panic!("{e}"));
-        let r = p.guest.iter().next().unwrap_or_else(|| panic!("no region"));
-        let block = smaps_of(r.as_ptr() as usize);
-        let flags = block
-            .lines()
-            .find(|l| l.starts_with("VmFlags:"))
-            .unwrap_or_default();
-        assert!(!flags.split_whitespace().any(|f| f == "hg"), "{flags}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

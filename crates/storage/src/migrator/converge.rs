@@ -133,12 +133,17 @@ impl Convergence {
     }
 
     /// Predicted downtime if the VM stopped now: every device's dirty bytes
-    /// over the bandwidth, plus the fixed allowance.
+    /// over the bandwidth, plus the fixed allowance. Nothing dirty needs no
+    /// bandwidth: a quiet guest fits even when no send was big enough to
+    /// measure the link (a small or mostly-zero full pass).
     fn predict(&self) -> Option<Duration> {
+        let bytes: u64 = self.dirty_bytes.iter().sum();
+        if bytes == 0 {
+            return Some(self.allowance);
+        }
         if self.bandwidth <= 0.0 {
             return None;
         }
-        let bytes: u64 = self.dirty_bytes.iter().sum();
         Duration::try_from_secs_f64(bytes as f64 / self.bandwidth)
             .ok()
             .map(|d| d + self.allowance)
@@ -274,6 +279,19 @@ mod tests {
         c.record_dirty(0, 100 << 10, t + Duration::from_secs(1));
         assert_eq!(c.evaluate(false), Verdict::Continue);
         assert!(matches!(c.evaluate(true), Verdict::Fits(r) if r.contains("fits the 100 ms")));
+    }
+
+    #[test]
+    fn nothing_dirty_fits_without_a_bandwidth_sample() {
+        let (mut c, t) = conv(OnNoConvergence::Stop, None);
+        c.record_send(4 << 10, Duration::from_millis(1));
+        assert_eq!(c.bandwidth(), 0.0, "too small to sample");
+        c.record_dirty(0, 4 << 10, t + Duration::from_secs(1));
+        assert_eq!(c.evaluate(true), Verdict::Continue, "dirty, link unknown");
+        c.record_dirty(0, 0, t + Duration::from_secs(2));
+        assert!(
+            matches!(c.evaluate(true), Verdict::Fits(r) if r.contains("predicted downtime 20 ms"))
+        );
     }
 
     #[test]

@@ -1068,6 +1068,13 @@ impl Run<'_> {
         let shared = self.shared()?;
         let n = self.src.devices.len();
         let mut next_due = vec![Instant::now(); n];
+        if self.conv.is_some() {
+            // The full pass's sample counts what reached the link, so wait
+            // until its queued frames are written: a small pass can sit
+            // whole in the queue and would not show the link's rate.
+            self.flush_run()?;
+            shared.queue.drain()?;
+        }
         if let Some(c) = self.conv.as_mut() {
             c.record_send(
                 shared.queue.counters.total() - bytes_before,

@@ -2,9 +2,11 @@
 //!
 //! The library part holds what the binaries share and their tests reach:
 //! [`resolve_inside`] (paths named over a control socket) and
-//! [`bind_private_socket`] (control sockets only the owner may use).
+//! [`bind_private_socket`] (control sockets only the owner may use), and
+//! [`tls`] (the `--tls-*` flags of the commands that talk over the network).
 
 pub mod commands;
+pub mod tls;
 
 use std::os::unix::net::UnixListener;
 use std::path::{Component, Path, PathBuf};

@@ -31,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use drafter_storage::{
     BlockDevice, FileDevice, Link, MemoryDevice, MigrationConfig, MigrationError, MigrationReport,
-    MigrationSource, Mode, SourceDevice,
+    MigrationSource, Mode, Phase, SourceDevice, TlsConfig,
 };
 use drafter_vmm::{persist, Snapshot};
 use serde::Serialize;
@@ -88,6 +88,11 @@ pub struct RegistryOptions {
     /// listen backlog until one finishes (their handshake timeout runs
     /// meanwhile). At least 1.
     pub concurrency: usize,
+    /// TLS settings (TLS 1.3 with mutual certificate authentication, see
+    /// [`drafter_storage::tls`]): every accepted connection is wrapped in
+    /// TLS before the migration's handshake, which also bounds the TLS
+    /// handshake. `None`: plain TCP.
+    pub tls: Option<TlsConfig>,
 }
 
 /// One device as the registry serves it.
@@ -111,6 +116,7 @@ pub struct Registry {
     source: MigrationSource,
     served: Vec<ServedDevice>,
     concurrency: usize,
+    tls: Option<TlsConfig>,
 }
 
 /// What one peer's pull did.
@@ -306,6 +312,7 @@ impl Registry {
             source: MigrationSource::new(sources, migration),
             served,
             concurrency: options.concurrency.max(1),
+            tls: options.tls,
         })
     }
 
@@ -315,8 +322,19 @@ impl Registry {
     }
 
     /// Serves one peer on `link` until it has every block (or fails). Any
-    /// number of calls may run at once, from any threads.
+    /// number of calls may run at once, from any threads. With
+    /// [`RegistryOptions::tls`] the link is wrapped in TLS first; a TLS
+    /// handshake that fails (a client without a certificate of the CA, or
+    /// without TLS) fails this pull only.
     pub fn serve_connection<L: Link>(&self, link: L) -> Result<MigrationReport, MigrationError> {
+        let link =
+            TlsConfig::maybe_accept(self.tls.as_ref(), link).map_err(|e| MigrationError {
+                phase: Phase::Handshake,
+                authority: drafter_storage::migrator::Authority::Source,
+                cause: drafter_storage::migrator::Cause::Connection(format!(
+                    "cannot set up TLS: {e}"
+                )),
+            })?;
         // No VM to pause: the suspend hook has nothing to do.
         self.source.migrate(link, || Ok(()))
     }

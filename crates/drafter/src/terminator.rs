@@ -34,9 +34,10 @@ use std::time::{Duration, Instant};
 
 use drafter_storage::migrator::DestinationSession;
 use drafter_storage::protocol::DeviceInfo;
+use drafter_storage::tls::host_of;
 use drafter_storage::{
     BlockDevice, DestinationDevice, FileDevice, Initial, LazyDevice, Link, MemoryDevice,
-    MigrationConfig, MigrationDestination, MigrationError, MigrationReport,
+    MigrationConfig, MigrationDestination, MigrationError, MigrationReport, TlsConfig,
 };
 use drafter_vmm::{persist, Snapshot};
 use serde::Serialize;
@@ -87,6 +88,10 @@ pub enum TerminatorError {
     /// the VM).
     #[error(transparent)]
     Migration(#[from] MigrationError),
+    /// The TLS settings cannot be used for this connection (e.g. a server
+    /// name that is not a DNS name or IP address).
+    #[error(transparent)]
+    Tls(#[from] drafter_storage::TlsError),
 }
 
 impl TerminatorError {
@@ -110,6 +115,12 @@ pub struct TerminatorOptions {
     pub migration: MigrationConfig,
     /// Called about ten times a second while blocks arrive.
     pub progress: Option<TerminatorProgress>,
+    /// TLS settings for [`terminate_from`] (TLS 1.3 with mutual certificate
+    /// authentication, see [`drafter_storage::tls`]): the peer's
+    /// certificate must name the host of its address, or the settings'
+    /// server name. `None`: plain TCP. [`terminate`] takes the link as
+    /// given.
+    pub tls: Option<TlsConfig>,
 }
 
 /// One written output.
@@ -300,7 +311,10 @@ fn config_from_state(snap: &Snapshot) -> PackageConfig {
     }
 }
 
-/// Connects to the peer at `raddr` (`host:port`) and takes its VM.
+/// Connects to the peer at `raddr` (`host:port`), over TLS with
+/// [`TerminatorOptions::tls`], and takes its VM. The TLS handshake runs
+/// within the migration's handshake timeout; a TLS failure is a failed
+/// migration that leaves the VM on the peer.
 pub fn terminate_from(
     raddr: &str,
     options: TerminatorOptions,
@@ -312,6 +326,7 @@ pub fn terminate_from(
                 source,
             }
         })?;
+    let link = TlsConfig::maybe_connect(options.tls.as_ref(), link, host_of(raddr))?;
     terminate(link, options)
 }
 

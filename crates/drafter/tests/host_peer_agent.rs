@@ -86,6 +86,7 @@ fn registry(dir: &Path, vsock: bool) -> Registry {
         devices: ok(RegistryDevices::parse(&devices.to_string())),
         migration: migration(),
         concurrency: 2,
+        tls: None,
     }))
 }
 

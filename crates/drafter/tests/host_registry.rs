@@ -134,6 +134,7 @@ impl Package {
             devices: ok(RegistryDevices::parse(&devices.to_string())),
             migration: migration(),
             concurrency: 8,
+            tls: None,
         }))
     }
 }
@@ -362,6 +363,7 @@ fn terminator_options(devices: TerminatorDevices) -> TerminatorOptions {
         devices,
         migration: migration(),
         progress: None,
+        tls: None,
     }
 }
 
@@ -707,6 +709,7 @@ fn a_wrong_secret_is_refused_and_the_registry_serves_the_next_peer() {
             devices: terminator_devices(&out, &["state", "memory", "disk"]),
             migration: wrong,
             progress: None,
+            tls: None,
         },
     )
     .err()
@@ -728,6 +731,7 @@ fn a_wrong_secret_is_refused_and_the_registry_serves_the_next_peer() {
                 assert!(done <= total);
                 *s2.lock().unwrap_or_else(|p| p.into_inner()) = done;
             })),
+            tls: None,
         },
     ));
     ok(ok_join(served));

@@ -23,13 +23,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::{TlsArgsError, TlsDialArgs};
 use crate::{enter_jail, JailArgs};
 use clap::builder::BoolishValueParser;
 use clap::{Parser, ValueEnum};
 use drafter::duration::parse_go_duration;
 use drafter::migration::{Resume, SourceOptions, VmPhase};
 use drafter::peer::{apply_devices_json, read_config, Origin, Peer, PeerError, PeerOptions};
-use drafter_storage::{Mode, OnNoConvergence, Progress, Secret, TlsConfig, TlsFiles};
+use drafter_storage::{Mode, OnNoConvergence, Progress, Secret};
 use drafter_vmm::config::SerialConfig;
 use drafter_vmm::devices::virtio::net::Tap;
 use drafter_vmm::ExitStatus;
@@ -125,25 +126,8 @@ pub struct Args {
     /// Shared secret authenticating peers (default: $DRAFTER_SECRET).
     #[arg(long)]
     secret: Option<String>,
-    /// This peer's certificate (PEM). With --tls-key and --tls-ca,
-    /// migrations in and out run over TLS 1.3 with mutual certificate
-    /// authentication (the secret, if any, is checked inside TLS).
-    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
-    tls_cert: Option<PathBuf>,
-    /// This peer's private key (PEM).
-    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
-    tls_key: Option<PathBuf>,
-    /// The CA certificate the other peers' certificates must chain to (PEM).
-    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
-    tls_ca: Option<PathBuf>,
-    /// A directory holding cert.pem, key.pem and ca.pem (instead of
-    /// --tls-cert, --tls-key and --tls-ca).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
-    tls_dir: Option<PathBuf>,
-    /// Name the certificate of the peer at --raddr must carry (default:
-    /// the host part of --raddr).
-    #[arg(long)]
-    tls_server_name: Option<String>,
+    #[command(flatten)]
+    tls: TlsDialArgs,
     /// Run the VM without seccomp filters (for debugging only; vCPU threads
     /// are filtered by default, see DRAFTER_SECCOMP).
     #[arg(long)]
@@ -373,26 +357,10 @@ fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
         tracing::warn!("no secret given (--secret or DRAFTER_SECRET): any peer can take the VM");
     }
     o.migration.secret = Secret::new(secret);
-    let files = match (&a.tls_dir, &a.tls_cert, &a.tls_key, &a.tls_ca) {
-        (Some(dir), ..) => Some(TlsFiles::in_dir(dir)),
-        (None, Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            ca: ca.clone(),
-        }),
-        _ => None,
-    };
-    if let Some(files) = files {
-        let mut tls = TlsConfig::load(&files)?;
-        if let Some(name) = &a.tls_server_name {
-            tls = tls.with_server_name(name.clone());
-        }
-        o.tls = Some(tls);
-    } else if a.tls_server_name.is_some() {
-        return Err(PeerError::Config(
-            "--tls-server-name needs --tls-dir or --tls-cert, --tls-key and --tls-ca".into(),
-        ));
-    }
+    o.tls = a.tls.load().map_err(|e| match e {
+        TlsArgsError::Tls(e) => PeerError::Tls(e),
+        other => PeerError::Config(other.to_string()),
+    })?;
     o.migration.compression = a.compress;
     o.migration.link_timeout = a.link_timeout;
     o.migration.max_downtime = Duration::from_millis(a.max_downtime);

@@ -2,6 +2,9 @@
 //! `drafter-runner` left) to any number of `drafter-peer --raddr` at once,
 //! each in pure post-copy: the peer may resume the VM at once, every block
 //! is pushed in the background, and the blocks it asks for come first.
+//! With the `--tls-*` flags ([`crate::tls::TlsArgs`]) every client must
+//! connect over TLS 1.3 with a certificate of the CA; one that does not is
+//! a failed pull of its own, and the registry serves on.
 //!
 //! Reports: a line on stderr when it listens and for each peer served (or
 //! failed), or with `--json` one JSON object per line on stdout:
@@ -16,7 +19,9 @@ use std::time::Duration;
 use clap::Parser;
 use drafter::devices::{RegistryDevices, DEFAULT_REGISTRY_DEVICES};
 use drafter::registry::{Registry, RegistryError, RegistryOptions, DEFAULT_CONCURRENCY};
-use drafter_storage::{MigrationConfig, Secret};
+use drafter_storage::{MigrationConfig, Secret, TlsError};
+
+use crate::tls::TlsArgs;
 
 /// Serve a VM package to peers over the network.
 #[derive(Parser, Debug)]
@@ -36,6 +41,8 @@ pub struct Args {
     /// Shared secret peers must present (default: $DRAFTER_SECRET)
     #[arg(long)]
     secret: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Seconds without any sign of life from a peer after which its pull
     /// fails (0 waits forever)
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
@@ -67,6 +74,7 @@ fn listen_addr(laddr: &str) -> String {
 enum Error {
     Registry(RegistryError),
     Listen(String, std::io::Error),
+    Tls(TlsError),
 }
 
 impl std::fmt::Display for Error {
@@ -74,6 +82,7 @@ impl std::fmt::Display for Error {
         match self {
             Error::Registry(e) => write!(f, "{e}"),
             Error::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            Error::Tls(e) => write!(f, "{e}"),
         }
     }
 }
@@ -101,6 +110,7 @@ fn run(a: Args) -> Result<(), Error> {
         .clone()
         .unwrap_or_else(|| std::env::var("DRAFTER_SECRET").unwrap_or_default());
     let no_secret = secret.is_empty();
+    let tls = a.tls.load().map_err(Error::Tls)?;
     let registry = Registry::open(RegistryOptions {
         devices,
         migration: MigrationConfig {
@@ -110,6 +120,7 @@ fn run(a: Args) -> Result<(), Error> {
             ..MigrationConfig::default()
         },
         concurrency: a.concurrency,
+        tls,
     })
     .map_err(Error::Registry)?;
     let addr = listen_addr(&a.laddr);

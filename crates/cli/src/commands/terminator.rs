@@ -3,6 +3,8 @@
 //! into its `output` file: a package that `drafter-runner` resumes. The VM
 //! stops on the peer only once every file is complete and on stable
 //! storage; if anything fails before, it keeps running there.
+//! With the `--tls-*` flags ([`crate::tls::TlsDialArgs`]) it connects over
+//! TLS 1.3 with mutual certificate authentication, as `drafter-peer` does.
 //!
 //! Report: text on stderr, or with `--json` one JSON object on stdout
 //! (bytes, times, each device's output and size). Exit status: 0 once the
@@ -19,6 +21,8 @@ use drafter::terminator::{terminate_from, TerminatorError, TerminatorOptions, Te
 use drafter_storage::{MigrationConfig, Secret};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::tls::{TlsArgsError, TlsDialArgs};
+
 /// Back up a running VM from a peer into a package.
 #[derive(Parser, Debug)]
 #[command(name = "drafter-terminator", version)]
@@ -34,6 +38,8 @@ pub struct Args {
     /// Shared secret the peer expects (default: $DRAFTER_SECRET)
     #[arg(long)]
     secret: Option<String>,
+    #[command(flatten)]
+    tls: TlsDialArgs,
     /// Seconds without any sign of life from the peer after which the
     /// transfer fails and the VM keeps running there (0 waits forever)
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
@@ -103,8 +109,30 @@ fn report(json: bool, r: &TerminatorReport) {
     }
 }
 
-fn run(a: Args) -> Result<(), TerminatorError> {
-    let devices = TerminatorDevices::parse(&a.devices)?;
+/// Why the terminator failed: bad flags, or the library's error.
+enum Error {
+    Tls(TlsArgsError),
+    Terminator(TerminatorError),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Tls(e) => write!(f, "{e}"),
+            Error::Terminator(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<TerminatorError> for Error {
+    fn from(e: TerminatorError) -> Self {
+        Error::Terminator(e)
+    }
+}
+
+fn run(a: Args) -> Result<(), Error> {
+    let devices = TerminatorDevices::parse(&a.devices).map_err(TerminatorError::from)?;
+    let tls = a.tls.load().map_err(Error::Tls)?;
     let secret = a
         .secret
         .clone()
@@ -124,6 +152,7 @@ fn run(a: Args) -> Result<(), TerminatorError> {
                 b.set_length(total);
                 b.set_position(done);
             })),
+            tls,
         },
     );
     bar.finish_and_clear();

@@ -240,6 +240,53 @@ enum Event {
     Eof,
 }
 
+/// The lab's own kernel failed (locked up or panicked), so the command's
+/// result is unknown through no fault of the command. Callers may retry in
+/// a fresh lab boot.
+#[derive(Debug)]
+pub struct LabKernelFailed(pub String);
+
+impl std::fmt::Display for LabKernelFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the lab's own kernel failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for LabKernelFailed {}
+
+/// A soft lockup this long is not coming back: QEMU's nested SVM under TCG
+/// has left lab CPUs stuck for 700 s and more with the guest idle.
+const FATAL_LOCKUP_SECS: u64 = 60;
+
+/// What a lab console line says about the lab's own kernel.
+#[derive(Debug, PartialEq)]
+enum KernelSign {
+    /// Nothing wrong.
+    Fine,
+    /// It is stuck: stop the lab now.
+    Stuck,
+    /// It is going down (QEMU exits by itself: `panic=-1`, `-no-reboot`).
+    Dying,
+}
+
+fn kernel_sign(line: &str) -> KernelSign {
+    if let Some(rest) = line.split("soft lockup - CPU#").nth(1) {
+        let secs = rest
+            .split("stuck for ")
+            .nth(1)
+            .and_then(|r| r.split('s').next())
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        return match secs {
+            Some(s) if s >= FATAL_LOCKUP_SECS => KernelSign::Stuck,
+            _ => KernelSign::Fine,
+        };
+    }
+    if line.contains("Kernel panic - not syncing") || line.contains("stack guard page was hit") {
+        return KernelSign::Dying;
+    }
+    KernelSign::Fine
+}
+
 /// Runs `cmd` inside the lab and returns its exit status.
 pub fn run(opts: &LabOptions, cmd: &[String]) -> Result<i32> {
     if cmd.is_empty() {
@@ -335,6 +382,7 @@ pub fn run(opts: &LabOptions, cmd: &[String]) -> Result<i32> {
     let console_path = run.join("console.log");
     let mut console = std::fs::File::create(&console_path)?;
     let mut up = None;
+    let mut dying: Option<String> = None;
     let result = loop {
         let deadline = match up {
             None => started + opts.boot_timeout,
@@ -350,6 +398,18 @@ pub fn run(opts: &LabOptions, cmd: &[String]) -> Result<i32> {
                 if up.is_none() && line.trim() == UP_MARKER {
                     up = Some(Instant::now());
                     eprintln!("lab: up in {:.1?}", started.elapsed());
+                }
+                match kernel_sign(&line) {
+                    KernelSign::Fine => {}
+                    KernelSign::Stuck => {
+                        eprintln!("lab console: {line}");
+                        let _ = child.kill();
+                        break Err(anyhow::Error::new(LabKernelFailed(line.trim().into())));
+                    }
+                    KernelSign::Dying => {
+                        eprintln!("lab console: {line}");
+                        dying.get_or_insert_with(|| line.trim().into());
+                    }
                 }
             }
             Ok(Event::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
@@ -384,6 +444,9 @@ pub fn run(opts: &LabOptions, cmd: &[String]) -> Result<i32> {
             .trim()
             .parse::<i32>()
             .with_context(|| format!("bad status file in {}", run.display())),
+        (Ok(()), Err(_)) if dying.is_some() => Err(anyhow::Error::new(LabKernelFailed(
+            dying.unwrap_or_default(),
+        ))),
         (Ok(()), Err(_)) => {
             let log = std::fs::read_to_string(&console_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
@@ -404,4 +467,26 @@ pub fn run(opts: &LabOptions, cmd: &[String]) -> Result<i32> {
 /// The initramfs text with its placeholders filled in (exposed for tests).
 pub fn init_script() -> String {
     INIT.replace("__UP_MARKER__", UP_MARKER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_soft_lockups_and_panics_are_the_lab_kernel_failing() {
+        let stuck = "[ 1234.5] watchdog: BUG: soft lockup - CPU#0 stuck for 779s! [swapper/0:0]";
+        assert_eq!(kernel_sign(stuck), KernelSign::Stuck);
+        let brief = "watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [kworker/1:1:55]";
+        assert_eq!(kernel_sign(brief), KernelSign::Fine);
+        assert_eq!(
+            kernel_sign("Kernel panic - not syncing: Fatal exception in interrupt"),
+            KernelSign::Dying
+        );
+        assert_eq!(
+            kernel_sign("BUG: TASK stack guard page was hit at 00000000 (stack is ...)"),
+            KernelSign::Dying
+        );
+        assert_eq!(kernel_sign("test lab_nat ... ok"), KernelSign::Fine);
+    }
 }

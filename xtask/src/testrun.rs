@@ -147,10 +147,70 @@ pub fn run_lab_tests_with(opts: &LabOptions, filters: &[&str], show_output: bool
             bail!("preparing the lab tests of {} failed", b.exe.display());
         }
     }
+    let all: Vec<usize> = (0..bins.len()).collect();
+    let (mut failed, unfinished) = match lab_attempt(opts, &bins, &all, show_output)? {
+        Attempt::Done(f) => (f, Vec::new()),
+        Attempt::KernelFailed {
+            failed,
+            unfinished,
+            why,
+        } => {
+            eprintln!(
+                "xtask: {why}; running the {} unfinished lab test binaries again in a fresh lab boot",
+                unfinished.len()
+            );
+            (failed, unfinished)
+        }
+    };
+    if !unfinished.is_empty() {
+        match lab_attempt(opts, &bins, &unfinished, show_output)? {
+            Attempt::Done(f) => failed += f,
+            Attempt::KernelFailed { why, .. } => bail!("{why} again, in the retry"),
+        }
+    }
+    Ok(failed)
+}
+
+/// How long one lab test binary may run before it counts as failed (hung),
+/// so one hang does not hold every later binary up to the lab's timeout.
+const LAB_BINARY_TIMEOUT_SECS: u64 = 1500;
+
+/// The outcome of one lab boot running some lab test binaries.
+enum Attempt {
+    /// Every binary ran; this many failed.
+    Done(i32),
+    /// The lab's own kernel failed before every binary had finished.
+    KernelFailed {
+        /// Binaries that finished and failed.
+        failed: i32,
+        /// Binaries that had not finished (indices into the list).
+        unfinished: Vec<usize>,
+        /// What the lab's console showed.
+        why: String,
+    },
+}
+
+/// Runs the binaries `which` (indices into `bins`) in one lab boot, one at
+/// a time, each bounded by [`LAB_BINARY_TIMEOUT_SECS`]; records each one's
+/// exit status in a results file, so a lab kernel failure tells which ones
+/// finished.
+fn lab_attempt(
+    opts: &LabOptions,
+    bins: &[LabBinary],
+    which: &[usize],
+    show_output: bool,
+) -> Result<Attempt> {
+    std::fs::create_dir_all(lab_dir())?;
+    let results = lab_dir().join("lab-tests.results");
+    let _ = std::fs::remove_file(&results);
     let mut script = String::from("failed=0\n");
-    for b in &bins {
+    for &i in which {
+        let b = &bins[i];
         script.push_str(&format!(
-            "cd '{}' && '{}' --ignored --test-threads=1 {}--exact {} || failed=$((failed+1))\n",
+            "cd '{}' && timeout -k 10 {LAB_BINARY_TIMEOUT_SECS} '{}' --ignored --test-threads=1 {}--exact {}; rc=$?\n\
+             [ $rc -eq 124 ] && echo 'xtask: {} hung: stopped after {LAB_BINARY_TIMEOUT_SECS} s' >&2\n\
+             [ $rc -ne 0 ] && failed=$((failed+1))\n\
+             echo \"{i} $rc\" >> '{}'\n",
             b.dir.display(),
             b.exe.display(),
             if show_output { "--nocapture " } else { "" },
@@ -158,14 +218,44 @@ pub fn run_lab_tests_with(opts: &LabOptions, filters: &[&str], show_output: bool
                 .iter()
                 .map(|t| format!("'{t}'"))
                 .collect::<Vec<_>>()
-                .join(" ")
+                .join(" "),
+            b.exe.display(),
+            results.display(),
         ));
     }
     script.push_str("exit $failed\n");
     let path = lab_dir().join("lab-tests.sh");
-    std::fs::create_dir_all(lab_dir())?;
     std::fs::write(&path, script)?;
-    lab::run(opts, &["sh".into(), path.to_string_lossy().into_owned()])
+    match lab::run(opts, &["sh".into(), path.to_string_lossy().into_owned()]) {
+        Ok(failed) => Ok(Attempt::Done(failed)),
+        Err(e) => {
+            let Some(k) = e.downcast_ref::<lab::LabKernelFailed>() else {
+                return Err(e);
+            };
+            let done = parse_results(&std::fs::read_to_string(&results).unwrap_or_default());
+            let failed = done.iter().filter(|(_, rc)| *rc != 0).count() as i32;
+            let unfinished = which
+                .iter()
+                .copied()
+                .filter(|i| !done.iter().any(|(d, _)| d == i))
+                .collect();
+            Ok(Attempt::KernelFailed {
+                failed,
+                unfinished,
+                why: k.to_string(),
+            })
+        }
+    }
+}
+
+/// `index status` lines written by the lab script; torn lines are skipped.
+fn parse_results(text: &str) -> Vec<(usize, i32)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Seconds each fuzz target runs in the suite's smoke run (after its seeds).
@@ -197,4 +287,15 @@ pub fn run(parts: Parts, opts: &LabOptions) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_name_the_finished_binaries_and_skip_torn_lines() {
+        assert_eq!(parse_results("0 0\n2 101\n3"), vec![(0, 0), (2, 101)]);
+        assert!(parse_results("").is_empty());
+    }
 }

@@ -53,6 +53,18 @@ fn xtask_lab_runs_commands_and_returns_their_status() {
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "hi\n");
     std::fs::remove_file(&marker).unwrap();
 
+    // A lab whose own kernel reports a long soft lockup is stopped at once
+    // (the command would otherwise sleep for 10 minutes and exit 0).
+    let fake = "echo '<0>watchdog: BUG: soft lockup - CPU#1 stuck for 999s! [lab-cli-test]' \
+                > /dev/kmsg; sleep 600";
+    let out = lab(&["--", "sh", "-c", fake]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "stderr: {err}");
+    assert!(
+        err.contains("the lab's own kernel failed") && err.contains("stuck for 999s"),
+        "stderr: {err}"
+    );
+
     // A second run downloads nothing: every artifact is a cache hit.
     let t = Instant::now();
     let out = lab(&["--", "true"]);

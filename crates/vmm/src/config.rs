@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::x86_64::cpu_template::CpuTemplate;
+
 /// Default kernel command line: serial console, reboot through the keyboard
 /// controller, reboot one second after a panic, no PCI probing.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -54,6 +56,10 @@ pub struct VmConfig {
     /// Serial console.
     #[serde(default)]
     pub serial: SerialConfig,
+    /// CPUID feature baseline given to the guest (by name, e.g.
+    /// `"X86_64_V3"`; default `"None"`: the host's features).
+    #[serde(default)]
+    pub cpu_template: CpuTemplate,
 }
 
 /// One virtio-blk drive backed by a raw file.
@@ -128,6 +134,7 @@ impl VmConfig {
             net: None,
             vsock: None,
             serial: SerialConfig::default(),
+            cpu_template: CpuTemplate::None,
         }
     }
 }
@@ -160,6 +167,26 @@ mod tests {
         assert!(!c.drives[0].read_only);
         assert!(c.serial.stdout);
         assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","cpus":2}"#).is_err());
+    }
+
+    #[test]
+    fn cpu_templates_are_named_and_unknown_names_list_the_valid() {
+        let c: VmConfig = serde_json::from_str(r#"{"kernel":"/k","cpu_template":"x86-64-v3"}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.cpu_template, CpuTemplate::X86_64V3);
+        let json = serde_json::to_string(&c).unwrap_or_default();
+        assert!(json.contains(r#""cpu_template":"X86_64_V3""#), "{json}");
+        let default: VmConfig =
+            serde_json::from_str(r#"{"kernel":"/k"}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(default.cpu_template, CpuTemplate::None);
+        let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","cpu_template":"T2"}"#)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains(r#"unknown CPU template "T2" (valid: None, X86_64_V2, X86_64_V3)"#),
+            "{e}"
+        );
     }
 
     #[test]

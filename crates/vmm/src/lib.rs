@@ -23,6 +23,7 @@ pub mod vcpu_thread;
 pub mod vmm;
 pub mod vstate;
 
+pub use arch::x86_64::cpu_template::{CpuTemplate, CpuTemplateError};
 pub use config::VmConfig;
 pub use dirty::{DirtyPages, DirtyRange};
 pub use vcpu_thread::ExitStatus;

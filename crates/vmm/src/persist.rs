@@ -26,8 +26,9 @@ pub trait Persist: Sized {
 
 /// First bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"DRAFTVM\0";
-/// Version of the payload layout this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the payload layout this build reads and writes (2: the VM
+/// configuration records its CPU template).
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 
 /// A state file could not be written or read.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::arch::x86_64::cpu_template::CpuTemplateError;
 use crate::arch::x86_64::cpuid;
 use crate::boot::{self, BootError};
 use crate::bus::Bus;
@@ -52,6 +53,10 @@ pub enum Error {
     /// The snapshot needs CPU features this host lacks.
     #[error("snapshot needs CPU features this host lacks: {0}")]
     CpuMismatch(String),
+    /// The CPU template cannot be given on this host, or the snapshot's
+    /// CPUID is not its template's.
+    #[error(transparent)]
+    CpuTemplate(#[from] CpuTemplateError),
     /// Device setup failed.
     #[error("device setup: {0}")]
     Device(String),
@@ -277,7 +282,8 @@ impl Vmm {
                 p.devices.mmio_devices(),
             )?,
         };
-        let supported = p.vm.supported_cpuid()?;
+        let mut supported = p.vm.supported_cpuid()?.as_slice().to_vec();
+        config.cpu_template.apply(&mut supported)?;
         let tsc_deadline =
             p.vm.kvm()
                 .check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
@@ -321,7 +327,14 @@ impl Vmm {
         let console = console_for(&snap.config, console);
         let p = platform(mem, &snap.config, console, Some(&snap.devices))?;
         let host = p.vm.supported_cpuid()?;
+        // The snapshot's template must be one this host can give, and the
+        // saved CPUID (what the guest has seen and is given again) that
+        // template's.
+        snap.config
+            .cpu_template
+            .apply(&mut host.as_slice().to_vec())?;
         for v in &snap.vcpus {
+            snap.config.cpu_template.check_saved(&v.cpuid)?;
             if let Some(missing) = cpuid::missing_features(&v.cpuid, host.as_slice()) {
                 return Err(Error::CpuMismatch(missing));
             }

@@ -228,16 +228,17 @@ impl Vcpu {
         self.index
     }
 
-    /// Gives the vCPU its CPUID (normalised for `index` of `count`), boot MSRs,
-    /// FPU and LAPIC LINT setup; the boot processor also gets `entry` registers.
+    /// Gives the vCPU its CPUID (`cpuid`, the supported set after any CPU
+    /// template, normalised for `index` of `count`), boot MSRs, FPU and
+    /// LAPIC LINT setup; the boot processor also gets `entry` registers.
     pub fn configure_boot(
         &mut self,
-        supported: &CpuId,
+        cpuid: &[kvm_cpuid_entry2],
         count: u8,
         tsc_deadline: bool,
         entry: Option<(u64, regs::EntryMode)>,
     ) -> Result<(), VcpuError> {
-        let mut entries = supported.as_slice().to_vec();
+        let mut entries = cpuid.to_vec();
         cpuid::normalize(&mut entries, self.index, count, tsc_deadline);
         self.set_cpuid(&entries)?;
         let msrs =

@@ -98,7 +98,7 @@ const OSPKE_BIT: u32 = 1 << 4;
 
 /// A CPUID output register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reg {
+pub(crate) enum Reg {
     Eax,
     Ebx,
     Ecx,
@@ -106,7 +106,7 @@ enum Reg {
 }
 
 impl Reg {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Reg::Eax => "eax",
             Reg::Ebx => "ebx",
@@ -115,12 +115,21 @@ impl Reg {
         }
     }
 
-    fn get(self, e: &kvm_cpuid_entry2) -> u32 {
+    pub(crate) fn get(self, e: &kvm_cpuid_entry2) -> u32 {
         match self {
             Reg::Eax => e.eax,
             Reg::Ebx => e.ebx,
             Reg::Ecx => e.ecx,
             Reg::Edx => e.edx,
+        }
+    }
+
+    pub(crate) fn set(self, e: &mut kvm_cpuid_entry2, value: u32) {
+        match self {
+            Reg::Eax => e.eax = value,
+            Reg::Ebx => e.ebx = value,
+            Reg::Ecx => e.ecx = value,
+            Reg::Edx => e.edx = value,
         }
     }
 }
@@ -209,22 +218,29 @@ const FEATURE_NAMES: &[(u32, u32, Reg, u8, &str)] = &[
     (0x1, 0, Reg::Ecx, 29, "F16C"),
     (0x1, 0, Reg::Ecx, 30, "RDRAND"),
     (0x1, 0, Reg::Edx, 0, "FPU"),
+    (0x1, 0, Reg::Edx, 1, "VME"),
+    (0x1, 0, Reg::Edx, 2, "DE"),
+    (0x1, 0, Reg::Edx, 3, "PSE"),
     (0x1, 0, Reg::Edx, 4, "TSC"),
     (0x1, 0, Reg::Edx, 5, "MSR"),
     (0x1, 0, Reg::Edx, 6, "PAE"),
+    (0x1, 0, Reg::Edx, 7, "MCE"),
     (0x1, 0, Reg::Edx, 8, "CX8"),
     (0x1, 0, Reg::Edx, 9, "APIC"),
     (0x1, 0, Reg::Edx, 11, "SEP"),
     (0x1, 0, Reg::Edx, 12, "MTRR"),
     (0x1, 0, Reg::Edx, 13, "PGE"),
+    (0x1, 0, Reg::Edx, 14, "MCA"),
     (0x1, 0, Reg::Edx, 15, "CMOV"),
     (0x1, 0, Reg::Edx, 16, "PAT"),
+    (0x1, 0, Reg::Edx, 17, "PSE36"),
     (0x1, 0, Reg::Edx, 19, "CLFLUSH"),
     (0x1, 0, Reg::Edx, 23, "MMX"),
     (0x1, 0, Reg::Edx, 24, "FXSR"),
     (0x1, 0, Reg::Edx, 25, "SSE"),
     (0x1, 0, Reg::Edx, 26, "SSE2"),
     (0x7, 0, Reg::Ebx, 0, "FSGSBASE"),
+    (0x7, 0, Reg::Ebx, 2, "SGX"),
     (0x7, 0, Reg::Ebx, 3, "BMI1"),
     (0x7, 0, Reg::Ebx, 4, "HLE"),
     (0x7, 0, Reg::Ebx, 5, "AVX2"),
@@ -381,14 +397,14 @@ const FEATURE_NAMES: &[(u32, u32, Reg, u8, &str)] = &[
     (0x8000_0021, 0, Reg::Eax, 8, "AUTOIBRS"),
 ];
 
-fn feature_name(leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> Option<&'static str> {
+pub(crate) fn feature_name(leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> Option<&'static str> {
     FEATURE_NAMES
         .iter()
         .find(|&&(l, s, r, b, _)| l == leaf && s == subleaf && r == reg && b == bit)
         .map(|&(.., name)| name)
 }
 
-fn find_entry(
+pub(crate) fn find_entry(
     set: &[kvm_cpuid_entry2],
     leaf: u32,
     subleaf: Option<u32>,

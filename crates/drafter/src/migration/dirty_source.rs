@@ -4,6 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use drafter_storage::DirtySource;
+
+use super::guest_memory::Harvests;
 use drafter_vmm::devices::virtio::block::DIRTY_BLOCK_SIZE;
 use drafter_vmm::{DirtyPages, Vmm};
 
@@ -18,12 +20,23 @@ const PAGE: u64 = 4096;
 #[derive(Clone)]
 pub struct VmMemoryDirtySource {
     vmm: Arc<Mutex<Vmm>>,
+    harvests: Harvests,
 }
 
 impl VmMemoryDirtySource {
     /// Dirty pages of `vmm`'s guest RAM.
     pub fn new(vmm: Arc<Mutex<Vmm>>) -> Self {
-        VmMemoryDirtySource { vmm }
+        VmMemoryDirtySource {
+            vmm,
+            harvests: Harvests::default(),
+        }
+    }
+
+    /// Counts each take in `harvests` (see
+    /// [`super::GuestMemoryDevice::skip_untouched_pages`]).
+    pub fn with_harvests(mut self, harvests: Harvests) -> Self {
+        self.harvests = harvests;
+        self
     }
 }
 
@@ -34,6 +47,7 @@ impl DirtySource for VmMemoryDirtySource {
 
     fn take_dirty_pages(&self) -> std::io::Result<Vec<u64>> {
         let pages = {
+            let _harvest = self.harvests.begin();
             let vmm = self.vmm.lock().unwrap_or_else(|p| p.into_inner());
             vmm.dirty_pages()
         }

@@ -9,6 +9,8 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use drafter_storage::error::Result;
 use drafter_storage::{BlockDevice, StorageError};
@@ -33,7 +35,53 @@ pub struct GuestMemoryDevice {
     block_size: u32,
     /// `/proc/self/pagemap`, when untouched pages read as zero.
     pagemap: Option<File>,
+    /// Harvests of the dirty log that reports this memory's writes.
+    harvests: Harvests,
+    /// The last window of pagemap entries read.
+    window: Mutex<Option<Window>>,
 }
+
+/// Counts the harvests of a dirty log: odd while one is in progress. A
+/// page seen untouched stays safe to send as zeros until the next harvest
+/// begins: any write after the look is reported by that harvest, and its
+/// page is sent again. After it, the look may be stale.
+#[derive(Clone, Default)]
+pub struct Harvests(Arc<AtomicU64>);
+
+/// A harvest in progress; ends when dropped.
+pub struct Harvesting<'a>(&'a Harvests);
+
+impl Harvests {
+    /// Marks a harvest as begun, until the returned guard is dropped.
+    pub fn begin(&self) -> Harvesting<'_> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Harvesting(self)
+    }
+
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Harvesting<'_> {
+    fn drop(&mut self) {
+        self.0 .0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Pagemap entries of consecutive host pages, read while no harvest ran.
+struct Window {
+    /// The harvest count when read (even).
+    harvests: u64,
+    /// Host page number of the first entry.
+    first: u64,
+    /// Whether each page was untouched.
+    untouched: Vec<bool>,
+}
+
+/// Pagemap entries read at once (16 MiB of guest RAM, 32 KiB of entries):
+/// one system call per window instead of one per block.
+const WINDOW_PAGES: u64 = 4096;
 
 /// Page size of the host mappings and of `/proc/self/pagemap` entries.
 const PAGE: u64 = 4096;
@@ -61,6 +109,8 @@ impl GuestMemoryDevice {
             size,
             block_size,
             pagemap: None,
+            harvests: Harvests::default(),
+            window: Mutex::new(None),
         })
     }
 
@@ -69,13 +119,54 @@ impl GuestMemoryDevice {
     /// Only for memory whose untouched pages are zero (anonymous RAM, see
     /// [`drafter_vmm::Vmm::untouched_memory_is_zero`]): an idle guest's
     /// free memory is then neither copied nor mapped (the zero page) by the
-    /// full pass. Without a readable pagemap every page is read.
-    pub fn skip_untouched_pages(mut self) -> Self {
+    /// full pass. `harvests` must count the harvests of the dirty log that
+    /// reports every write to this memory (see
+    /// [`super::VmMemoryDirtySource::with_harvests`]): pagemap entries are
+    /// read a window at a time and reused until the next harvest begins.
+    /// Without a readable pagemap every page is read.
+    pub fn skip_untouched_pages(mut self, harvests: Harvests) -> Self {
         match File::open("/proc/self/pagemap") {
             Ok(f) => self.pagemap = Some(f),
             Err(e) => tracing::debug!("no /proc/self/pagemap, reading every page: {e}"),
         }
+        self.harvests = harvests;
         self
+    }
+
+    /// For each page of `len` bytes at `addr` (page-aligned, within one
+    /// region): whether it was never touched, from the cached window when
+    /// no harvest began since it was read. `None` if the pagemap cannot say.
+    fn untouched(&self, pm: &File, addr: GuestAddress, len: usize) -> Option<Vec<bool>> {
+        let hva = self.memory.get_host_address(addr).ok()? as u64;
+        let (first, pages) = (hva / PAGE, len as u64 / PAGE);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(win) = w.as_ref() {
+            let end = win.first + win.untouched.len() as u64;
+            if win.harvests == self.harvests.now() && first >= win.first && first + pages <= end {
+                let at = (first - win.first) as usize;
+                return Some(win.untouched[at..at + pages as usize].to_vec());
+            }
+        }
+        // The window runs to the end of the region, at most WINDOW_PAGES.
+        let region_end = self
+            .memory
+            .find_region(addr)
+            .map(|r| r.start_addr().0 + r.len())?;
+        let left = (region_end.checked_sub(addr.0)? / PAGE).max(pages);
+        let count = pages.max(WINDOW_PAGES.min(left));
+        let before = self.harvests.now();
+        let untouched = pagemap_untouched(pm, first, count)?;
+        if before.is_multiple_of(2) && self.harvests.now() == before {
+            let head = untouched[..pages as usize].to_vec();
+            *w = Some(Window {
+                harvests: before,
+                first,
+                untouched,
+            });
+            return Some(head);
+        }
+        *w = None;
+        Some(untouched[..pages as usize].to_vec())
     }
 
     /// Reads `buf.len()` bytes at guest address `addr`, zero-filling the
@@ -84,7 +175,7 @@ impl GuestMemoryDevice {
         let err = |e: String| StorageError::io("reading guest memory", std::io::Error::other(e));
         let untouched = match &self.pagemap {
             Some(pm) if addr.0.is_multiple_of(PAGE) && (buf.len() as u64).is_multiple_of(PAGE) => {
-                untouched_pages(pm, &self.memory, addr, buf.len())
+                self.untouched(pm, addr, buf.len())
             }
             _ => None,
         };
@@ -116,18 +207,11 @@ impl GuestMemoryDevice {
     }
 }
 
-/// For each page of `len` bytes at `addr` (page-aligned, within one
-/// region): whether it was never touched. `None` if the pagemap cannot say.
-fn untouched_pages(
-    pm: &File,
-    memory: &GuestMemory,
-    addr: GuestAddress,
-    len: usize,
-) -> Option<Vec<bool>> {
-    let hva = memory.get_host_address(addr).ok()? as u64;
-    let pages = len / PAGE as usize;
-    let mut raw = vec![0u8; pages * 8];
-    pm.read_exact_at(&mut raw, hva / PAGE * 8).ok()?;
+/// Whether each of `count` host pages from page number `first` was never
+/// touched (neither present nor swapped). `None` if the pagemap cannot say.
+fn pagemap_untouched(pm: &File, first: u64, count: u64) -> Option<Vec<bool>> {
+    let mut raw = vec![0u8; usize::try_from(count).ok()? * 8];
+    pm.read_exact_at(&mut raw, first * 8).ok()?;
     Some(
         raw.chunks_exact(8)
             .map(|e| {
@@ -225,7 +309,10 @@ mod tests {
     /// Whether the page at `addr` of `mem` is mapped in this process.
     fn mapped(mem: &GuestMemory, addr: u64) -> bool {
         let pm = File::open("/proc/self/pagemap").unwrap_or_else(|e| panic!("{e}"));
-        untouched_pages(&pm, mem, GuestAddress(addr), 4096)
+        let hva = mem
+            .get_host_address(GuestAddress(addr))
+            .unwrap_or_else(|e| panic!("{e}")) as u64;
+        pagemap_untouched(&pm, hva / PAGE, 1)
             .unwrap_or_else(|| panic!("pagemap unreadable"))
             .first()
             == Some(&false)
@@ -243,7 +330,7 @@ mod tests {
             GuestMemoryDevice::new(mem.guest.clone(), 65536).unwrap_or_else(|e| panic!("{e}"));
         let skipping = GuestMemoryDevice::new(mem.guest.clone(), 65536)
             .unwrap_or_else(|e| panic!("{e}"))
-            .skip_untouched_pages();
+            .skip_untouched_pages(Harvests::default());
         let mut a = vec![0xffu8; 1 << 20];
         skipping
             .read_at(&mut a, 0)
@@ -278,5 +365,47 @@ mod tests {
             create(1 << 20, MemoryBackend::PrivateFile(path)).unwrap_or_else(|e| panic!("{e}"));
         assert!(!filed.untouched_is_zero);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pagemap_window_serves_reads_until_the_next_harvest_begins() {
+        let mem = create(32 << 20, MemoryBackend::Anonymous).unwrap_or_else(|e| panic!("{e}"));
+        let harvests = Harvests::default();
+        let dev = GuestMemoryDevice::new(mem.guest.clone(), 4096)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .skip_untouched_pages(harvests.clone());
+        let mut buf = vec![0xffu8; 4096];
+        dev.read_at(&mut buf, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(buf.iter().all(|b| *b == 0));
+        // The guest writes a page of the window after the look: until a
+        // harvest (which reports that write) begins, the window still says
+        // untouched, so the engine sends zeros and then the page again.
+        mem.guest
+            .write_slice(&[5u8; 4096], GuestAddress(7 * 4096))
+            .unwrap_or_else(|e| panic!("{e}"));
+        dev.read_at(&mut buf, 7 * 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(buf.iter().all(|b| *b == 0), "window reused");
+        drop(harvests.begin());
+        dev.read_at(&mut buf, 7 * 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(buf.iter().all(|b| *b == 5), "window dropped at the harvest");
+        // During a harvest nothing is cached: a look then is used once.
+        let during = harvests.begin();
+        mem.guest
+            .write_slice(&[6u8; 4096], GuestAddress(9 * 4096))
+            .unwrap_or_else(|e| panic!("{e}"));
+        dev.read_at(&mut buf, 9 * 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(buf.iter().all(|b| *b == 6));
+        drop(during);
+        // A window stops at its region's end; beyond it a new one is read.
+        let last = (32 << 20) - 4096;
+        mem.guest
+            .write_slice(&[8u8; 4096], GuestAddress(last))
+            .unwrap_or_else(|e| panic!("{e}"));
+        dev.read_at(&mut buf, last)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(buf.iter().all(|b| *b == 8));
     }
 }

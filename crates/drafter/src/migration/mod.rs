@@ -55,7 +55,7 @@ pub use destination::{
 };
 pub use dirty_source::{page_indices, VmDriveDirtySource, VmMemoryDirtySource};
 pub use error::VmMigrationError;
-pub use guest_memory::GuestMemoryDevice;
+pub use guest_memory::{GuestMemoryDevice, Harvesting, Harvests};
 pub use page_provider::LazyPageProvider;
 pub use phase::{engine_observer, VmObserver, VmPhase};
 pub use report::VmMigrationReport;

@@ -15,7 +15,7 @@ use crate::agent::{GuestAgent, HookSummary};
 
 use super::dirty_source::{VmDriveDirtySource, VmMemoryDirtySource};
 use super::error::VmMigrationError;
-use super::guest_memory::GuestMemoryDevice;
+use super::guest_memory::{GuestMemoryDevice, Harvests};
 use super::report::VmMigrationReport;
 use super::state::{StateFrame, DEFAULT_STATE_CAPACITY};
 use super::{drive_device_name, file_device_name, MEMORY_DEVICE, STATE_DEVICE};
@@ -162,9 +162,10 @@ impl VmMigrationSource {
             let v = vmm.lock().unwrap_or_else(|p| p.into_inner());
             (v.guest_memory().clone(), v.untouched_memory_is_zero())
         };
+        let harvests = Harvests::default();
         let mut file = GuestMemoryDevice::new(guest, options.memory.block_size)?;
         if untouched_is_zero {
-            file = file.skip_untouched_pages();
+            file = file.skip_untouched_pages(harvests.clone());
         }
         if file.size() != ram {
             return Err(VmMigrationError::GuestMemorySize {
@@ -172,10 +173,9 @@ impl VmMigrationSource {
                 expected: ram,
             });
         }
-        let memory = Arc::new(
-            tracked(Arc::new(file), &options.memory)
-                .with_dirty_source(Arc::new(VmMemoryDirtySource::new(vmm.clone()))),
-        );
+        let memory = Arc::new(tracked(Arc::new(file), &options.memory).with_dirty_source(
+            Arc::new(VmMemoryDirtySource::new(vmm.clone()).with_harvests(harvests)),
+        ));
         let state_device = Arc::new(tracked(
             Arc::new(MemoryDevice::new(
                 options.state_capacity,

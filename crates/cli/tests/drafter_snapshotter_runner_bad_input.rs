@@ -128,7 +128,7 @@ fn snapshotter_refuses_bad_devices_and_missing_inputs() {
         SNAPSHOTTER,
         &d,
         &["--devices", &good.to_string(), "--cpu-template", "T2"],
-        &["--cpu-template \"T2\" is not supported yet"],
+        &["--cpu-template: unknown CPU template \"T2\" (valid: None, X86_64_V2, X86_64_V3)"],
     );
     // A bad duration is a usage error (clap: exit status 2).
     let out = Command::new(SNAPSHOTTER)
@@ -235,6 +235,20 @@ fn runner_refuses_bad_devices_and_packages_and_leaves_them_alone() {
         &d,
         &["--devices", &good.to_string()],
         &["format version 7", "config.json"],
+    );
+    std::fs::write(
+        d.join("config.json"),
+        config.replace("\"cpuTemplate\":\"None\"", "\"cpuTemplate\":\"T2\""),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    refuses(
+        RUNNER,
+        &d,
+        &["--devices", &good.to_string()],
+        &[
+            "config.json",
+            "cpuTemplate: unknown CPU template \"T2\" (valid: None, X86_64_V2, X86_64_V3)",
+        ],
     );
     let _ = std::fs::remove_dir_all(&d);
 }

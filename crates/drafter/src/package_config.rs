@@ -21,12 +21,14 @@
 
 use std::path::Path;
 
+use drafter_vmm::{CpuTemplate, CpuTemplateError};
 use serde::{Deserialize, Serialize};
 
 /// The `config.json` format this build writes and reads.
 pub const PACKAGE_FORMAT_VERSION: u32 = 1;
 
-/// The only CPU template supported so far: the host's CPUID as KVM offers it.
+/// The CPU template that masks nothing: the host's CPUID as KVM offers it.
+/// The others are [`CpuTemplate`]'s names (`X86_64_V2`, `X86_64_V3`).
 pub const CPU_TEMPLATE_NONE: &str = "None";
 
 /// A package's `config.json`.
@@ -55,8 +57,8 @@ pub struct PackageConfig {
     pub vsock_cid: u32,
     /// The network interface, if the VM has one.
     pub network: Option<PackageNetwork>,
-    /// CPU template the snapshot was taken with ([`CPU_TEMPLATE_NONE`]: the
-    /// host's CPUID).
+    /// CPU template the snapshot was taken with, by [`CpuTemplate`] name
+    /// ([`CPU_TEMPLATE_NONE`]: the host's CPUID).
     pub cpu_template: String,
 }
 
@@ -147,6 +149,12 @@ impl PackageConfig {
         Self::from_json(&text, &path.display().to_string())
     }
 
+    /// The CPU template the package records (a config read by
+    /// [`PackageConfig::from_json`] always has a valid one).
+    pub fn template(&self) -> Result<CpuTemplate, CpuTemplateError> {
+        self.cpu_template.parse()
+    }
+
     /// The JSON text written to the `config` device.
     pub fn to_json(&self) -> String {
         // Serialising plain strings, numbers and vectors cannot fail.
@@ -181,11 +189,8 @@ impl PackageConfig {
                 return Err(format!("network mac {:?} is not aa:bb:cc:dd:ee:ff", n.mac));
             }
         }
-        if self.cpu_template != CPU_TEMPLATE_NONE {
-            return Err(format!(
-                "cpuTemplate {:?} is not supported by this drafter (only {CPU_TEMPLATE_NONE:?})",
-                self.cpu_template
-            ));
+        if let Err(e) = self.template() {
+            return Err(format!("cpuTemplate: {e}"));
         }
         Ok(())
     }
@@ -238,6 +243,27 @@ mod tests {
     }
 
     #[test]
+    fn a_recorded_cpu_template_round_trips_by_name() {
+        for (name, template) in [
+            ("X86_64_V3", CpuTemplate::X86_64V3),
+            ("x86-64-v2", CpuTemplate::X86_64V2),
+            ("None", CpuTemplate::None),
+        ] {
+            let c = PackageConfig {
+                cpu_template: name.into(),
+                ..sample()
+            };
+            let json = c.to_json();
+            assert!(
+                json.contains(&format!("\"cpuTemplate\": \"{name}\"")),
+                "{json}"
+            );
+            let back = PackageConfig::from_json(&json, "c.json").unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(back.template().ok(), Some(template));
+        }
+    }
+
+    #[test]
     fn bad_configs_are_refused_in_one_line() {
         let check = |text: &str, want: &str| {
             let e = PackageConfig::from_json(text, "pkg/config.json")
@@ -266,7 +292,7 @@ mod tests {
         check(&with("bogus", 1.into()), "unknown field `bogus`");
         check(
             &with("cpuTemplate", "T2".into()),
-            "cpuTemplate \"T2\" is not supported",
+            "cpuTemplate: unknown CPU template \"T2\" (valid: None, X86_64_V2, X86_64_V3)",
         );
         check(
             &with("livenessVSockPort", 26.into()),

@@ -189,6 +189,12 @@ fn check_config(config: &PackageConfig, snap: &Snapshot) -> Result<(), RegistryE
             has.join(", ")
         ));
     }
+    if config.template().ok() != Some(snap.config.cpu_template) {
+        return mismatch(format!(
+            "config says CPU template {}, the state has {}",
+            config.cpu_template, snap.config.cpu_template
+        ));
+    }
     Ok(())
 }
 

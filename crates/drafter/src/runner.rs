@@ -260,6 +260,13 @@ impl Runner {
                 expected.join(", ")
             )));
         }
+        // The template is re-checked against this host by the restore.
+        if config.template().ok() != Some(snap.config.cpu_template) {
+            return Err(mismatch(format!(
+                "CPU template {}, config says {}",
+                snap.config.cpu_template, config.cpu_template
+            )));
+        }
         let memory_path = devices.path(devices::MEMORY);
         let memory_len = std::fs::metadata(&memory_path)
             .map_err(file_err(devices::MEMORY, &memory_path))?

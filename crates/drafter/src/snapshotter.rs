@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use drafter_guest::{AgentServer, HostError, LivenessServer};
 use drafter_vmm::config::{DriveConfig, NetConfig, SerialConfig, VsockConfig};
 use drafter_vmm::device_manager::ConsoleOut;
-use drafter_vmm::{BuildOptions, ExitStatus, VmConfig, Vmm};
+use drafter_vmm::{BuildOptions, CpuTemplate, ExitStatus, VmConfig, Vmm};
 use serde::Serialize;
 
 use crate::devices::{self, DevicesError, SnapshotDevices};
@@ -67,7 +67,9 @@ pub struct SnapshotterOptions {
     pub interface: String,
     /// Guest MAC address.
     pub mac: String,
-    /// CPU template; only [`CPU_TEMPLATE_NONE`] (the host's CPUID) so far.
+    /// CPU template by name ([`drafter_vmm::CpuTemplate`]: `None`, the
+    /// host's CPUID, or a portable baseline `X86_64_V2`, `X86_64_V3`;
+    /// case-insensitive).
     pub cpu_template: String,
     /// Where the guest console goes instead of stdout (used when
     /// `enable_output` is set).
@@ -237,11 +239,8 @@ fn check_options(o: &SnapshotterOptions) -> Result<(), SnapshotterError> {
     if !o.interface.is_empty() && drafter_vmm::config::parse_mac(&o.mac).is_none() {
         return bad(format!("--mac {:?} is not aa:bb:cc:dd:ee:ff", o.mac));
     }
-    if o.cpu_template != CPU_TEMPLATE_NONE {
-        return bad(format!(
-            "--cpu-template {:?} is not supported yet: only {CPU_TEMPLATE_NONE:?} (the host's CPUID; the package then resumes only on hosts with the same CPU features)",
-            o.cpu_template
-        ));
+    if let Err(e) = o.cpu_template.parse::<CpuTemplate>() {
+        return bad(format!("--cpu-template: {e}"));
     }
     for d in &o.devices.devices {
         let Some(input) = &d.input else { continue };
@@ -346,7 +345,12 @@ pub fn snapshot(
         .map_err(guest("cannot listen for the liveness signal"))?;
     let mut agent = AgentServer::listen(&uds, options.agent_vsock_port)
         .map_err(guest("cannot listen for the agent"))?;
+    let template: CpuTemplate = options
+        .cpu_template
+        .parse()
+        .map_err(|e| SnapshotterError::Options(format!("--cpu-template: {e}")))?;
     let mut config = VmConfig::new(partial(devices::KERNEL));
+    config.cpu_template = template;
     config.initramfs = devices
         .get(devices::INITRAMFS)
         .map(|_| partial(devices::INITRAMFS));
@@ -544,7 +548,7 @@ fn run_guest(
             interface: options.interface.clone(),
             mac: options.mac.clone(),
         }),
-        cpu_template: options.cpu_template.clone(),
+        cpu_template: vmm.config().cpu_template.name().into(),
     };
     let config_path = devices.output(devices::CONFIG);
     let config_partial = files::partial_path(&config_path);
@@ -602,7 +606,7 @@ mod tests {
             (
                 (|o: &mut SnapshotterOptions| o.cpu_template = "T2".into())
                     as fn(&mut SnapshotterOptions),
-                "--cpu-template \"T2\" is not supported yet",
+                "--cpu-template: unknown CPU template \"T2\" (valid: None, X86_64_V2, X86_64_V3)",
             ),
             (|o| o.cpu_count = 0, "--cpu-count must be at least 1"),
             (|o| o.mac = "bad".into(), "--mac \"bad\""),

@@ -48,8 +48,7 @@ use crate::migration::{
     StateFrame, StateFrameError, DRIVE_PREFIX, FILE_PREFIX, MEMORY_DEVICE, STATE_DEVICE,
 };
 use crate::package_config::{
-    PackageConfig, PackageConfigError, PackageDrive, PackageNetwork, CPU_TEMPLATE_NONE,
-    PACKAGE_FORMAT_VERSION,
+    PackageConfig, PackageConfigError, PackageDrive, PackageNetwork, PACKAGE_FORMAT_VERSION,
 };
 
 /// Largest `state` device accepted (it is held in memory).
@@ -307,7 +306,7 @@ fn config_from_state(snap: &Snapshot) -> PackageConfig {
                 mac: mac.clone(),
             })
         }),
-        cpu_template: CPU_TEMPLATE_NONE.into(),
+        cpu_template: snap.config.cpu_template.name().into(),
     }
 }
 

@@ -4,7 +4,8 @@
 //! another, a terminator's outputs byte-identical to what it was sent, a VM
 //! taken from a running source and resumed from the terminator's package,
 //! the chain registry → peer → terminator carrying the package's files
-//! along, and a terminator that fails leaving the VM running on its source.
+//! along, a terminator that fails leaving the VM running on its source, and
+//! a config whose CPU template is not the state's refused.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
@@ -737,5 +738,48 @@ fn a_wrong_secret_is_refused_and_the_registry_serves_the_next_peer() {
     ok(ok_join(served));
     let blocks = (MEMORY_MIB << 20) / 4096;
     assert!(*seen.lock().unwrap_or_else(|p| p.into_inner()) > blocks);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_registry_refuses_a_config_whose_cpu_template_is_not_the_states() {
+    let dir = scratch("template");
+    let p = Package::make(&dir);
+    let text = ok(std::fs::read_to_string(&p.config));
+    let open = |text: String| {
+        ok(std::fs::write(&p.config, text));
+        let devices = json!([
+            {"name": "state", "input": p.state},
+            {"name": "memory", "input": p.memory},
+            {"name": "disk", "input": p.disk},
+            {"name": "config", "input": p.config},
+        ]);
+        Registry::open(RegistryOptions {
+            devices: ok(RegistryDevices::parse(&devices.to_string())),
+            migration: migration(),
+            concurrency: 1,
+            tls: None,
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+    };
+    let v3 = text.replace(
+        "\"cpuTemplate\": \"None\"",
+        "\"cpuTemplate\": \"x86_64_v3\"",
+    );
+    assert_ne!(v3, text);
+    let e = open(v3);
+    assert!(
+        e.contains("config says CPU template x86_64_v3, the state has None"),
+        "{e}"
+    );
+    let e = open(text.replace("\"cpuTemplate\": \"None\"", "\"cpuTemplate\": \"T2\""));
+    assert!(
+        e.contains("unknown CPU template \"T2\" (valid: None, X86_64_V2, X86_64_V3)"),
+        "{e}"
+    );
+    // The recorded name round-trips: the unedited config opens.
+    assert_eq!(open(text), "");
     let _ = std::fs::remove_dir_all(&dir);
 }

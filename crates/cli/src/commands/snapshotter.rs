@@ -64,8 +64,13 @@ pub struct Args {
     /// MAC of the interface in the network namespace to use
     #[arg(long, default_value = DEFAULT_MAC)]
     mac: String,
-    /// CPU template: only "None" (the host's CPUID, recorded in the package)
-    /// so far
+    /// CPU template, recorded in the package and checked on every resume
+    /// (case-insensitive): "None" (the host's CPUID: the package resumes only
+    /// on hosts with at least its features), "X86_64_V2" (x86-64-v2: SSE4.2,
+    /// POPCNT, CX16, LAHF; no AVX) or "X86_64_V3" (x86-64-v3: v2 plus AVX,
+    /// AVX2, BMI1/2, FMA, F16C, MOVBE, LZCNT, XSAVE; no AVX-512, AMX, TSX,
+    /// PKU). A template the host's KVM cannot give is refused naming the
+    /// missing features
     #[arg(long, default_value = "None")]
     cpu_template: String,
     /// Devices configuration: [{"name","input","output"}]; state, memory and

@@ -40,6 +40,46 @@ fn nothing_to_run_is_refused() {
     let d = scratch("nothing");
     refuses(&d, &[], &["nothing to run"]);
     refuses(&d, &["--laddr", "127.0.0.1:0"], &["nothing to run"]);
+    // The reference's "leave empty to disable".
+    refuses(&d, &["--raddr", "", "--laddr", ""], &["nothing to run"]);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_package_start_with_bad_devices_is_refused_and_leaves_the_files_alone() {
+    let d = scratch("package");
+    let state = d.join("state.bin");
+    std::fs::write(&state, b"not a state file").unwrap_or_else(|e| panic!("{e}"));
+    let devices = |extra: &str| {
+        format!(
+            r#"[{{"name":"state","base":"{}"}},{{"name":"memory","base":"{}"}}{extra}]"#,
+            s(&state),
+            s(&d.join("memory.bin"))
+        )
+    };
+    refuses(
+        &d,
+        &["--raddr", "", "--devices", &devices("")],
+        &["missing required device(s) config"],
+    );
+    refuses(
+        &d,
+        &["--devices", &devices(r#",{"name":"config"}"#)],
+        &["\"config\" has no \"base\""],
+    );
+    let config = d.join("config.json");
+    refuses(
+        &d,
+        &[
+            "--devices",
+            &devices(&format!(r#",{{"name":"config","base":"{}"}}"#, s(&config))),
+        ],
+        &["config.json"],
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap_or_default(),
+        b"not a state file"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

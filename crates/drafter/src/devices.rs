@@ -322,6 +322,88 @@ impl PackageDevices {
     }
 }
 
+/// The package a peer starts from when its `--devices` (the reference's
+/// peer format) gives `base` files and no `--raddr`: the package's devices
+/// at their `base` paths, and where the VM's copies of its memory and
+/// drives go (`overlay`). The package itself is never written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPackage {
+    /// The package's devices, read only (at their `base` paths).
+    pub devices: PackageDevices,
+    /// Device name → the file the VM runs on instead of its base (memory
+    /// and drives only; it must not exist yet).
+    pub overlays: Vec<(String, PathBuf)>,
+}
+
+impl PeerPackage {
+    /// Reads the package part of a peer's `--devices` JSON: `None` when no
+    /// entry has a `base` (the VM comes from elsewhere). Each entry's `base`
+    /// and `overlay` are used; its migration settings (`blockSize`,
+    /// `expiry`, ...) are read elsewhere, and `state` (the reference's
+    /// overlay bitmap) is not needed: an overlay here is a whole copy.
+    pub fn parse(json: &str) -> Result<Option<Self>, DevicesError> {
+        let entries: Vec<serde_json::Value> = serde_json::from_str(json).map_err(json_error)?;
+        let text = |e: &serde_json::Value, key: &str| -> Result<Option<String>, DevicesError> {
+            match e.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) if s.is_empty() => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(DevicesError::Field {
+                    name: e
+                        .get("name")
+                        .and_then(|n| n.as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    problem: format!("has a {key:?} that is not a string"),
+                }),
+            }
+        };
+        let mut raw = Vec::new();
+        let mut overlays = Vec::new();
+        for e in &entries {
+            let name = text(e, "name")?.unwrap_or_default();
+            let (base, overlay) = (text(e, "base")?, text(e, "overlay")?);
+            if let Some(base) = base {
+                raw.push(serde_json::json!({ "name": name, "path": base }));
+                if let Some(o) = overlay.filter(|_| name == MEMORY || is_drive(&name)) {
+                    overlays.push((name, PathBuf::from(o)));
+                }
+            }
+        }
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        if raw.len() != entries.len() {
+            return Err(DevicesError::Field {
+                name: entries
+                    .iter()
+                    .find(|e| text(e, "base").ok().flatten().is_none())
+                    .and_then(|e| e.get("name").and_then(|n| n.as_str()))
+                    .unwrap_or_default()
+                    .to_owned(),
+                problem: "has no \"base\" while other devices have one".into(),
+            });
+        }
+        let devices = PackageDevices::parse(&serde_json::Value::Array(raw).to_string())?;
+        check_paths(
+            devices
+                .devices
+                .iter()
+                .map(|d| (d.name.as_str(), &d.path))
+                .chain(overlays.iter().map(|(n, p)| (n.as_str(), p))),
+        )?;
+        Ok(Some(PeerPackage { devices, overlays }))
+    }
+
+    /// Where the VM's copy of device `name` goes, if `--devices` said.
+    pub fn overlay(&self, name: &str) -> Option<&PathBuf> {
+        self.overlays
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+    }
+}
+
 fn check_paths<'a>(
     devices: impl Iterator<Item = (&'a str, &'a PathBuf)> + Clone,
 ) -> Result<(), DevicesError> {
@@ -487,6 +569,55 @@ mod tests {
                 assert!(!s.contains('\n'), "not one line: {s}");
                 s
             }
+        }
+    }
+
+    /// The reference peer's default `--devices`.
+    const REFERENCE_PEER_DEVICES: &str = r#"[{"name":"state","base":"out/package/state.bin","overlay":"out/overlay/state.bin","state":"out/state/state.bin","blockSize":65536,"expiry":1000000000,"maxDirtyBlocks":200,"minCycles":5,"maxCycles":20,"cycleThrottle":500000000},{"name":"memory","base":"out/package/memory.bin","overlay":"out/overlay/memory.bin","state":"out/state/memory.bin","blockSize":65536,"expiry":1000000000,"maxDirtyBlocks":200,"minCycles":5,"maxCycles":20,"cycleThrottle":500000000},{"name":"kernel","base":"out/package/vmlinux","overlay":"out/overlay/vmlinux","state":"out/state/vmlinux","blockSize":65536,"expiry":1000000000,"maxDirtyBlocks":200,"minCycles":5,"maxCycles":20,"cycleThrottle":500000000},{"name":"disk","base":"out/package/rootfs.ext4","overlay":"out/overlay/rootfs.ext4","state":"out/state/rootfs.ext4","blockSize":65536,"expiry":1000000000,"maxDirtyBlocks":200,"minCycles":5,"maxCycles":20,"cycleThrottle":500000000},{"name":"config","base":"out/package/config.json","overlay":"out/overlay/config.json","state":"out/state/config.json","blockSize":65536,"expiry":1000000000,"maxDirtyBlocks":200,"minCycles":5,"maxCycles":20,"cycleThrottle":500000000},{"name":"oci","base":"out/package/oci.ext4","overlay":"out/overlay/oci.ext4","state":"out/state/oci.ext4","blockSize":65536,"expiry":1000000000,"maxDirtyBlocks":200,"minCycles":5,"maxCycles":20,"cycleThrottle":500000000}]"#;
+
+    #[test]
+    fn a_peer_package_comes_from_base_files_with_overlays_for_memory_and_drives() {
+        let p = PeerPackage::parse(REFERENCE_PEER_DEVICES)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no package"));
+        assert_eq!(
+            p.devices.path(STATE),
+            PathBuf::from("out/package/state.bin")
+        );
+        assert_eq!(p.devices.devices.len(), 6);
+        let names: Vec<&str> = p.overlays.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["memory", "disk", "oci"]);
+        assert_eq!(
+            p.overlay("disk"),
+            Some(&PathBuf::from("out/overlay/rootfs.ext4"))
+        );
+        // Migration settings only (the VM comes from --raddr or elsewhere).
+        let settings = r#"[{"name":"memory","blockSize":4096},{"name":"state","base":""}]"#;
+        assert_eq!(
+            PeerPackage::parse(settings).unwrap_or_else(|e| panic!("{e}")),
+            None
+        );
+        for (bad, want) in [
+            (
+                r#"[{"name":"memory","base":"m"},{"name":"state"}]"#,
+                "\"state\" has no \"base\"",
+            ),
+            (
+                r#"[{"name":"memory","base":"m"},{"name":"state","base":"s"}]"#,
+                "missing required device(s) config",
+            ),
+            (
+                r#"[{"name":"memory","base":"m","overlay":"s"},{"name":"state","base":"s"},{"name":"config","base":"c"}]"#,
+                "use the same file s",
+            ),
+            (
+                r#"[{"name":"memory","base":5}]"#,
+                "\"memory\" has a \"base\" that is not a string",
+            ),
+            ("[{\"name\":", "invalid --devices JSON"),
+        ] {
+            let e = err(PeerPackage::parse(bad));
+            assert!(e.contains(want), "{bad}: {e}");
         }
     }
 

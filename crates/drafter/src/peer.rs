@@ -15,11 +15,13 @@ use drafter_vmm::device_manager::ConsoleOut;
 use drafter_vmm::{BuildOptions, ExitStatus, ExitWaiter, RestoreMemory, VmConfig, Vmm};
 
 use crate::agent::{GuestAgent, HookSummary};
+use crate::devices::{self, PeerPackage};
 use crate::migration::{
     DestinationOptions, IncomingVm, Resume, SourceOptions, VmMigrationDestination,
     VmMigrationError, VmMigrationReport, VmMigrationSource, VmObserver, MEMORY_DEVICE,
     STATE_DEVICE,
 };
+use crate::package_config::PackageConfig;
 
 /// Why a peer could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,11 @@ pub enum Origin {
         /// The memory file.
         memory: PathBuf,
     },
+    /// Resume a package from its files (the reference peer's `--devices`
+    /// with `base` paths and no `--raddr`). The VM runs on copies of the
+    /// package's memory and drives (at their `overlay` paths, or in the work
+    /// directory); the package itself is never written.
+    Package(PeerPackage),
     /// Migrate the VM in from the peer listening at this address.
     Migrate {
         /// `host:port` of the peer that has the VM.
@@ -159,7 +166,7 @@ fn namespace(netns: &str) -> Option<String> {
 impl Peer {
     /// Starts the VM from `origin`; returns once it runs (for a migration:
     /// once every block has arrived).
-    pub fn start(origin: Origin, options: PeerOptions) -> Result<Peer, PeerError> {
+    pub fn start(origin: Origin, mut options: PeerOptions) -> Result<Peer, PeerError> {
         let dir = &options.work_dir;
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         if !matches!(origin, Origin::Migrate { .. }) {
@@ -225,6 +232,13 @@ impl Peer {
                 vmm.resume()?;
                 after_resume = call_after_resume(agent.as_ref(), options.resume_timeout);
                 (vmm, None, Vec::new(), agent)
+            }
+            Origin::Package(package) => {
+                let console = options.console.take();
+                let (vmm, files, agent) =
+                    resume_package(&package, &memory_file, &options, console)?;
+                after_resume = call_after_resume(agent.as_ref(), options.resume_timeout);
+                (vmm, None, files, agent)
             }
             Origin::Migrate { raddr } => {
                 let tcp = crate::dial::connect(&raddr, options.source.migration.handshake_timeout)
@@ -432,6 +446,89 @@ fn remove_stale(path: &Path) -> Result<(), PeerError> {
     }
 }
 
+/// Restores and resumes the VM of a package from copies of its memory and
+/// drives; returns the VM, the package's other files (passed on to the
+/// next peer) and its guest agent.
+#[allow(clippy::type_complexity)]
+fn resume_package(
+    package: &PeerPackage,
+    memory_file: &Path,
+    options: &PeerOptions,
+    console: Option<ConsoleOut>,
+) -> Result<(Vmm, Vec<(String, PathBuf)>, Option<Arc<Mutex<GuestAgent>>>), PeerError> {
+    let devices = &package.devices;
+    let config_path = devices.path(devices::CONFIG);
+    let config = PackageConfig::read(&config_path).map_err(|e| PeerError::Config(e.to_string()))?;
+    devices
+        .check_drives(config.drives.iter().map(|d| d.name.as_str()))
+        .map_err(|e| PeerError::Devices(e.to_string()))?;
+    let state_path = devices.path(devices::STATE);
+    let mut snap: drafter_vmm::Snapshot =
+        drafter_vmm::persist::read_state_file(&state_path).map_err(drafter_vmm::Error::from)?;
+    let dir = &options.work_dir;
+    // The VM's own copies: a file already at an overlay path may hold
+    // another run's writes, which this package's memory does not match.
+    let copy_of = |name: &str, fallback: PathBuf| -> Result<PathBuf, PeerError> {
+        match package.overlay(name) {
+            Some(o) if o.exists() => Err(PeerError::Config(format!(
+                "overlay {} of device {name:?} already exists (another run's writes?): remove it to start from the package",
+                o.display()
+            ))),
+            Some(o) => {
+                if let Some(parent) = o.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent)
+                        .map_err(io(format!("creating {}", parent.display())))?;
+                }
+                Ok(o.clone())
+            }
+            None => Ok(fallback),
+        }
+    };
+    let memory = copy_of(devices::MEMORY, memory_file.to_path_buf())?;
+    copy_memory(&devices.path(devices::MEMORY), &memory)?;
+    for d in &mut snap.config.drives {
+        let base = devices.path(&d.name);
+        let copy = copy_of(&d.name, dir.join(format!("{}.drive", d.name)))?;
+        remove_stale(&copy)?;
+        std::fs::copy(&base, &copy).map_err(io(format!(
+            "copying drive {:?} from {} to {}",
+            d.name,
+            base.display(),
+            copy.display()
+        )))?;
+        d.path = copy;
+    }
+    if let Some(k) = devices.get(devices::KERNEL) {
+        snap.config.kernel = k.path.clone();
+    }
+    if let Some(i) = devices.get(devices::INITRAMFS) {
+        snap.config.initramfs = Some(i.path.clone());
+    }
+    if let (Some(net), Some(ns)) = (&mut snap.config.net, &options.netns) {
+        net.netns = namespace(ns);
+    }
+    if let Some(serial) = &options.serial {
+        snap.config.serial = serial.clone();
+    }
+    if let Some(v) = &mut snap.config.vsock {
+        v.uds_path = dir.join("vsock.sock");
+        remove_stale(&v.uds_path)?;
+    }
+    let run_state = dir.join("package-state.bin");
+    drafter_vmm::persist::write_state_file(&run_state, &snap).map_err(drafter_vmm::Error::from)?;
+    let mut vmm = Vmm::restore(&run_state, RestoreMemory::Shared(memory), console)?;
+    let agent = agent_of(
+        &vmm,
+        options.agent_vsock_port.or(Some(config.agent_vsock_port)),
+    );
+    vmm.resume()?;
+    let files = [devices::CONFIG, devices::KERNEL, devices::INITRAMFS]
+        .iter()
+        .filter_map(|n| devices.get(n).map(|d| (d.name.clone(), d.path.clone())))
+        .collect();
+    Ok((vmm, files, agent))
+}
+
 fn copy_memory(from: &Path, to: &Path) -> Result<(), PeerError> {
     let meta = std::fs::metadata(from).map_err(io(format!("memory file {}", from.display())))?;
     if !meta.is_file() {
@@ -461,7 +558,8 @@ pub fn read_config(path: &Path) -> Result<VmConfig, PeerError> {
 /// and `blockSize`, `expiry`, `maxDirtyBlocks`, `minCycles`, `maxCycles`,
 /// `cycleThrottle`): entries named `memory` and `state` set those devices,
 /// one named `drives` sets every read-only drive; the Go Drafter's other
-/// names (`kernel`, `disk`, `config`, `oci`) are accepted and ignored.
+/// names (`kernel`, `disk`, `config`, `oci`), `initramfs` and any drive
+/// of a package given by its `base` file are accepted and ignored.
 pub fn apply_devices_json(options: &mut SourceOptions, json: &str) -> Result<(), PeerError> {
     let entries: Vec<serde_json::Value> =
         serde_json::from_str(json).map_err(|e| PeerError::Devices(e.to_string()))?;
@@ -471,6 +569,10 @@ pub fn apply_devices_json(options: &mut SourceOptions, json: &str) -> Result<(),
             .and_then(|n| n.as_str())
             .ok_or_else(|| PeerError::Devices("an entry has no \"name\"".into()))?
             .to_string();
+        let has_base = entry
+            .get("base")
+            .and_then(|b| b.as_str())
+            .is_some_and(|b| !b.is_empty());
         let config: DeviceConfig = serde_json::from_value(entry)
             .map_err(|e| PeerError::Devices(format!("device {name:?}: {e}")))?;
         drafter_storage::device::validate_block_size(config.block_size)
@@ -479,9 +581,11 @@ pub fn apply_devices_json(options: &mut SourceOptions, json: &str) -> Result<(),
             MEMORY_DEVICE => options.memory = config,
             STATE_DEVICE => options.state = config,
             "drives" => options.drives = config,
-            "kernel" | "disk" | "config" | "oci" => {
+            "kernel" | "initramfs" | "disk" | "config" | "oci" => {
                 tracing::debug!(%name, "device settings not used by this peer")
             }
+            // Another drive of a package this peer starts from.
+            _ if has_base => tracing::debug!(%name, "drive settings not used by this peer"),
             other => return Err(PeerError::Devices(format!("unknown device {other:?}"))),
         }
     }
@@ -500,6 +604,12 @@ mod tests {
                        {"name":"state","blockSize":65536,"maxCycles":3},
                        {"name":"oci","blockSize":65536}]"#;
         apply_devices_json(&mut o, json).unwrap_or_else(|e| panic!("{e}"));
+        // A package's own drive, any name.
+        apply_devices_json(
+            &mut o,
+            r#"[{"name":"data","base":"out/package/data.ext4"}]"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(o.memory.block_size, 4096);
         assert_eq!(o.memory.cycle_throttle, Duration::from_millis(100));
         assert_eq!(o.state.max_cycles, 3);
@@ -511,6 +621,10 @@ mod tests {
                 "invalid block size",
             ),
             ("[{\"name\":\"bogus\"}]", "unknown device \"bogus\""),
+            (
+                "[{\"name\":\"data\",\"base\":\"\"}]",
+                "unknown device \"data\"",
+            ),
             ("[{\"name\":\"memory\",\"expiry\":-5}]", "device \"memory\""),
         ] {
             let e = apply_devices_json(&mut o, bad)

@@ -15,7 +15,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drafter::devices::{RegistryDevices, TerminatorDevices};
+use drafter::devices::{PeerPackage, RegistryDevices, TerminatorDevices};
 use drafter::migration::{
     DestinationOptions, IncomingVm, Resume, SourceOptions, VmMigrationDestination,
     VmMigrationError, VmMigrationSource,
@@ -781,5 +781,93 @@ fn a_registry_refuses_a_config_whose_cpu_template_is_not_the_states() {
     );
     // The recorded name round-trips: the unedited config opens.
     assert_eq!(open(text), "");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_peer_starts_from_the_package_base_files_and_never_writes_them() {
+    let dir = scratch("peer-package");
+    let p = Package::make(&dir);
+    let bases = [&p.state, &p.memory, &p.disk, &p.config, &p.kernel];
+    let before: Vec<Vec<u8>> = bases.iter().map(|b| ok(std::fs::read(b))).collect();
+    let overlays = dir.join("overlay");
+    ok(std::fs::create_dir_all(&overlays));
+    // The reference peer's --devices: base, overlay, state and settings.
+    let devices = json!([
+        {"name": "state", "base": p.state, "overlay": overlays.join("state.bin"),
+         "state": dir.join("bits/state"), "blockSize": 65536},
+        {"name": "memory", "base": p.memory, "overlay": overlays.join("memory.bin"),
+         "blockSize": 4096, "maxCycles": 20},
+        {"name": "kernel", "base": p.kernel},
+        {"name": "disk", "base": p.disk, "overlay": overlays.join("disk.img")},
+        {"name": "config", "base": p.config},
+    ])
+    .to_string();
+    let package = ok(PeerPackage::parse(&devices)).unwrap_or_else(|| panic!("no package"));
+    let options = || PeerOptions {
+        source: SourceOptions {
+            migration: migration(),
+            ..SourceOptions::default()
+        },
+        console: Some(Box::new(std::io::sink())),
+        ..PeerOptions::new(dir.join("peer"))
+    };
+    let peer = ok(Peer::start(Origin::Package(package.clone()), options()));
+    let names: Vec<&str> = peer.files().iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["config", "kernel"]);
+    assert_eq!(
+        ok(std::fs::read(overlays.join("disk.img"))),
+        before[2],
+        "the VM's disk is not a copy of the base"
+    );
+    assert!(overlays.join("memory.bin").exists());
+    // A second start on the same overlays would mix another run's writes
+    // with the package's memory: refused, in one line.
+    let e = Peer::start(Origin::Package(package), options())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("already exists") && e.contains("memory") && !e.contains('\n'),
+        "{e}"
+    );
+    // The VM runs on from the package's state and migrates on as usual.
+    let listener = ok(TcpListener::bind("127.0.0.1:0"));
+    let laddr = ok(listener.local_addr()).to_string();
+    let out = dir.join("out");
+    std::thread::scope(|s| {
+        let serving = s.spawn(|| {
+            let mut o = SourceOptions {
+                migration: migration(),
+                ..SourceOptions::default()
+            };
+            o.memory.cycle_throttle = Duration::from_millis(50);
+            peer.serve(&listener, o, None, |e| panic!("migration failed: {e}"))
+        });
+        ok(terminate_from(
+            &laddr,
+            terminator_options(terminator_devices(
+                &out,
+                &["state", "memory", "kernel", "disk", "config"],
+            )),
+        ));
+        ok(ok_join_scoped(serving));
+    });
+    assert_eq!(peer.wait(), ExitStatus::Stopped);
+    let mut word = [0u8; 8];
+    let f = ok(std::fs::File::open(out.join("memory")));
+    ok(std::os::unix::fs::FileExt::read_exact_at(
+        &f, &mut word, COUNTER,
+    ));
+    let at_stop = u64::from_le_bytes(word);
+    assert!(at_stop > p.counter, "the VM did not run from the package");
+    for (base, was) in bases.iter().zip(&before) {
+        assert!(
+            ok(std::fs::read(base)) == *was,
+            "{} was written",
+            base.display()
+        );
+    }
+    resume_package(&out, at_stop);
     let _ = std::fs::remove_dir_all(&dir);
 }

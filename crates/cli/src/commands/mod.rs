@@ -19,6 +19,15 @@ pub mod terminator;
 pub mod vmm;
 
 /// Logs to stderr at `RUST_LOG`'s level, or at `default` when it is unset.
+/// A listen address as the reference's users type it: Go's `:port` means
+/// every interface.
+fn listen_addr(laddr: &str) -> String {
+    match laddr.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => laddr.to_owned(),
+    }
+}
+
 fn init_tracing(default: &str) {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -1,5 +1,6 @@
 //! `drafter-peer`: runs one VM — booted from a config, restored from a
-//! snapshot, or migrated in from another peer (`--raddr`) — and, with
+//! snapshot, resumed from a package's files (`--devices` with `base`
+//! paths), or migrated in from another peer (`--raddr`) — and, with
 //! `--laddr`, live-migrates it to the first peer that connects, then exits.
 //!
 //! Guest serial goes to stdout (`--enable-output`, on by default) and reads
@@ -27,6 +28,7 @@ use crate::tls::{TlsArgsError, TlsDialArgs};
 use crate::{enter_jail, JailArgs};
 use clap::builder::BoolishValueParser;
 use clap::{Parser, ValueEnum};
+use drafter::devices::PeerPackage;
 use drafter::duration::parse_go_duration;
 use drafter::migration::{Resume, SourceOptions, VmPhase};
 use drafter::peer::{apply_devices_json, read_config, Origin, Peer, PeerError, PeerOptions};
@@ -132,8 +134,16 @@ pub struct Args {
     /// are filtered by default, see DRAFTER_SECCOMP).
     #[arg(long)]
     no_seccomp: bool,
-    /// Devices configuration (the Go Drafter's --devices JSON; entries
-    /// named memory, state and drives are used).
+    /// Devices configuration (the Go Drafter's --devices JSON). Each
+    /// entry's migration settings (blockSize, expiry, maxDirtyBlocks,
+    /// minCycles, maxCycles, cycleThrottle) apply to the device of that name
+    /// (memory, state; "drives" for every drive). Without --config, --state
+    /// or --raddr, the VM resumes from the package files at the entries'
+    /// "base" paths (state, memory, config, kernel, drives) and runs on
+    /// copies of its memory and drives at their "overlay" paths (default:
+    /// in --work-dir), which must not exist yet; the package is never
+    /// written. "state" (the Go Drafter's overlay bitmap) is not needed: an
+    /// overlay here is a whole copy.
     #[arg(long)]
     devices: Option<String>,
     /// When a VM migrated in resumes.
@@ -256,7 +266,28 @@ fn jail(a: &Args) -> Result<Option<drafter_jail::Supervisor>, PeerError> {
                 drafter_vmm::persist::read_state_file(state).map_err(drafter_vmm::Error::from)?;
             jail_config_paths(&mut o, &snap.config, false)
         }
-        _ => None,
+        _ => match package_of(a)? {
+            Some(p) if a.raddr.is_none() => {
+                for d in &p.devices.devices {
+                    o.read_file(&d.path);
+                }
+                for (_, overlay) in &p.overlays {
+                    if let Some(parent) = overlay.parent().filter(|p| !p.as_os_str().is_empty()) {
+                        o.write_dir(parent);
+                    }
+                }
+                let state = p.devices.path(drafter::devices::STATE);
+                let snap: drafter_vmm::Snapshot = drafter_vmm::persist::read_state_file(&state)
+                    .map_err(drafter_vmm::Error::from)?;
+                // Drives come from the package and the vsock socket goes
+                // into the work directory, not where the state says.
+                let mut config = snap.config;
+                config.drives.clear();
+                config.vsock = None;
+                jail_config_paths(&mut o, &config, false)
+            }
+            _ => None,
+        },
     };
     // --netns replaces the namespace the VM names ("" is the current one).
     let override_ns = a.netns.as_ref().map(|n| (!n.is_empty()).then(|| n.clone()));
@@ -377,20 +408,34 @@ fn source_options(a: &Args) -> Result<SourceOptions, PeerError> {
     Ok(o)
 }
 
-fn run(a: Args, jailed: bool) -> Result<ExitStatus, PeerError> {
+/// The package `--devices` names with `base` files, if any.
+fn package_of(a: &Args) -> Result<Option<PeerPackage>, PeerError> {
+    match &a.devices {
+        Some(j) => PeerPackage::parse(j).map_err(|e| PeerError::Config(e.to_string())),
+        None => Ok(None),
+    }
+}
+
+fn run(mut a: Args, jailed: bool) -> Result<ExitStatus, PeerError> {
     if a.no_seccomp {
         drafter_vmm::seccomp::set_policy(drafter_vmm::seccomp::SeccompPolicy::OFF);
     }
-    let origin = match (&a.config, &a.state, &a.memory, &a.raddr) {
-        (Some(c), None, None, None) => Origin::Boot(read_config(c)?),
-        (None, Some(s), Some(m), None) => Origin::Snapshot {
+    // The reference's "leave empty to disable".
+    a.raddr = a.raddr.take().filter(|r| !r.is_empty());
+    a.laddr = a.laddr.take().filter(|l| !l.is_empty());
+    let options = source_options(&a)?;
+    let package = package_of(&a)?;
+    let origin = match (&a.config, &a.state, &a.memory, &a.raddr, package) {
+        (Some(c), None, None, None, _) => Origin::Boot(read_config(c)?),
+        (None, Some(s), Some(m), None, _) => Origin::Snapshot {
             state: s.clone(),
             memory: m.clone(),
         },
-        (None, None, None, Some(r)) => Origin::Migrate { raddr: r.clone() },
+        (None, None, None, Some(r), _) => Origin::Migrate { raddr: r.clone() },
+        (None, None, None, None, Some(p)) => Origin::Package(p),
         _ => {
             return Err(PeerError::Config(
-                "nothing to run: give --config, --state with --memory, or --raddr".into(),
+                "nothing to run: give --config, --state with --memory, --raddr, or --devices with the package's base files".into(),
             ))
         }
     };
@@ -398,10 +443,9 @@ fn run(a: Args, jailed: bool) -> Result<ExitStatus, PeerError> {
         ResumeAt::Complete => Resume::AfterComplete,
         ResumeAt::Authority => Resume::AtAuthority,
     };
-    let options = source_options(&a)?;
     // Bind first: a bad or busy address fails before any VM starts.
-    let listener = match &a.laddr {
-        Some(l) => Some(TcpListener::bind(l).map_err(|source| PeerError::Io {
+    let listener = match a.laddr.as_deref().map(super::listen_addr) {
+        Some(l) => Some(TcpListener::bind(&l).map_err(|source| PeerError::Io {
             what: format!("cannot listen on {l}"),
             source,
         })?),

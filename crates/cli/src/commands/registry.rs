@@ -62,14 +62,6 @@ fn seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(v).map_err(|e| format!("{s:?}: {e}"))
 }
 
-/// Go's `:port` means every interface.
-fn listen_addr(laddr: &str) -> String {
-    match laddr.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => laddr.to_owned(),
-    }
-}
-
 /// Why the registry stopped or could not start.
 enum Error {
     Registry(RegistryError),
@@ -123,7 +115,7 @@ fn run(a: Args) -> Result<(), Error> {
         tls,
     })
     .map_err(Error::Registry)?;
-    let addr = listen_addr(&a.laddr);
+    let addr = super::listen_addr(&a.laddr);
     let listener = TcpListener::bind(&addr).map_err(|e| Error::Listen(a.laddr.clone(), e))?;
     if no_secret {
         tracing::warn!(

@@ -16,11 +16,11 @@
 use crate::guest;
 use crate::lab::{self, LabOptions};
 use crate::paths::{lab_dir, workspace_root};
+use crate::qmp::Qmp;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -690,65 +690,6 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// A QMP connection (one command at a time; events are skipped).
-struct Qmp {
-    read: BufReader<UnixStream>,
-    write: UnixStream,
-}
-
-impl Qmp {
-    /// Connects to the socket at `path` (retrying until QEMU created it) and
-    /// leaves capabilities negotiation mode.
-    fn connect(path: &Path, within: Duration) -> Result<Self> {
-        let deadline = Instant::now() + within;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    bail!("QMP socket {}: {e}", path.display())
-                }
-                // Polls for the socket QEMU creates at start-up.
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut q = Self {
-            read: BufReader::new(stream.try_clone()?),
-            write: stream,
-        };
-        let mut greeting = String::new();
-        q.read.read_line(&mut greeting)?;
-        if !greeting.contains("QMP") {
-            bail!("not a QMP greeting: {greeting:?}");
-        }
-        q.execute("qmp_capabilities", json!({}))?;
-        Ok(q)
-    }
-
-    /// Runs one command; its `return` value.
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
-        let mut msg = json!({ "execute": command });
-        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
-            msg["arguments"] = arguments;
-        }
-        writeln!(self.write, "{msg}")?;
-        loop {
-            let mut line = String::new();
-            if self.read.read_line(&mut line)? == 0 {
-                bail!("QMP closed during {command}");
-            }
-            let v: Value = serde_json::from_str(&line)
-                .with_context(|| format!("QMP reply to {command}: {line:?}"))?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                bail!("QMP {command}: {e}");
-            }
-        }
-    }
-}
-
 fn qemu_command(kernel: &Path, initrd: &Path, w: &Workload, qmp: &Path) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-M", "microvm", "-enable-kvm", "-cpu", "host"])
@@ -777,12 +718,12 @@ fn qemu_migration(kernel: &Path, initrd: &Path, w: &Workload, scratch: &Path) ->
     let mut dst_cmd = qemu_command(kernel, initrd, w, &dst_qmp);
     dst_cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
     let dst = hub.spawn("qemu-dst", dst_cmd)?;
-    let mut dq = Qmp::connect(&dst_qmp, Duration::from_secs(60))?;
+    let mut dq = Qmp::connect(&dst_qmp, Duration::from_secs(60), Duration::from_secs(30))?;
     let status = dq.execute("query-status", json!({}))?;
     if status["status"] != "inmigrate" {
         bail!("destination QEMU is not waiting for a migration: {status}");
     }
-    let mut q = Qmp::connect(&src_qmp, Duration::from_secs(10))?;
+    let mut q = Qmp::connect(&src_qmp, Duration::from_secs(10), Duration::from_secs(30))?;
     q.execute(
         "migrate-set-parameters",
         json!({ "max-bandwidth": QEMU_MAX_BANDWIDTH }),

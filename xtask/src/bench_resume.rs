@@ -19,9 +19,9 @@
 use crate::guest;
 use crate::lab::{self, LabOptions};
 use crate::paths::workspace_root;
+use crate::qmp::Qmp;
 use anyhow::{bail, Context, Result};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -405,56 +405,6 @@ fn qemu(s: &Setup) -> Command {
     c
 }
 
-/// A minimal QMP client: one JSON object per line.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path, deadline: Instant) -> Result<Self> {
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    bail!("QMP socket {}: {e}", path.display())
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut q = Self {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-        };
-        q.read()?; // greeting
-        q.execute(serde_json::json!({"execute": "qmp_capabilities"}))?;
-        Ok(q)
-    }
-
-    fn read(&mut self) -> Result<serde_json::Value> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            bail!("QMP closed");
-        }
-        Ok(serde_json::from_str(&line)?)
-    }
-
-    /// Sends a command and returns its `return` (events are skipped).
-    fn execute(&mut self, cmd: serde_json::Value) -> Result<serde_json::Value> {
-        writeln!(self.writer, "{cmd}")?;
-        loop {
-            let v = self.read()?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                bail!("QMP {cmd}: {e}");
-            }
-        }
-    }
-}
-
 /// Boots the guest under QEMU and migrates it, running, into the file.
 fn make_migration(s: &Setup) -> Result<Duration> {
     let qmp_path = s.work.join("qmp.sock");
@@ -468,15 +418,19 @@ fn make_migration(s: &Setup) -> Result<Duration> {
     let deadline = start + BOOT_TIMEOUT;
     p.wait_for(deadline, "the guest's fill", |_, l| l.contains(READY))?;
     p.wait_for(deadline, "a heartbeat", |_, l| l.contains(HEARTBEAT))?;
-    let mut qmp = Qmp::connect(&qmp_path, deadline)?;
+    let mut qmp = Qmp::connect(
+        &qmp_path,
+        deadline.saturating_duration_since(Instant::now()),
+        Duration::from_secs(60),
+    )?;
     let file = s.migration();
     let _ = std::fs::remove_file(&file);
-    qmp.execute(serde_json::json!({
-        "execute": "migrate",
-        "arguments": {"uri": format!("exec:cat > '{}'", file.display())}
-    }))?;
+    qmp.execute(
+        "migrate",
+        serde_json::json!({"uri": format!("exec:cat > '{}'", file.display())}),
+    )?;
     loop {
-        let r = qmp.execute(serde_json::json!({"execute": "query-migrate"}))?;
+        let r = qmp.execute("query-migrate", serde_json::json!({}))?;
         match r["status"].as_str().unwrap_or("") {
             "completed" => break,
             "failed" | "cancelled" => bail!("QEMU migration to file: {r}"),
@@ -484,7 +438,7 @@ fn make_migration(s: &Setup) -> Result<Duration> {
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     }
-    let _ = qmp.execute(serde_json::json!({"execute": "quit"}));
+    let _ = qmp.execute("quit", serde_json::json!({}));
     drop(p);
     Ok(start.elapsed())
 }

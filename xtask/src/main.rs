@@ -8,6 +8,7 @@ mod fuzz;
 mod guest;
 mod lab;
 mod paths;
+mod qmp;
 mod testrun;
 
 use anyhow::Result;

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod dial;
 pub mod duration;
 mod files;
+pub mod in_use;
 pub mod migration;
 pub mod package_config;
 pub mod peer;

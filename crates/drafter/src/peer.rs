@@ -463,6 +463,9 @@ fn resume_package(
         .check_drives(config.drives.iter().map(|d| d.name.as_str()))
         .map_err(|e| PeerError::Devices(e.to_string()))?;
     let state_path = devices.path(devices::STATE);
+    // A runner running the package, or one killed while it ran, leaves its
+    // memory and disks out of step with its state.
+    crate::in_use::InUse::check(&state_path).map_err(|e| PeerError::Config(e.to_string()))?;
     let mut snap: drafter_vmm::Snapshot =
         drafter_vmm::persist::read_state_file(&state_path).map_err(drafter_vmm::Error::from)?;
     let dir = &options.work_dir;
@@ -490,7 +493,7 @@ fn resume_package(
         let base = devices.path(&d.name);
         let copy = copy_of(&d.name, dir.join(format!("{}.drive", d.name)))?;
         remove_stale(&copy)?;
-        std::fs::copy(&base, &copy).map_err(io(format!(
+        crate::files::sparse_copy(&base, &copy, &mut |_, _| {}).map_err(io(format!(
             "copying drive {:?} from {} to {}",
             d.name,
             base.display(),

@@ -13,6 +13,10 @@
 //! whenever `state` changes. If anything fails after the VM resumed, the
 //! runner still suspends it in place ("rescue", with `BeforeSuspend` bounded
 //! by the rescue timeout) before reporting the failure.
+//!
+//! While the VM runs, the package is marked in use ([`crate::in_use`]): a
+//! second runner is refused, and so is a package whose last run ended
+//! without a suspend (its memory and disks no longer match its state).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +32,7 @@ use serde::Serialize;
 use crate::agent::GuestAgent;
 use crate::devices::{self, DevicesError, PackageDevices};
 use crate::files;
+use crate::in_use::{InUse, InUseError};
 use crate::package_config::{PackageConfig, PackageConfigError};
 use crate::snapshotter::describe_exit;
 
@@ -152,6 +157,10 @@ pub enum RunnerError {
         /// Cause.
         source: HostError,
     },
+    /// Another run holds the package, or the last one ended without a
+    /// suspend (see [`crate::in_use`]).
+    #[error(transparent)]
+    InUse(#[from] InUseError),
     /// The agent's `BeforeSuspend` hook failed (the VM was suspended anyway).
     #[error("the agent's BeforeSuspend hook failed: {0}")]
     BeforeSuspend(String),
@@ -188,6 +197,8 @@ pub struct Runner {
     flush: Vec<(String, PathBuf)>,
     resume_timeout: Duration,
     rescue_timeout: Duration,
+    /// The package's in-use mark, released by a completed suspend only.
+    in_use: Option<InUse>,
     // Holds the vsock sockets and the rewritten state; removed on drop.
     _work: tempfile::TempDir,
 }
@@ -332,11 +343,20 @@ impl Runner {
         } else {
             None
         };
-        let mut vmm = Vmm::restore(&run_state, RestoreMemory::Shared(memory_path), console)
-            .map_err(|source| RunnerError::Vmm {
-                what: "cannot restore the VM",
-                source,
-            })?;
+        // From the restore on, the package's memory and disks may move
+        // ahead of its state until a suspend puts them back in step.
+        let in_use = InUse::acquire(&state_path)?;
+        let mut vmm = match Vmm::restore(&run_state, RestoreMemory::Shared(memory_path), console) {
+            Ok(vmm) => vmm,
+            Err(source) => {
+                // The guest never ran: the package is as it was.
+                in_use.release()?;
+                return Err(RunnerError::Vmm {
+                    what: "cannot restore the VM",
+                    source,
+                });
+            }
+        };
         let restore_ms = ms(start.elapsed());
         // From here on the guest may write the package's memory and disks.
         let resumed = vmm.resume();
@@ -348,6 +368,7 @@ impl Runner {
             flush,
             resume_timeout: options.resume_timeout,
             rescue_timeout: options.rescue_timeout,
+            in_use: Some(in_use),
             _work: work,
         };
         if let Err(source) = resumed {
@@ -464,6 +485,10 @@ impl Runner {
             std::fs::rename(&partial, &self.state_path)
                 .map_err(file_err(devices::STATE, &self.state_path))?;
             let _ = files::fsync_dir_of(&self.state_path);
+            // State, memory and disks are in step again.
+            if let Some(mark) = self.in_use.take() {
+                mark.release()?;
+            }
             Ok::<(), RunnerError>(())
         })();
         if finish.is_err() {

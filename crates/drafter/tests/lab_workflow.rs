@@ -460,6 +460,87 @@ fn workflow(bp: &Path, pkg: &Path, ns: &str) {
         "the hooks left no new trace across the restart: {first_counts:?} -> {counts:?}"
     );
     second.interrupt();
+
+    // A peer starts from the same package files, as the reference's peer
+    // does with `--raddr ''` and base/overlay devices: the key is there,
+    // the VM runs on the overlays, and the package is not written. (The
+    // lab's /tmp is in its RAM: the original package and archive go first.)
+    let _ = fs::remove_dir_all(pkg);
+    let _ = fs::remove_file(&archive);
+    let overlay = packaged.with_file_name("overlay");
+    let peer_devices = json!([
+        {"name": "state", "base": p("state.bin"), "overlay": overlay.join("state.bin"),
+         "state": overlay.join("state.bits"), "blockSize": 65536},
+        {"name": "memory", "base": p("memory.bin"), "overlay": overlay.join("memory.bin")},
+        {"name": "kernel", "base": p("vmlinux")},
+        {"name": "initramfs", "base": p("initramfs")},
+        {"name": "disk", "base": p("rootfs.ext4"), "overlay": overlay.join("rootfs.ext4")},
+        {"name": "config", "base": p("config.json")},
+        {"name": "oci", "base": p("oci.ext4"), "overlay": overlay.join("oci.ext4")},
+    ])
+    .to_string();
+    let stamps: Vec<SystemTime> = names.iter().map(|(_, f)| mtime(&p(f))).collect();
+    let mut peer = Tool::start(
+        "drafter-peer",
+        &strings(&[
+            "--raddr",
+            "",
+            "--netns",
+            ns,
+            "--resume-timeout",
+            SLOW_GO,
+            "--enable-output=false",
+            "--work-dir",
+            &overlay.join("work").to_string_lossy(),
+            "--devices",
+            &peer_devices,
+        ]),
+    );
+    let running = peer.event("running");
+    assert_eq!(
+        running["afterResume"]["output"].as_str().map(str::trim),
+        Some("resumed-after-suspend-drafterhost"),
+        "{running}"
+    );
+    redis(ns, "GET drafter-key", "written-in-run-1");
+    redis(ns, "SET drafter-key written-in-the-peer", "+OK");
+    drop(peer);
+    for ((_, f), was) in names.iter().zip(&stamps) {
+        assert_eq!(mtime(&p(f)), *was, "the peer wrote the package's {f}");
+    }
+    assert!(overlay.join("memory.bin").is_file() && overlay.join("oci.ext4").is_file());
+    eprintln!("peer from the package files: the key was there, the package untouched");
+
+    // A runner killed while its VM runs leaves the package's memory and
+    // disks ahead of its state: the next run is refused in one line, and
+    // so is a peer starting from it.
+    let mut third = RunnerProcess::start(&args);
+    third.event("resumed");
+    drop(third); // SIGKILL
+    let out = Command::new(bin("drafter-runner"))
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("drafter-runner: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a killed run's package was resumed");
+    assert!(
+        err.contains("ended without a suspend") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let _ = fs::remove_dir_all(&overlay);
+    let out = Command::new(bin("drafter-peer"))
+        .args(["--raddr", "", "--netns", ns, "--devices", &peer_devices])
+        .arg("--work-dir")
+        .arg(overlay.join("work"))
+        .env("DRAFTER_SECRET", CHAIN_SECRET)
+        .output()
+        .unwrap_or_else(|e| panic!("drafter-peer: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("ended without a suspend"),
+        "{err}"
+    );
+    let _ = fs::remove_dir_all(&overlay);
 }
 
 /// The lab hooks' counters (BeforeSuspend, AfterResume) in the Redis of the

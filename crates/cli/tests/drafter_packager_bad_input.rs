@@ -228,3 +228,29 @@ fn an_unsupported_format_version_is_refused() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_package_whose_last_run_ended_without_a_suspend_is_not_archived() {
+    let d = scratch("drafter-packager", "in-use");
+    let (pkg, devs) = package(&d);
+    // The mark a runner leaves when it is killed mid-run.
+    let state = &devs[0].1;
+    ok(std::fs::write(
+        drafter::in_use::mark_path(state),
+        "pid 4242 since unix time 1",
+    ));
+    let before = snapshot(&d);
+    let json = devices_json(&devs);
+    let args = ["--package-path", s(&pkg), "--devices", &json];
+    assert_refused(
+        &run(BIN, &args),
+        &args,
+        &[
+            "cannot read device \"state\"",
+            "ended without a suspend",
+            "pid 4242",
+        ],
+    );
+    assert!(snapshot(&d) == before, "the old archive or inputs changed");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -76,6 +76,10 @@ pub enum RegistryError {
     /// Accepting connections failed.
     #[error("accepting connections: {0}")]
     Accept(std::io::Error),
+    /// A runner runs the package, or one ended without a suspend (its
+    /// memory and disks do not match its state).
+    #[error(transparent)]
+    InUse(#[from] crate::in_use::InUseError),
 }
 
 /// How to serve a package.
@@ -211,6 +215,7 @@ impl Registry {
         let memory = devs
             .get(devices::MEMORY)
             .ok_or_else(|| DevicesError::Missing(vec![devices::MEMORY.into()]))?;
+        crate::in_use::InUse::check(&state.input)?;
         // Every file first, so a missing one is named before its content is.
         let mut files = Vec::new();
         for d in &devs.devices {

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drafter::devices::{PeerPackage, RegistryDevices, TerminatorDevices};
+use drafter::in_use::InUse;
 use drafter::migration::{
     DestinationOptions, IncomingVm, Resume, SourceOptions, VmMigrationDestination,
     VmMigrationError, VmMigrationSource,
@@ -124,6 +125,10 @@ impl Package {
     }
 
     fn registry(&self) -> Registry {
+        ok(Registry::open(self.registry_options()))
+    }
+
+    fn registry_options(&self) -> RegistryOptions {
         let devices = json!([
             {"name": "state", "input": self.state},
             {"name": "memory", "input": self.memory, "blockSize": 4096},
@@ -131,12 +136,12 @@ impl Package {
             {"name": "disk", "input": self.disk},
             {"name": "config", "input": self.config},
         ]);
-        ok(Registry::open(RegistryOptions {
+        RegistryOptions {
             devices: ok(RegistryDevices::parse(&devices.to_string())),
             migration: migration(),
             concurrency: 8,
             tls: None,
-        }))
+        }
     }
 }
 
@@ -869,5 +874,34 @@ fn a_peer_starts_from_the_package_base_files_and_never_writes_them() {
         );
     }
     resume_package(&out, at_stop);
+
+    // A runner running the package (its mark held), or killed in its run
+    // (the mark left behind), leaves memory and disks out of step with the
+    // state: the registry and a peer refuse the package.
+    let refused = |e: Option<String>, want: &str| {
+        let e = e.unwrap_or_default();
+        assert!(e.contains(want) && !e.contains('\n'), "{e}");
+    };
+    let run = ok(InUse::acquire(&p.state));
+    refused(
+        Registry::open(p.registry_options())
+            .err()
+            .map(|e| e.to_string()),
+        "in use by another run",
+    );
+    drop(run);
+    refused(
+        Registry::open(p.registry_options())
+            .err()
+            .map(|e| e.to_string()),
+        "ended without a suspend",
+    );
+    let package = ok(PeerPackage::parse(&devices)).unwrap_or_else(|| panic!("no package"));
+    refused(
+        Peer::start(Origin::Package(package), options())
+            .err()
+            .map(|e| e.to_string()),
+        "ended without a suspend",
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

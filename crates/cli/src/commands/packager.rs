@@ -106,6 +106,15 @@ fn run(a: &Args) -> Result<Outcome, PackageError> {
             seconds: start.elapsed().as_secs_f64(),
         }
     } else {
+        // A package a runner runs, or whose last run ended without a
+        // suspend, has memory and disks out of step with its state.
+        for (name, path) in specs.iter().filter(|(n, _)| n == drafter::devices::STATE) {
+            drafter::in_use::InUse::check(path).map_err(|e| PackageError::Input {
+                name: name.clone(),
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
         let r = archive(&a.package_path, &specs, &mut on_progress);
         bar.finish_and_clear();
         let r = r?;

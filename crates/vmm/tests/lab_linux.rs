@@ -14,7 +14,7 @@ use std::time::Duration;
 use drafter_vmm::config::DriveConfig;
 use drafter_vmm::memory::PageProvider;
 use drafter_vmm::uffd::FilePageProvider;
-use drafter_vmm::{BuildOptions, ExitStatus, RestoreMemory, VmConfig, Vmm};
+use drafter_vmm::{BuildOptions, CpuTemplate, ExitStatus, RestoreMemory, VmConfig, Vmm};
 use sha2::Digest;
 use support::{guest_dir, scratch, vmm_binary, write_initramfs, Console, MARKER};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -64,19 +64,58 @@ fn parse_count(line: &str) -> (u64, f64, String) {
 #[ignore = "lab"]
 fn lab_boots_with_1_and_2_vcpus_poweroff_and_reboot() {
     let dir = scratch("boot");
+    // Each guest also runs with a CPU template, whose flags its
+    // /proc/cpuinfo shows. The lab's guests never show AVX, template or
+    // not: their kernel turns XSAVE off ("XSAVE consistency problem: size
+    // 2696 != kernel_size 576" with no template too: CPUID 0xD EBX is not
+    // updated after XSETBV in KVM nested under QEMU's TCG, cause not
+    // confirmed), so the flags checked are ones that need no XSAVE. The
+    // lab's TCG `-cpu max` has all of them, and AES, ADX, SMAP, PKU, SVM.
     let cases = [
-        (1u8, "poweroff", ExitStatus::Poweroff),
-        (2u8, "reboot", ExitStatus::Reboot),
+        (1u8, "poweroff", ExitStatus::Poweroff, CpuTemplate::X86_64V2),
+        (2u8, "reboot", ExitStatus::Reboot, CpuTemplate::X86_64V3),
     ];
     // One guest at a time: the lab has 2 vCPUs, and three nested vCPUs on them
     // starve each other into RCU stalls under TCG.
-    for (n, how, want) in cases {
+    for (n, how, want, template) in cases {
         let dir = dir.join(format!("v{n}"));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        let body = format!("echo CPUS=$(grep -c ^processor /proc/cpuinfo); sleep 1; {how} -f");
+        let body = format!(
+            "echo FLAGS,$(grep -m1 ^flags /proc/cpuinfo | cut -d: -f2 | tr -s ' ' ,),; \
+             echo CPUS=$(grep -c ^processor /proc/cpuinfo); sleep 1; {how} -f"
+        );
         let init = write_initramfs(&dir, &body);
-        let (mut vmm, mut console) = boot(config(&init, n));
+        let mut c = config(&init, n);
+        c.cpu_template = template;
+        let (mut vmm, mut console) = boot(c);
         console.wait_for(MARKER, BOOT);
+        let flags = console.wait_for("FLAGS,", BOOT);
+        let (has, lacks): (&[&str], &[&str]) = match template {
+            CpuTemplate::X86_64V2 => (
+                &[
+                    "pni", "ssse3", "sse4_2", "popcnt", "cx16", "lahf_lm", "smep",
+                ],
+                &[
+                    "movbe", "f16c", "bmi1", "bmi2", "abm", "aes", "adx", "smap", "pku",
+                ],
+            ),
+            _ => (
+                &["sse4_2", "popcnt", "movbe", "f16c", "bmi1", "bmi2", "abm"],
+                &["aes", "adx", "smap", "erms", "pku", "ospke", "svm", "sse4a"],
+            ),
+        };
+        for f in has {
+            assert!(
+                flags.contains(&format!(",{f},")),
+                "{template}: no {f}: {flags}"
+            );
+        }
+        for f in lacks {
+            assert!(
+                !flags.contains(&format!(",{f},")),
+                "{template}: {f}: {flags}"
+            );
+        }
         let line = console.wait_for("CPUS=", BOOT);
         assert_eq!(line.trim(), format!("CPUS={n}"));
         assert_eq!(vmm.wait_timeout(BOOT), Some(want));

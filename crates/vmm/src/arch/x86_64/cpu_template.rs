@@ -3,15 +3,16 @@
 //! resumes on another whose CPU has more (or other) features.
 //!
 //! A template fixes the feature flags of leaves 0x1 (ECX/EDX), 0x7 (all
-//! subleaves), 0xD (XSAVE state components and sizes) and 0x8000_0001
-//! (ECX/EDX): the template's features are required of the host (a host whose
-//! KVM lacks one is refused, naming it) and every other flag is cleared.
-//! The only host-dependent flags left in those registers are the speculation
-//! controls of leaf 0x7.0 EDX (kept when the host has them, so the guest can
-//! use its mitigations) and the bits the VMM sets itself (hypervisor,
-//! TSC-deadline, HTT) or that mirror guest control registers (OSXSAVE).
-//! Vendor, family/model, caches, topology, address widths and the KVM
-//! paravirtual leaf stay the host's.
+//! subleaves), 0xD (XSAVE state components and sizes), 0x8000_0001
+//! (ECX/EDX), 0x8000_0008 EBX and 0x8000_0021 EAX: the template's features
+//! are required of the host (a host whose KVM lacks one is refused, naming
+//! it) and every other flag is cleared. The only host-dependent flags left
+//! in those registers are speculation controls (kept when the host has them,
+//! so the guest can use its mitigations) and the bits the VMM sets itself
+//! (hypervisor, TSC-deadline, HTT) or that mirror guest control registers
+//! (OSXSAVE). Vendor, family/model, caches, topology, address widths,
+//! invariant TSC (0x8000_0007) and the KVM paravirtual leaf stay the host's
+//! (and are still compared on restore, see [`super::cpuid::missing_features`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -338,10 +339,12 @@ const XSAVEOPT: u32 = 1;
 /// The legacy FXSAVE region and the XSAVE header: where component 2 starts.
 const XSAVE_LEGACY_AND_HEADER: u32 = 512 + 64;
 
-/// Leaf 1 EDX: FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV
-/// PAT PSE36 CLFLUSH MMX FXSR SSE SSE2 (the x86-64 baseline).
+/// Leaf 1 EDX: FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV PAT
+/// PSE36 CLFLUSH MMX FXSR SSE SSE2 (the x86-64 baseline). Not VME: a 64-bit
+/// guest has no use for virtual-8086 mode, and KVM does not always offer it
+/// (QEMU's TCG `-cpu max` lacks it).
 const L1_EDX: u32 = bits(&[
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26,
+    0, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26,
 ]);
 /// Leaf 1 EDX bits the VMM sets: HTT.
 const L1_EDX_VMM: u32 = bits(&[28]);
@@ -365,6 +368,13 @@ const E1_ECX_V2: u32 = bits(&[0]);
 const E1_ECX_V3: u32 = E1_ECX_V2 | bits(&[5]);
 /// Leaf 0x8000_0001 EDX: SYSCALL NX PDPE1GB RDTSCP LM.
 const E1_EDX: u32 = bits(&[11, 20, 26, 27, 29]);
+/// Leaf 0x8000_0008 EBX speculation controls kept from the host: IBPB IBRS
+/// STIBP STIBP_ALWAYS_ON SSBD VIRT_SSBD SSB_NO PSFD (CLZERO, RDPRU,
+/// WBNOINVD and the like are cleared).
+const E8_EBX_SPEC: u32 = bits(&[12, 14, 15, 17, 24, 25, 26, 28]);
+/// Leaf 0x8000_0021 EAX speculation controls kept from the host:
+/// LFENCE_RDTSC AUTOIBRS.
+const E21_EAX_SPEC: u32 = bits(&[2, 8]);
 
 const V2: &[Mask] = &[
     mask(0x1, 0, Reg::Ecx, L1_ECX_V2, 0, L1_ECX_VMM),
@@ -374,6 +384,8 @@ const V2: &[Mask] = &[
     mask(0x7, 0, Reg::Edx, 0, L7_EDX_SPEC, 0),
     mask(0x8000_0001, 0, Reg::Ecx, E1_ECX_V2, 0, 0),
     mask(0x8000_0001, 0, Reg::Edx, E1_EDX, 0, 0),
+    mask(0x8000_0008, 0, Reg::Ebx, 0, E8_EBX_SPEC, 0),
+    mask(0x8000_0021, 0, Reg::Eax, 0, E21_EAX_SPEC, 0),
 ];
 
 const V3: &[Mask] = &[
@@ -384,6 +396,8 @@ const V3: &[Mask] = &[
     mask(0x7, 0, Reg::Edx, 0, L7_EDX_SPEC, 0),
     mask(0x8000_0001, 0, Reg::Ecx, E1_ECX_V3, 0, 0),
     mask(0x8000_0001, 0, Reg::Edx, E1_EDX, 0, 0),
+    mask(0x8000_0008, 0, Reg::Ebx, 0, E8_EBX_SPEC, 0),
+    mask(0x8000_0021, 0, Reg::Eax, 0, E21_EAX_SPEC, 0),
 ];
 
 #[cfg(test)]
@@ -426,6 +440,8 @@ mod tests {
             entry(0xd, 17),
             entry(0xd, 18),
             entry(0x8000_0001, 0),
+            entry(0x8000_0008, 0),
+            entry(0x8000_0021, 0),
         ];
         // Leaf 1: everything but the reserved bit 31 of ECX (the VMM's).
         e[0].ecx = 0x7fff_ffff;
@@ -455,6 +471,9 @@ mod tests {
         }
         e[12].ecx = 0xffff_ffff;
         e[12].edx = 0xffff_ffff;
+        e[13].eax = 0x3030;
+        e[13].ebx = 0xffff_ffff; // WBNOINVD, RDPRU ... and speculation controls
+        e[14].eax = 0xffff_ffff;
         e
     }
 
@@ -505,6 +524,9 @@ mod tests {
         let e1 = get(&set, 0x8000_0001, 0);
         assert_eq!(e1.ecx, bits(&[0, 5]));
         assert_eq!(e1.edx, E1_EDX);
+        let e8 = get(&set, 0x8000_0008, 0);
+        assert_eq!((e8.eax, e8.ebx), (0x3030, E8_EBX_SPEC), "no WBNOINVD");
+        assert_eq!(get(&set, 0x8000_0021, 0).eax, E21_EAX_SPEC);
         // XSAVE: x87, SSE and AVX state only, sizes to match.
         let d0 = get(&set, 0xd, 0);
         assert_eq!((d0.eax, d0.edx), (0x7, 0));
@@ -603,7 +625,7 @@ mod tests {
     }
 
     #[test]
-    fn a_v3_guest_resumes_on_a_smaller_v3_host_but_not_on_a_v2_host() {
+    fn a_v3_guest_from_a_big_host_resumes_on_a_haswell_like_one_and_avx_alone_is_not_v3() {
         let mut guest = big_host();
         CpuTemplate::X86_64V3
             .apply(&mut guest)
@@ -614,6 +636,10 @@ mod tests {
         leaf(&mut haswell, 0x7, 0).ebx = L7_EBX_V3 | bits(&[4, 11]); // + HLE RTM
         leaf(&mut haswell, 0x7, 0).ecx = 0;
         leaf(&mut haswell, 0xd, 0).eax = 0x7;
+        leaf(&mut haswell, 0x7, 1).eax = 0;
+        leaf(&mut haswell, 0x8000_0008, 0).ebx = E8_EBX_SPEC; // no WBNOINVD, RDPRU
+        leaf(&mut haswell, 0x8000_0021, 0).eax = E21_EAX_SPEC;
+        leaf(&mut haswell, 0x1, 0).ecx &= !(1 << 17); // no PCID
         assert!(CpuTemplate::X86_64V3.apply(&mut haswell.clone()).is_ok());
         assert_eq!(missing_features(&guest, &haswell), None);
         // A host with AVX but not AVX2 (Sandy Bridge-like) is refused.

@@ -239,8 +239,13 @@ fn check_options(o: &SnapshotterOptions) -> Result<(), SnapshotterError> {
     if !o.interface.is_empty() && drafter_vmm::config::parse_mac(&o.mac).is_none() {
         return bad(format!("--mac {:?} is not aa:bb:cc:dd:ee:ff", o.mac));
     }
-    if let Err(e) = o.cpu_template.parse::<CpuTemplate>() {
-        return bad(format!("--cpu-template: {e}"));
+    match o.cpu_template.parse::<CpuTemplate>() {
+        Err(e) => return bad(format!("--cpu-template: {e}")),
+        // Refused before any disk is copied when this host cannot give it.
+        Ok(t) => Vmm::check_cpu_template(t).map_err(|source| SnapshotterError::Vmm {
+            what: "cannot use --cpu-template",
+            source,
+        })?,
     }
     for d in &o.devices.devices {
         let Some(input) = &d.input else { continue };
@@ -619,6 +624,22 @@ mod tests {
                 .map(|e| e.to_string())
                 .unwrap_or_default();
             assert!(e.contains(want), "{e}");
+        }
+        // A template this host's KVM cannot give (X86_64_V3 on a host
+        // without AVX2, or this PVM host offering no SSE3) is refused
+        // naming what is missing, before anything is written.
+        if let Err(lacks) = Vmm::check_cpu_template(CpuTemplate::X86_64V3) {
+            let mut o = SnapshotterOptions::new(devices_in(dir.path(), &missing));
+            o.cpu_template = "x86-64-v3".into();
+            let e = snapshot(o, &mut |_| {})
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert_eq!(e, format!("cannot use --cpu-template: {lacks}"));
+            assert!(
+                e.contains("CPU template X86_64_V3 needs CPU features"),
+                "{e}"
+            );
         }
         assert!(!dir.path().join("out").exists());
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::arch::x86_64::cpu_template::CpuTemplateError;
+use crate::arch::x86_64::cpu_template::{CpuTemplate, CpuTemplateError};
 use crate::arch::x86_64::cpuid;
 use crate::boot::{self, BootError};
 use crate::bus::Bus;
@@ -256,6 +256,18 @@ fn platform(
 }
 
 impl Vmm {
+    /// Checks that this host's KVM can give `template` (what [`Vmm::boot`]
+    /// and [`Vmm::restore`] check too), so a caller can refuse it before
+    /// doing any work; the error names the missing features.
+    pub fn check_cpu_template(template: CpuTemplate) -> Result<(), Error> {
+        if template == CpuTemplate::None {
+            return Ok(());
+        }
+        let host = Vm::host_supported_cpuid()?;
+        template.apply(&mut host.as_slice().to_vec())?;
+        Ok(())
+    }
+
     /// Builds a VM from `config` and starts it running.
     pub fn boot(config: VmConfig, opts: BuildOptions) -> Result<Vmm, Error> {
         validate(&config)?;

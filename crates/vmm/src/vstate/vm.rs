@@ -199,6 +199,14 @@ impl Vm {
         self.dirty_logging
     }
 
+    /// CPUID leaves the host KVM supports, without creating a VM.
+    pub fn host_supported_cpuid() -> Result<CpuId, VmError> {
+        Kvm::new()
+            .map_err(VmError::OpenKvm)?
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("GET_SUPPORTED_CPUID"))
+    }
+
     /// CPUID leaves the host KVM supports.
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
         self.kvm

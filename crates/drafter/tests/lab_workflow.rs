@@ -1468,16 +1468,25 @@ fn lab_workflow_jailed_snapshot_run_suspend_resume() {
     );
     let dir = std::env::temp_dir().join(format!("lab-jail-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    let ns = format!("drafter-jl-{}", std::process::id());
+    // Two namespaces: a migration's source and destination run the VM at
+    // the same moment, and two VMs cannot share a tap.
+    let ns = [
+        format!("drafter-jl-{}", std::process::id()),
+        format!("drafter-jm-{}", std::process::id()),
+    ];
     let ok = |cmd: &str| assert!(sh(cmd).status.success(), "{cmd}");
-    ok(&format!("ip netns add {ns}"));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        ok(&format!(
-            "ip -n {ns} tuntap add dev tap0 mode tap && ip -n {ns} addr add 172.16.0.1/30 dev tap0 && ip -n {ns} link set tap0 up && ip -n {ns} link set lo up"
-        ));
-        jailed_workflow(&bp, &dir, &ns);
+        for ns in &ns {
+            ok(&format!("ip netns add {ns}"));
+            ok(&format!(
+                "ip -n {ns} tuntap add dev tap0 mode tap && ip -n {ns} addr add 172.16.0.1/30 dev tap0 && ip -n {ns} link set tap0 up && ip -n {ns} link set lo up"
+            ));
+        }
+        jailed_workflow(&bp, &dir, [&ns[0], &ns[1]]);
     }));
-    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    for ns in &ns {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
     let _ = fs::remove_dir_all(&dir);
     if let Err(e) = result {
         std::panic::resume_unwind(e);
@@ -1487,7 +1496,7 @@ fn lab_workflow_jailed_snapshot_run_suspend_resume() {
 /// Snapshotter and runner jailed (uid/gid 1000): the guest boots and is
 /// snapshotted, resumed (checked from outside while it runs), suspended in
 /// place with a Redis key written, and resumed again with the key there.
-fn jailed_workflow(bp: &Path, dir: &Path, ns: &str) {
+fn jailed_workflow(bp: &Path, dir: &Path, [ns, ns2]: [&str; 2]) {
     use std::os::unix::fs::MetadataExt;
     let pkg = dir.join("package");
     let base = dir.join("vms");
@@ -1528,5 +1537,67 @@ fn jailed_workflow(bp: &Path, dir: &Path, ns: &str) {
     redis(ns, "GET jailkey", "jailed-value");
     again.interrupt();
     assert_eq!(jail_count(&base), 0);
+
+    // Jailed peers: A starts from the package's files, B takes the VM from
+    // A live; B's VM process runs as uid 1000 without privileges, and the
+    // keys moved with the VM.
+    let peer_devices: Vec<Value> = PACKAGE_FILES
+        .iter()
+        .map(|(n, f)| json!({"name": n, "base": pkg.join(f)}))
+        .collect();
+    let peer = |name: &str, raddr: &str, ns: &str, extra: &[&str]| {
+        let mut args = jail_args(&base);
+        args.extend(strings(&[
+            "--raddr",
+            raddr,
+            "--netns",
+            ns,
+            "--link-timeout",
+            "120",
+            "--resume-timeout",
+            SLOW_GO,
+            "--enable-output=false",
+            "--work-dir",
+            &dir.join(name).to_string_lossy(),
+        ]));
+        args.extend(strings(extra));
+        Tool::start("drafter-peer", &args)
+    };
+    let devices = Value::Array(peer_devices).to_string();
+    let mut a = peer(
+        "peer-a",
+        "",
+        ns,
+        &["--laddr", "127.0.0.1:0", "--devices", &devices],
+    );
+    a.event("running");
+    let a_addr = a.event("listening")["addr"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    redis(ns, "SET jailkey2 moved-with-the-vm", "+OK");
+    let mut b = peer("peer-b", &a_addr, ns2, &[]);
+    let arrived = b.event("migrated-in");
+    a.event("migrated-out");
+    eprintln!(
+        "jailed migration A -> B: VM downtime {} ms",
+        arrived["report"]["vmDowntimeMillis"]
+    );
+    redis(ns2, "GET jailkey2", "moved-with-the-vm");
+    redis(ns2, "GET jailkey", "jailed-value");
+    let supervisor = b.child.0.as_ref().map(|c| c.id()).unwrap_or_default();
+    let children = fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+        .unwrap_or_default();
+    let vm = children.split_whitespace().next().unwrap_or_default();
+    let status = fs::read_to_string(format!("/proc/{vm}/status")).unwrap_or_default();
+    assert_eq!(
+        status_field(&status, "Uid:"),
+        "1000\t1000\t1000\t1000",
+        "{status}"
+    );
+    assert_eq!(status_field(&status, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(&status, "NoNewPrivs:"), "1");
+    drop(b);
+    drop(a);
     eprintln!("jailed workflow took {} s", started.elapsed().as_secs());
 }

@@ -252,5 +252,32 @@ fn a_package_whose_last_run_ended_without_a_suspend_is_not_archived() {
         ],
     );
     assert!(snapshot(&d) == before, "the old archive or inputs changed");
+
+    // The remedy: extract the archive over the package. Refused while a
+    // runner runs it; afterwards the package is in step and the mark gone.
+    ok(std::fs::remove_file(drafter::in_use::mark_path(state)));
+    let held = ok(drafter::in_use::InUse::acquire(state));
+    let args = [
+        "--package-path",
+        s(&pkg),
+        "--devices",
+        &json,
+        "--extract",
+        "--force",
+    ];
+    assert_refused(&run(BIN, &args), &args, &["in use by another run"]);
+    // The runner killed: its mark stays, and the extract replaces it.
+    drop(held);
+    assert!(drafter::in_use::mark_path(state).exists());
+    let out = run(BIN, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !drafter::in_use::mark_path(state).exists(),
+        "the stale mark stayed"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

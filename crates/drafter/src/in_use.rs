@@ -135,6 +135,45 @@ impl InUse {
         }
     }
 
+    /// For a writer about to replace a package's state with its memory and
+    /// disks (snapshotter, terminator, packager extract): refuses while a
+    /// runner runs the package. A mark a finished run left is no obstacle:
+    /// see [`Self::clear_stale`].
+    pub fn ensure_not_running(state: &Path) -> Result<(), InUseError> {
+        match Self::check(state) {
+            Err(InUseError::Unclean { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// After a writer put a complete new state, with its memory and disks,
+    /// in place: removes the mark of a run that ended without a suspend,
+    /// since the package is in step again. Refuses (and keeps the mark)
+    /// while a runner runs the package.
+    pub fn clear_stale(state: &Path) -> Result<(), InUseError> {
+        let path = mark_path(state);
+        let io = |source| InUseError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(e)),
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(_lock) => {
+                std::fs::remove_file(&path).map_err(io)?;
+                crate::files::fsync_dir_of(&path).map_err(io)?;
+                Ok(())
+            }
+            Err((mut file, _)) => Err(InUseError::Busy {
+                holder: holder_of(&mut file),
+                path,
+            }),
+        }
+    }
+
     /// Removes the mark: the package's state, memory and disks are in step
     /// (a suspend completed, or the guest never ran).
     pub fn release(self) -> Result<(), InUseError> {
@@ -190,6 +229,17 @@ mod tests {
         );
         assert!(InUse::check(&state).is_err_and(|e| matches!(e, InUseError::Unclean { .. })));
         assert!(mark_path(&state).exists());
+        // A writer may replace the package now, and its new state clears
+        // the mark; while a run holds it, neither.
+        InUse::ensure_not_running(&state).unwrap_or_else(|e| panic!("{e}"));
+        InUse::clear_stale(&state).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!mark_path(&state).exists());
+        InUse::clear_stale(&state).unwrap_or_else(|e| panic!("{e}"));
+        let run = InUse::acquire(&state).unwrap_or_else(|e| panic!("{e}"));
+        assert!(InUse::ensure_not_running(&state).is_err());
+        assert!(InUse::clear_stale(&state).is_err());
+        assert!(mark_path(&state).exists());
+        drop(run);
         // A run that released its mark leaves the package free.
         std::fs::remove_file(mark_path(&state)).unwrap_or_else(|e| panic!("{e}"));
         let run = InUse::acquire(&state).unwrap_or_else(|e| panic!("{e}"));

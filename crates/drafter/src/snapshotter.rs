@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use crate::devices::{self, DevicesError, SnapshotDevices};
 use crate::files::{self, Created};
+use crate::in_use::{InUse, InUseError};
 use crate::package_config::{
     PackageConfig, PackageDrive, PackageNetwork, CPU_TEMPLATE_NONE, PACKAGE_FORMAT_VERSION,
 };
@@ -158,6 +159,9 @@ pub enum SnapshotterError {
     /// Bad `--devices`.
     #[error(transparent)]
     Devices(#[from] DevicesError),
+    /// A runner runs the package the outputs would replace.
+    #[error(transparent)]
+    InUse(#[from] InUseError),
     /// Bad options.
     #[error("{0}")]
     Options(String),
@@ -282,6 +286,8 @@ pub fn snapshot(
     progress: &mut dyn FnMut(SnapshotProgress),
 ) -> Result<SnapshotReport, SnapshotterError> {
     check_options(&options)?;
+    // A runner running the package being replaced would write it too.
+    InUse::ensure_not_running(&options.devices.output(devices::STATE))?;
     let start = Instant::now();
     let cancel = options.cancel.clone();
     let canceled = || cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst));
@@ -434,6 +440,8 @@ pub fn snapshot(
         });
     }
     created.keep();
+    // A new package: a mark left by a run of the old one no longer applies.
+    InUse::clear_stale(&devices.output(devices::STATE))?;
     Ok(SnapshotReport {
         copy_ms,
         boot_to_liveness_ms,

@@ -44,6 +44,7 @@ use serde::Serialize;
 
 use crate::devices::{self, DevicesError, TerminatorDevices};
 use crate::files::{self, Created};
+use crate::in_use::{InUse, InUseError};
 use crate::migration::{
     StateFrame, StateFrameError, DRIVE_PREFIX, FILE_PREFIX, MEMORY_DEVICE, STATE_DEVICE,
 };
@@ -61,6 +62,9 @@ pub enum TerminatorError {
     /// Bad `--devices`.
     #[error(transparent)]
     Devices(#[from] DevicesError),
+    /// A runner runs the package the outputs would replace.
+    #[error(transparent)]
+    InUse(#[from] InUseError),
     /// The peer could not be reached.
     #[error("cannot connect to {addr}: {source}")]
     Connect {
@@ -337,6 +341,10 @@ pub fn terminate<L: Link>(
     options: TerminatorOptions,
 ) -> Result<TerminatorReport, TerminatorError> {
     let start = Instant::now();
+    // A runner running the package being replaced would write it too.
+    if let Some(state) = options.devices.get(devices::STATE) {
+        InUse::ensure_not_running(&state.output)?;
+    }
     let mut outputs = Outputs {
         devices: &options.devices,
         created: Created::default(),
@@ -468,6 +476,12 @@ pub fn terminate<L: Link>(
         return Err(refuse(format!("placing the outputs failed: {why}")));
     }
     outputs.created.keep();
+    // A new package: a mark left by a run of the old one no longer applies.
+    if let Some(state) = options.devices.get(devices::STATE) {
+        if let Err(e) = InUse::clear_stale(&state.output) {
+            tracing::warn!(error = %e, "the package's old in-use mark stays");
+        }
+    }
     if let Err(e) = session.running() {
         tracing::warn!(error = %e, "the peer may not have heard that the VM is in the package");
     }

@@ -394,6 +394,13 @@ fn a_terminator_pulling_from_a_registry_writes_the_package_byte_for_byte() {
     let (link, theirs) = ok(UnixStream::pair());
     let served = serve(&registry, theirs);
     let out = dir.join("out/package");
+    // A run of an old package there was killed: its mark goes with the
+    // new package.
+    ok(std::fs::create_dir_all(&out));
+    ok(std::fs::write(
+        drafter::in_use::mark_path(&out.join("state")),
+        "pid 4242 since unix time 1",
+    ));
     // kernel is not asked for: it is dropped, not written.
     let report = ok(terminate(
         link,
@@ -415,6 +422,7 @@ fn a_terminator_pulling_from_a_registry_writes_the_package_byte_for_byte() {
         );
     }
     assert_eq!(names_in(&out), ["config", "disk", "memory", "state"]);
+    ok(InUse::check(&out.join("state")));
     assert_eq!(report.dropped, ["kernel"]);
     assert!(report.devices.iter().all(|d| d.source == "received"));
     assert!(report.bytes_received > 700_000);

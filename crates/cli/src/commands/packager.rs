@@ -94,10 +94,31 @@ fn run(a: &Args) -> Result<Outcome, PackageError> {
             })
             .collect()
     };
+    let in_use = |path: &PathBuf, e: drafter::in_use::InUseError| PackageError::Input {
+        name: drafter::devices::STATE.into(),
+        path: path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let state = specs
+        .iter()
+        .find(|(n, _)| n == drafter::devices::STATE)
+        .map(|(_, p)| p.clone());
     let outcome = if a.extract {
+        // A runner running the package being replaced would write it too.
+        if let Some(p) = &state {
+            drafter::in_use::InUse::ensure_not_running(p).map_err(|e| in_use(p, e))?;
+        }
         let r = extract(&a.package_path, &specs, a.force, &mut on_progress);
         bar.finish_and_clear();
         let r = r?;
+        // A state extracted with its memory and disks: a mark left by a run
+        // of the old package no longer applies.
+        if let Some(p) = state
+            .as_ref()
+            .filter(|_| r.devices.iter().any(|d| d.name == drafter::devices::STATE))
+        {
+            drafter::in_use::InUse::clear_stale(p).map_err(|e| in_use(p, e))?;
+        }
         Outcome {
             operation: "extract",
             devices: paths(r.devices),
@@ -108,12 +129,8 @@ fn run(a: &Args) -> Result<Outcome, PackageError> {
     } else {
         // A package a runner runs, or whose last run ended without a
         // suspend, has memory and disks out of step with its state.
-        for (name, path) in specs.iter().filter(|(n, _)| n == drafter::devices::STATE) {
-            drafter::in_use::InUse::check(path).map_err(|e| PackageError::Input {
-                name: name.clone(),
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        if let Some(p) = &state {
+            drafter::in_use::InUse::check(p).map_err(|e| in_use(p, e))?;
         }
         let r = archive(&a.package_path, &specs, &mut on_progress);
         bar.finish_and_clear();

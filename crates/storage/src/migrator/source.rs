@@ -170,6 +170,13 @@ impl MigrationSource {
                 } else {
                     cause
                 };
+                // A destination that declined after Commit and closed its
+                // end makes a write fail here before the reader has handed
+                // on why: give the reader, bounded, the frames already on
+                // their way, so a refusal is not taken for an unknown outcome.
+                if run.shared.as_ref().is_some_and(|s| s.commit_sent()) {
+                    run.await_reader(DECLINE_GRACE);
+                }
                 // Settled before the link goes down, so the reader can no
                 // longer send Commit once authority is decided to stay here.
                 let authority = run
@@ -207,6 +214,10 @@ impl MigrationSource {
         }
     }
 }
+
+/// How long a failed source waits, after Commit, for the reader to hand on
+/// a refusal the destination sent before closing its end.
+const DECLINE_GRACE: Duration = Duration::from_secs(2);
 
 struct Dev {
     info: DeviceInfo,
@@ -324,6 +335,11 @@ impl Shared {
             *h = Handover::Declined;
         }
         during
+    }
+
+    /// Commit was sent and nothing since decided the outcome.
+    fn commit_sent(&self) -> bool {
+        matches!(*self.handover(), Handover::CommitSent(_))
     }
 
     /// The migration failed: decides who holds authority, and makes sure no
@@ -595,6 +611,22 @@ impl Run<'_> {
 
     /// Handles everything the reader delivered so far, waiting until
     /// `deadline` for the first message if given.
+    /// After a failure: waits until the reader has ended (it hands on a
+    /// refusal as it reads it) or `grace` has passed; what it read is
+    /// dropped.
+    fn await_reader(&mut self, grace: Duration) {
+        let Some(rx) = self.rx.as_ref() else {
+            return;
+        };
+        let deadline = Instant::now() + grace;
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     fn poll(&mut self, deadline: Option<Instant>) -> Result<(), Cause> {
         self.check_cancel()?;
         let Some(rx) = self.rx.take() else {

@@ -85,15 +85,7 @@ impl InUse {
             .mode(0o600)
             .open(&path)
             .map_err(io)?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((mut file, _)) => {
-                return Err(InUseError::Busy {
-                    holder: holder_of(&mut file),
-                    path,
-                })
-            }
-        };
+        let mut lock = lock_or_busy(file, FlockArg::LockExclusiveNonblock, path.clone())?;
         let holder = holder_of(&mut lock);
         if !holder.is_empty() {
             return Err(InUseError::Unclean { path, holder });
@@ -118,15 +110,7 @@ impl InUse {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(source) => return Err(InUseError::Io { path, source }),
         };
-        let mut lock = match Flock::lock(file, FlockArg::LockSharedNonblock) {
-            Ok(l) => l,
-            Err((mut file, _)) => {
-                return Err(InUseError::Busy {
-                    holder: holder_of(&mut file),
-                    path,
-                })
-            }
-        };
+        let mut lock = lock_or_busy(file, FlockArg::LockSharedNonblock, path.clone())?;
         let holder = holder_of(&mut lock);
         if holder.is_empty() {
             Ok(())
@@ -161,17 +145,10 @@ impl InUse {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io(e)),
         };
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(_lock) => {
-                std::fs::remove_file(&path).map_err(io)?;
-                crate::files::fsync_dir_of(&path).map_err(io)?;
-                Ok(())
-            }
-            Err((mut file, _)) => Err(InUseError::Busy {
-                holder: holder_of(&mut file),
-                path,
-            }),
-        }
+        let _lock = lock_or_busy(file, FlockArg::LockExclusiveNonblock, path.clone())?;
+        std::fs::remove_file(&path).map_err(io)?;
+        crate::files::fsync_dir_of(&path).map_err(io)?;
+        Ok(())
     }
 
     /// Removes the mark: the package's state, memory and disks are in step
@@ -185,6 +162,15 @@ impl InUse {
         crate::files::fsync_dir_of(&self.path).map_err(io)?;
         Ok(())
     }
+}
+
+/// Locks the mark at `path` without waiting; held by another process, it
+/// is busy (the error names who wrote it).
+fn lock_or_busy(file: File, arg: FlockArg, path: PathBuf) -> Result<Flock<File>, InUseError> {
+    Flock::lock(file, arg).map_err(|(mut file, _)| InUseError::Busy {
+        holder: holder_of(&mut file),
+        path,
+    })
 }
 
 /// What a mark says (who wrote it), trimmed; empty if nothing.

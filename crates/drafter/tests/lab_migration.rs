@@ -277,7 +277,9 @@ fn parse_verdict(line: &str) -> Option<(u64, u64)> {
 /// on the destination); once the lab kernel itself crashed in the vCPU
 /// thread. Not a `lab_` test, so `cargo xtask test` does not run it; run it
 /// by hand: `cargo xtask lab -- target/debug/deps/lab_migration-<hash>
-/// --ignored repro_fast_writer`.
+/// --ignored repro_fast_writer`. `REPRO_HOPS=N` migrates it N times in a
+/// row, so every source after the first is a restored VM running on the
+/// memory file it received (the registry chain's peers are such VMs).
 #[test]
 #[ignore = "lab repro of an open defect"]
 fn repro_fast_writer_migrates_with_memory_intact() {
@@ -328,62 +330,78 @@ fn repro_fast_writer_migrates_with_memory_intact() {
     let before = a.next_line(no_bad, parse_verdict);
     assert_eq!(before.1, 0, "bad pages before migrating");
 
-    let b = PeerProcess::spawn(
-        "B",
-        &[
+    // REPRO_HOPS: how many migrations in a row (each destination, a
+    // restored VM on its received memory file, is the next one's source).
+    let hops = knob("REPRO_HOPS", 1);
+    let (mut src, mut src_addr, mut last) = (a, addr, before);
+    for hop in 1..=hops {
+        let work = dir.join(format!("p{hop}"));
+        let mut args = vec![
             "--raddr",
-            &addr,
+            &src_addr,
             "--work-dir",
-            s(&dir.join("b")),
+            s(&work),
             "--secret",
             SECRET,
-        ],
-    );
-    let out = a.event("migrated-out");
-    let (code, rest) = a.wait_exit();
-    assert_eq!(code, Some(0), "A did not exit cleanly after migrating out");
-    // The source kept writing and checking during pre-copy.
-    let mut last = before;
-    for l in &rest {
-        no_bad(l);
-        if let Some(v) = parse_verdict(l) {
-            assert!(v.0 > last.0 && v.1 == 0, "A: {last:?} -> {v:?}");
+        ];
+        if hop < hops {
+            args.extend(["--laddr", "127.0.0.1:0"]);
+        }
+        let dst = PeerProcess::spawn(&format!("P{hop}"), &args);
+        let out = src.event("migrated-out");
+        let (code, rest) = src.wait_exit();
+        assert_eq!(code, Some(0), "hop {hop}: the source did not exit cleanly");
+        // The source kept writing and checking during pre-copy.
+        let from = last;
+        for l in &rest {
+            no_bad(l);
+            if let Some(v) = parse_verdict(l) {
+                assert!(
+                    v.0 > last.0 && v.1 == 0,
+                    "hop {hop} source: {last:?} -> {v:?}"
+                );
+                last = v;
+            }
+        }
+        assert!(
+            last.0 > from.0,
+            "hop {hop}: the source guest made no progress during pre-copy: {from:?} -> {last:?}"
+        );
+        let incoming = dst.event("migrated-in");
+        // A destination guest that stays silent: what its vCPU was doing
+        // when the source paused it (the state it got) says whether it had
+        // hung already (halted with no timer armed, or spinning somewhere).
+        if dst.next_line_within(Duration::from_secs(120)).is_none() {
+            describe_saved_vcpus(&work.join("state.bin"));
+            panic!("hop {hop}: the destination printed nothing for 120 s after migrated-in");
+        }
+        // On the destination the writer goes on from where it was, and
+        // every page it checks is intact.
+        for _ in 0..3 {
+            let v = dst.next_line(no_bad, parse_verdict);
+            assert!(
+                v.0 > last.0,
+                "hop {hop}: the destination's writer {v:?} does not continue from {last:?}"
+            );
+            assert_eq!(v.1, 0, "hop {hop}: bad pages after migrating");
             last = v;
         }
-    }
-    assert!(
-        last.0 > before.0,
-        "the source guest made no progress during pre-copy: {before:?} -> {last:?}"
-    );
-    let incoming = b.event("migrated-in");
-    // A destination guest that stays silent: what its vCPU was doing when
-    // the source paused it (the state it got) says whether it had hung
-    // already (halted with no timer armed, or spinning somewhere).
-    let first = b.next_line_within(Duration::from_secs(120));
-    if first.is_none() {
-        describe_saved_vcpus(&dir.join("b").join("state.bin"));
-        panic!("B printed nothing for 120 s after migrated-in");
-    }
-    // On the destination the writer goes on from where it was, and every
-    // page it checks is intact.
-    let mut prev = last;
-    for _ in 0..3 {
-        let v = b.next_line(no_bad, parse_verdict);
-        assert!(
-            v.0 > prev.0,
-            "B's writer {v:?} does not continue from {prev:?}"
+        eprintln!(
+            "MEASURED fast writer {mem} MiB/{ws} MiB@{rate} MiB/s hop {hop}: bytes sent {}, source downtime {} ms, VM downtime {} ms, cycles {}",
+            out["report"]["storage"]["bytesSent"],
+            out["report"]["storage"]["downtimeMillis"],
+            incoming["report"]["vmDowntimeMillis"],
+            out["report"]["storage"]["devices"][0]["cycles"],
         );
-        assert_eq!(v.1, 0, "bad pages after migrating");
-        prev = v;
+        if hop < hops {
+            src_addr = dst.event("listening")["addr"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+        }
+        src = dst;
     }
-    eprintln!(
-        "MEASURED fast writer {mem} MiB/{ws} MiB@{rate} MiB/s: bytes sent {}, source downtime {} ms, VM downtime {} ms, cycles {}",
-        out["report"]["storage"]["bytesSent"],
-        out["report"]["storage"]["downtimeMillis"],
-        incoming["report"]["vmDowntimeMillis"],
-        out["report"]["storage"]["devices"][0]["cycles"],
-    );
-    b.kill();
+    src.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -146,7 +146,7 @@ impl PeerProcess {
             Err(()) => panic!(
                 "{}: no event of {events:?} within {WAIT:?} ({})",
                 self.name,
-                self.describe()
+                self.activity()
             ),
         }
     }
@@ -228,8 +228,9 @@ impl PeerProcess {
                     last = Some(l);
                 }
                 Err(e) => panic!(
-                    "{}: no expected serial line within {WAIT:?} (last other line: {last:?}): {e}",
-                    self.name
+                    "{}: no expected serial line within {WAIT:?} (last other line: {last:?}): {e}\n{}",
+                    self.name,
+                    self.activity()
                 ),
             }
         }
@@ -293,6 +294,53 @@ impl PeerProcess {
         }
     }
 
+    /// What a silent process is busy with, for failure messages: each
+    /// thread's state, wait channel and CPU time over one second (user,
+    /// system, and time in the guest), and the KVM counters of its VM that
+    /// moved in that second (exits, faults, injections; from debugfs).
+    /// Tells a vCPU running guest code that makes no progress from one
+    /// looping in KVM or one blocked.
+    pub fn activity(&self) -> String {
+        let pid = self.pid();
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "debugfs", "debugfs", "/sys/kernel/debug"])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let before = (threads(pid), kvm_counters(pid));
+        std::thread::sleep(Duration::from_secs(1));
+        let after = (threads(pid), kvm_counters(pid));
+        let mut out = format!("{}:", self.describe());
+        for (tid, name, state, wchan, times) in &after.0 {
+            let was = before
+                .0
+                .iter()
+                .find(|t| t.0 == *tid)
+                .map_or([0; 3], |t| t.4);
+            out.push_str(&format!(
+                "\n  thread {tid} {name} {state} wchan {wchan:?} in 1 s: user {} system {} guest {} ticks",
+                times[0] - was[0].min(times[0]),
+                times[1] - was[1].min(times[1]),
+                times[2] - was[2].min(times[2]),
+            ));
+        }
+        let moved: Vec<String> = after
+            .1
+            .iter()
+            .filter_map(|(k, v)| {
+                let was = before.1.iter().find(|b| b.0 == *k).map_or(0, |b| b.1);
+                (*v != was).then(|| format!("{k}+{}", v.wrapping_sub(was)))
+            })
+            .collect();
+        out.push_str(&format!(
+            "\n  KVM counters that moved in 1 s: {}",
+            moved.join(" ")
+        ));
+        for line in kvm_trace_sample() {
+            out.push_str(&format!("\n  trace: {line}"));
+        }
+        out
+    }
+
     /// Kills the process and reaps it.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -305,6 +353,106 @@ impl Drop for PeerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Each thread of `pid`: id, name, state, wait channel and [user, system,
+/// guest] CPU ticks (fields 14, 15 and 43 of its stat).
+fn threads(pid: libc::pid_t) -> Vec<(String, String, char, String, [u64; 3])> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let tid = e.file_name().to_string_lossy().to_string();
+        let base = e.path();
+        let stat = std::fs::read_to_string(base.join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("", |(_, n)| n).to_string();
+        // `rest` starts at field 3 (state).
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |field: usize| f.get(field - 3).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let state = f.first().and_then(|s| s.chars().next()).unwrap_or('?');
+        let wchan = std::fs::read_to_string(base.join("wchan")).unwrap_or_default();
+        out.push((tid, name, state, wchan, [num(14), num(15), num(43)]));
+    }
+    out.sort();
+    out
+}
+
+/// The first lines of a 50 ms ftrace of KVM's exits, emulated
+/// instructions, injected exceptions and page faults (all VMs; a test runs
+/// one busy VM at a time): where a vCPU that makes no progress loops, and
+/// why (the instruction bytes KVM emulates, the fault it injects).
+fn kvm_trace_sample() -> Vec<String> {
+    let t = Path::new("/sys/kernel/tracing");
+    if !t.join("trace").exists() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    let events = [
+        "kvm/kvm_exit",
+        "kvm/kvm_emulate_insn",
+        "kvm/kvm_inj_exception",
+        "kvm/kvm_page_fault",
+        "kvm/kvm_mmio",
+    ];
+    let set = |file: &str, v: &str| std::fs::write(t.join(file), v).is_ok();
+    if !set("tracing_on", "0") {
+        return vec!["(no tracefs)".to_string()];
+    }
+    set("trace", "");
+    for e in events {
+        set(&format!("events/{e}/enable"), "1");
+    }
+    set("tracing_on", "1");
+    std::thread::sleep(Duration::from_millis(50));
+    set("tracing_on", "0");
+    for e in events {
+        set(&format!("events/{e}/enable"), "0");
+    }
+    let text = std::fs::read_to_string(t.join("trace")).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .take(24)
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// KVM's debugfs counters of the VMs `pid` owns (`/sys/kernel/debug/kvm/<pid>-<fd>/`,
+/// per VM and per vCPU), as `vm/counter` or `vm/vcpuN/counter`.
+fn kvm_counters(pid: libc::pid_t) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let Ok(vms) = std::fs::read_dir("/sys/kernel/debug/kvm") else {
+        return out;
+    };
+    let read = |dir: &Path, prefix: &str, out: &mut Vec<(String, u64)>| {
+        for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = f.file_name().to_string_lossy().to_string();
+            if let Ok(v) = std::fs::read_to_string(f.path()) {
+                if let Ok(v) = v.trim().parse::<u64>() {
+                    out.push((format!("{prefix}{name}"), v));
+                }
+            }
+        }
+    };
+    for vm in vms.flatten() {
+        let name = vm.file_name().to_string_lossy().to_string();
+        if !name.starts_with(&format!("{pid}-")) {
+            continue;
+        }
+        read(&vm.path(), "", &mut out);
+        for sub in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+            let sub_name = sub.file_name().to_string_lossy().to_string();
+            if sub_name.starts_with("vcpu") {
+                read(&sub.path(), &format!("{sub_name}/"), &mut out);
+            }
+        }
+    }
+    out
 }
 
 /// `COUNT <n> <uptime>`: the counter guest's line.

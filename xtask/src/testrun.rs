@@ -184,7 +184,7 @@ reap_strays() {
   for p in $(ls /proc | grep -E '^[0-9]+$'); do
     case "$KEEP" in *" $p "*) continue ;; esac
     [ "$p" = "$$" ] && continue
-    name=$(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | cut -c1-80)
+    name=$({ tr '\0' ' ' < "/proc/$p/cmdline"; } 2>/dev/null | cut -c1-80)
     [ -n "$name" ] || continue
     case "$name" in "sh "*lab-tests.sh*|ls*|grep*|tr*|cut*) continue ;; esac
     kill -9 "$p" 2>/dev/null && left="$left [$p $name]"

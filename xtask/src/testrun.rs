@@ -223,8 +223,9 @@ fn report_retried(text: &str) {
 }
 
 /// How long one lab test may run before it counts as hung (the slowest,
-/// the registry chain, takes 7–11 min in a CI lab), so one hang does not
-/// hold every later test up to the lab's timeout.
+/// the registry chain, took 7–11 min in CI labs on QEMU 7.2 and about
+/// 2 min on QEMU 10), so one hang does not hold every later test up to the
+/// lab's timeout.
 const LAB_TEST_TIMEOUT_SECS: u64 = 900;
 
 /// The outcome of one lab boot running some lab test binaries.
@@ -244,8 +245,9 @@ enum Attempt {
 
 /// Runs the binaries `which` (indices into `bins`) in one lab boot, one
 /// test per process, each bounded by [`LAB_TEST_TIMEOUT_SECS`] and run
-/// once more if it hung or failed (listed in [`RETRIED_FILE`]); records each binary's outcome in a results file,
-/// so a lab kernel failure tells which ones finished.
+/// once more if it hung or failed (listed in [`RETRIED_FILE`]); records
+/// each binary's outcome in a results file, so a lab kernel failure tells
+/// which ones finished.
 fn lab_attempt(
     opts: &LabOptions,
     bins: &[LabBinary],

@@ -302,25 +302,21 @@ impl PeerProcess {
     /// looping in KVM or one blocked.
     pub fn activity(&self) -> String {
         let pid = self.pid();
-        let _ = std::process::Command::new("mount")
-            .args(["-t", "debugfs", "debugfs", "/sys/kernel/debug"])
-            .stderr(std::process::Stdio::null())
-            .status();
+        mount_if_missing("debugfs", "/sys/kernel/debug/kvm");
         let before = (threads(pid), kvm_counters(pid));
         std::thread::sleep(Duration::from_secs(1));
         let after = (threads(pid), kvm_counters(pid));
         let mut out = format!("{}:", self.describe());
-        for (tid, name, state, wchan, times) in &after.0 {
+        for t in &after.0 {
             let was = before
                 .0
                 .iter()
-                .find(|t| t.0 == *tid)
-                .map_or([0; 3], |t| t.4);
+                .find(|b| b.tid == t.tid)
+                .map_or([0; 3], |b| b.ticks);
+            let [user, system, guest] = [0, 1, 2].map(|i| t.ticks[i].saturating_sub(was[i]));
             out.push_str(&format!(
-                "\n  thread {tid} {name} {state} wchan {wchan:?} in 1 s: user {} system {} guest {} ticks",
-                times[0] - was[0].min(times[0]),
-                times[1] - was[1].min(times[1]),
-                times[2] - was[2].min(times[2]),
+                "\n  thread {} {} {} wchan {:?} in 1 s: user {user} system {system} guest {guest} ticks",
+                t.tid, t.name, t.state, t.wchan
             ));
         }
         let moved: Vec<String> = after
@@ -355,30 +351,59 @@ impl Drop for PeerProcess {
     }
 }
 
-/// Each thread of `pid`: id, name, state, wait channel and [user, system,
-/// guest] CPU ticks (fields 14, 15 and 43 of its stat).
-fn threads(pid: libc::pid_t) -> Vec<(String, String, char, String, [u64; 3])> {
+/// One thread of a process, as its stat and wchan show it.
+struct ThreadSample {
+    tid: String,
+    name: String,
+    state: char,
+    wchan: String,
+    /// User, system and guest CPU ticks (stat fields 14, 15 and 43).
+    ticks: [u64; 3],
+}
+
+/// Each thread of `pid`, by thread id.
+fn threads(pid: libc::pid_t) -> Vec<ThreadSample> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for e in dir.flatten() {
-        let tid = e.file_name().to_string_lossy().to_string();
         let base = e.path();
         let stat = std::fs::read_to_string(base.join("stat")).unwrap_or_default();
         let Some((head, rest)) = stat.rsplit_once(") ") else {
             continue;
         };
-        let name = head.split_once('(').map_or("", |(_, n)| n).to_string();
         // `rest` starts at field 3 (state).
         let f: Vec<&str> = rest.split_whitespace().collect();
         let num = |field: usize| f.get(field - 3).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let state = f.first().and_then(|s| s.chars().next()).unwrap_or('?');
-        let wchan = std::fs::read_to_string(base.join("wchan")).unwrap_or_default();
-        out.push((tid, name, state, wchan, [num(14), num(15), num(43)]));
+        out.push(ThreadSample {
+            tid: e.file_name().to_string_lossy().to_string(),
+            name: head.split_once('(').map_or("", |(_, n)| n).to_string(),
+            state: f.first().and_then(|s| s.chars().next()).unwrap_or('?'),
+            wchan: std::fs::read_to_string(base.join("wchan")).unwrap_or_default(),
+            ticks: [num(14), num(15), num(43)],
+        });
     }
-    out.sort();
+    out.sort_by(|a, b| a.tid.cmp(&b.tid));
     out
+}
+
+/// Mounts a `fstype` file system at its usual place unless `probe` (a
+/// path inside it) is already there; the lab mounts neither debugfs nor
+/// tracefs.
+fn mount_if_missing(fstype: &str, probe: &str) {
+    let Some(at) = ["/sys/kernel/debug", "/sys/kernel/tracing"]
+        .into_iter()
+        .find(|at| probe.starts_with(at))
+    else {
+        return;
+    };
+    if !Path::new(probe).exists() {
+        let _ = Command::new("mount")
+            .args(["-t", fstype, fstype, at])
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 /// The first lines of a 50 ms ftrace of KVM's exits, emulated
@@ -386,13 +411,8 @@ fn threads(pid: libc::pid_t) -> Vec<(String, String, char, String, [u64; 3])> {
 /// one busy VM at a time): where a vCPU that makes no progress loops, and
 /// why (the instruction bytes KVM emulates, the fault it injects).
 fn kvm_trace_sample() -> Vec<String> {
+    mount_if_missing("tracefs", "/sys/kernel/tracing/trace");
     let t = Path::new("/sys/kernel/tracing");
-    if !t.join("trace").exists() {
-        let _ = std::process::Command::new("mount")
-            .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
     let events = [
         "kvm/kvm_exit",
         "kvm/kvm_emulate_insn",
